@@ -1,0 +1,38 @@
+"""Shared test fixtures.
+
+Real-data tests read the preprocessed CHAOS-T2 and CMR volumes at ../shared/data (relative to the
+project root; CI has them there) and skip with a reason where that folder is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+CHAOS_DIR = SHARED_DATA / "CHAOST2"
+CMR_DIR = SHARED_DATA / "CMR"
+
+
+def _real(path: Path):
+    return pytest.mark.skipif(not path.is_dir(), reason=f"real data not found at {path}")
+
+
+requires_chaos = _real(CHAOS_DIR)
+requires_cmr = _real(CMR_DIR)
+
+
+@pytest.fixture
+def chaos_dir() -> Path:
+    if not CHAOS_DIR.is_dir():
+        pytest.skip(f"real data not found at {CHAOS_DIR}")
+    return CHAOS_DIR
+
+
+@pytest.fixture
+def cmr_dir() -> Path:
+    if not CMR_DIR.is_dir():
+        pytest.skip(f"real data not found at {CMR_DIR}")
+    return CMR_DIR
