@@ -1,0 +1,206 @@
+"""The Sacred experiment shared by training.py and validation.py.
+
+Configuration is assembled in layers, lowest first:
+
+1. configs/base.yaml: every key with its default;
+2. configs/methods/<method>.yaml: the method's encoder, head, sampler, losses and schedule, then its
+   `overrides` whose `when` matches the run (keys setting, dataset, region), e.g. Q-Net's alpha
+   in setting 2 or DSPNet's BCMA constants for cardiac data;
+3. the dataset (configs/datasets/<name>.yaml, or the dataset.json of your own data): data_dir,
+   supervoxel size, test classes;
+4. named configs and `key=value` updates on the command line, which always win.
+
+Every named config in configs/methods, configs/datasets and configs/protocols is registered by its
+file name (`with qnet chaost2 protocol_qnet`), and configs/demo.yaml as `demo`. A key that no
+layer defines is an error that names the closest known key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+# sacred 0.8.7 imports pkg_resources, whose deprecation warning would open every run's output
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+from sacred import Experiment  # noqa: E402
+from sacred.observers import FileStorageObserver  # noqa: E402
+from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent
+METHOD_DIR = CONFIG_DIR / "methods"
+DATASET_DIR = CONFIG_DIR / "datasets"
+PROTOCOL_DIR = CONFIG_DIR / "protocols"
+SECTIONS = ("encoder", "head", "loss", "sampler", "augment", "optim", "train", "evaluation", "data")
+_METHOD_META = ("description", "overrides")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work: unknown key, method or value."""
+
+
+def _load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def method_names() -> list[str]:
+    return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+
+
+def _method_yaml(method: str) -> dict:
+    path = METHOD_DIR / f"{method}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(method, method_names(), n=1)
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(method_names())}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return _load_yaml(path)
+
+
+def _matches(when: dict, context: dict) -> bool:
+    for key, want in when.items():
+        if key not in context:
+            raise ConfigError(f"override condition on unknown key {key!r}; use {sorted(context)}")
+        wanted = want if isinstance(want, list) else [want]
+        if context[key] not in wanted and str(context[key]).upper() not in [str(w).upper() for w in wanted]:
+            return False
+    return True
+
+
+@lru_cache(maxsize=32)
+def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | None) -> dict:
+    from dataloaders.specs import load_spec
+    spec = load_spec(dataset, data_dir)
+    cfg = _load_yaml(CONFIG_DIR / "base.yaml")
+    m = _method_yaml(method)
+    unknown = [k for k in m if k not in SECTIONS and k not in _METHOD_META]
+    if unknown:
+        raise ConfigError(f"configs/methods/{method}.yaml has unknown sections {unknown}; "
+                          f"sections are {', '.join(SECTIONS)}")
+    deep_update(cfg, {k: v for k, v in m.items() if k in SECTIONS})
+    context = {"setting": setting, "dataset": spec.name, "region": spec.region, "modality": spec.modality}
+    for rule in m.get("overrides", []):
+        if _matches(rule.get("when", {}), context):
+            deep_update(cfg, rule.get("set", {}))
+    if cfg["data"].get("n_sv") is None:
+        cfg["data"]["n_sv"] = int(spec.defaults.get("n_sv", 1000))
+    for key, value in spec.defaults.items():
+        if key != "n_sv" and key in cfg["sampler"] and cfg["sampler"][key] is None:
+            cfg["sampler"][key] = value
+    cfg["test_labels"] = list(spec.eval_labels if setting == 1 else spec.setting2_groups[0])
+    return cfg
+
+
+def method_defaults(method: str, dataset: str, setting: int = 1, data_dir: str | None = None) -> dict:
+    """All defaults for a method on a dataset and setting (layers 1-3 of the module docstring)."""
+    if setting not in (1, 2):
+        raise ConfigError(f"setting must be 1 or 2, got {setting!r}")
+    return copy.deepcopy(_defaults_cached(str(method), str(dataset), int(setting),
+                                          None if data_dir is None else str(data_dir)))
+
+
+def default_data_dir(dataset: str) -> str:
+    return f"./data/{dataset.upper()}"
+
+
+def experiment_name(method, dataset, setting, test_labels, eval_fold) -> str:
+    labels = "-".join(str(i) for i in test_labels)
+    return f"{method}_{dataset}_setting{setting}_labels{labels}_fold{eval_fold}"
+
+
+def experiment_config():
+    # Sacred config scope: every key of the experiment (README, "Configuration keys").
+    method = "adnet"                 # adnet | qnet | alpnet | dspnet (configs/methods)
+    dataset = "SYNTH"                # CHAOST2 | SABS | CMR | SYNTH, or a folder with dataset.json
+    data_dir = default_data_dir(dataset)
+    setting = 1                      # 1: test organs may appear in training slices; 2: those slices are removed
+    test_labels = method_defaults(method, dataset, setting, data_dir)["test_labels"]
+    exclude_rule = "any"             # setting 2 removes slices containing any (SSL-ALPNet) or all (Q-Net) test labels
+    eval_fold = 0
+    seed = 2021
+    device = "auto"                  # auto | cpu | cuda | cuda:1
+    log_dir = "./runs"
+    exp_name = experiment_name(method, dataset, setting, test_labels, eval_fold)
+    encoder = method_defaults(method, dataset, setting, data_dir)["encoder"]
+    head = method_defaults(method, dataset, setting, data_dir)["head"]
+    loss = method_defaults(method, dataset, setting, data_dir)["loss"]
+    sampler = method_defaults(method, dataset, setting, data_dir)["sampler"]
+    augment = method_defaults(method, dataset, setting, data_dir)["augment"]
+    optim = method_defaults(method, dataset, setting, data_dir)["optim"]
+    train = method_defaults(method, dataset, setting, data_dir)["train"]
+    evaluation = method_defaults(method, dataset, setting, data_dir)["evaluation"]
+    data = method_defaults(method, dataset, setting, data_dir)["data"]
+
+
+def known_keys(config: dict) -> dict:
+    """The key tree the defaults define for this run's method, dataset and setting."""
+    d = method_defaults(config["method"], config["dataset"], config["setting"], config.get("data_dir"))
+    tree = {k: None for k in ("method", "dataset", "data_dir", "setting", "test_labels", "exclude_rule",
+                              "eval_fold", "seed", "device", "log_dir", "exp_name")}
+    tree.update({s: d[s] for s in SECTIONS})
+    return tree
+
+
+def unknown_keys(config: dict, tree: dict, prefix: str = "") -> list[tuple[str, list[str]]]:
+    found = []
+    for key, value in config.items():
+        if key not in tree:
+            found.append((prefix + key, [prefix + k for k in tree]))
+        elif isinstance(value, dict) and isinstance(tree[key], dict) and tree[key]:
+            found += unknown_keys(value, tree[key], prefix + key + ".")
+    return found
+
+
+def check_config(config: dict) -> None:
+    """Reject keys no layer defines (typos) and values of the wrong kind, naming the fix."""
+    from models.heads import HEADS, head_options
+    tree = known_keys(config)
+    head_name = config.get("head", {}).get("name")
+    if head_name in HEADS:
+        tree["head"] = {"name": None, **head_options(head_name)}
+    problems = []
+    for key, candidates in unknown_keys(config, tree):
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if config["exclude_rule"] not in ("any", "all"):
+        problems.append(f"exclude_rule must be 'any' or 'all', got {config['exclude_rule']!r}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
+
+
+def make_experiment(name: str) -> Experiment:
+    ex = Experiment(name, save_git_info=False)
+    ex.captured_out_filter = apply_backspaces_and_linefeeds
+    ex.config(experiment_config)
+    for path in sorted(METHOD_DIR.glob("*.yaml")):
+        ex.add_named_config(path.stem, {"method": path.stem})
+    for path in sorted(DATASET_DIR.glob("*.yaml")):
+        ex.add_named_config(path.stem, {"dataset": _load_yaml(path)["name"]})
+    for path in sorted(PROTOCOL_DIR.glob("*.yaml")):
+        ex.add_named_config(f"protocol_{path.stem}", str(path))
+    ex.add_named_config("demo", str(CONFIG_DIR / "demo.yaml"))
+
+    @ex.config_hook
+    def _validate(config, command_name, logger):
+        check_config(config)
+        return {}
+
+    return ex
+
+
+def add_observer(ex: Experiment, config: dict, kind: str) -> Path:
+    """Runs go to <log_dir>/<kind>/<exp_name>/<run id>/ (kind: train or test)."""
+    base = Path(config["log_dir"]) / kind / config["exp_name"]
+    ex.observers.append(FileStorageObserver(str(base), copy_sources=False))
+    return base

@@ -1,0 +1,102 @@
+"""Build the objects of an experiment from its configuration (models, data, samplers, devices).
+
+training.py and validation.py call these; tests and the benchmark call them too, so that every
+entry point builds exactly the same thing from the same config.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from data.io import DataError
+from dataloaders.augment import AugmentParams
+from dataloaders.protocol import ProtocolOptions
+from dataloaders.specs import DatasetSpec, load_spec
+from dataloaders.volumes import VolumeStore
+from models.encoder import ResNetEncoder
+from models.fewshot import FewShotSegmenter
+from models.heads import build_head
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 elsewhere (CPU autocast is slower than fp32 here)."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"train.amp must be auto, bf16 or off, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def use_channels_last(setting, device: torch.device) -> bool:
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
+    encoder = ResNetEncoder(cfg["encoder"]["layout"])
+    if load_weights:
+        encoder.load_pretrained(cfg["encoder"]["weights"])
+    head_cfg = dict(cfg["head"])
+    name = head_cfg.pop("name", None)
+    if name is None:
+        raise ValueError("head.name is not set; the method's YAML must name its head")
+    return FewShotSegmenter(encoder, build_head(name, **head_cfg))
+
+
+def dataset_spec(cfg: dict) -> DatasetSpec:
+    return load_spec(cfg["dataset"], cfg["data_dir"])
+
+
+def volume_store(cfg: dict, spec: DatasetSpec | None = None, stats_ids=None) -> VolumeStore:
+    spec = spec or dataset_spec(cfg)
+    return VolumeStore(spec, cfg["data_dir"], normalize=cfg["data"]["normalize"], stats_ids=stats_ids)
+
+
+def protocol_options(cfg: dict) -> ProtocolOptions:
+    e = cfg["evaluation"]
+    return ProtocolOptions(supp_idx=int(e["supp_idx"]), n_part=int(e["n_part"]), chunking=e["chunking"],
+                           scored=e["scored"], fold_scheme=e["fold_scheme"], batch_size=int(e["batch_size"]))
+
+
+def pseudolabel_folder(cfg: dict) -> str:
+    if cfg["data"]["pseudolabels"]:
+        return str(cfg["data"]["pseudolabels"])
+    if cfg["sampler"]["name"] == "supervoxel":
+        return f"supervoxels_{int(cfg['data']['n_sv'])}"
+    return f"superpixels_{int(cfg['sampler'].get('superpixel_min_size', 400))}"
+
+
+def build_episode_dataset(cfg: dict, store: VolumeStore, train_ids, seed: int):
+    """The training episode sampler chosen by sampler.name."""
+    s = cfg["sampler"]
+    augment = AugmentParams.from_config(cfg["augment"]) if cfg["augment"]["enabled"] else None
+    test_labels = store.spec.check_label_ids(cfg["test_labels"], "test_labels")
+    if s["name"] == "supervoxel":
+        from dataloaders.supervoxel_episodes import SupervoxelEpisodes
+        return SupervoxelEpisodes(
+            store, train_ids, pseudolabel_folder(cfg), pair_rule=s["pair_rule"], min_size=int(s["min_size"]),
+            reverse_p=float(s["reverse_p"]), test_labels=test_labels, exclude_rule=cfg["exclude_rule"],
+            setting=int(cfg["setting"]), use_gt=bool(s["use_gt"]), qnet_set_order=bool(s["qnet_set_order"]),
+            augment=augment, seed=seed)
+    raise ValueError(f"unknown sampler {s['name']!r}")
+
+
+def check_data_dir(cfg: dict) -> Path:
+    path = Path(cfg["data_dir"])
+    if not path.is_dir():
+        hint = (" Generate the synthetic phantoms with `python -m data.phantoms " + str(path) + "`."
+                if str(cfg["dataset"]).upper() == "SYNTH" else " See data/README.md for how to prepare it.")
+        raise DataError(f"data directory not found: {path} (dataset {cfg['dataset']}).{hint}")
+    return path

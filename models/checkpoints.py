@@ -1,0 +1,87 @@
+"""Loading trained models for evaluation: our snapshots and plain state dicts.
+
+`find_checkpoint` implements the rule validation.py uses when `evaluation.checkpoint` is null: the
+last snapshot (most episodes) of the newest training run of the same experiment
+(<log_dir>/train/<exp_name>/<run id>/snapshots/<episodes>.pth).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_SNAPSHOT_RE = re.compile(r"^(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def snapshots_of(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = Path(run_dir) / "snapshots"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT_RE.match(p.name))]
+    return sorted(found)
+
+
+def find_checkpoint(log_dir: str | Path, exp_name: str) -> Path:
+    """Last snapshot of the newest training run of `exp_name` that has one."""
+    base = Path(log_dir) / "train" / exp_name
+    runs = sorted((int(p.name), p) for p in base.glob("*") if p.is_dir() and p.name.isdigit()) \
+        if base.is_dir() else []
+    for _, run in reversed(runs):
+        snaps = snapshots_of(run)
+        if snaps:
+            return snaps[-1][1]
+    raise CheckpointError(
+        f"no checkpoint to evaluate: no snapshot under {base}/<run>/snapshots/. Train first "
+        f"(python training.py with <the same named configs and keys>), pass "
+        f"evaluation.checkpoint=<path to a .pth snapshot>, or evaluation.checkpoint=untrained to "
+        f"evaluate the model before training")
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """The model state dict in a checkpoint file: our snapshot ({"model": ...}) or a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Check evaluation.checkpoint (a snapshot "
+                              f"is written to <run>/snapshots/<episodes>.pth during training)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path} is not a model checkpoint (expected a state dict or a snapshot with a "
+                          f"'model' entry)")
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str | Path = "checkpoint") -> None:
+    """Strict load that lists missing and unexpected keys instead of ignoring them."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+                   if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} with the wrong shape (e.g. {'; '.join(wrong_shape[:2])})")
+        raise CheckpointError(f"{source} does not fit this model: " + ", ".join(parts)
+                              + ". Was it trained with another method or encoder layout?")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    load_model_state(model, read_state_dict(path), source=path)
+    log.info("loaded checkpoint %s", path)

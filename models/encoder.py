@@ -1,0 +1,185 @@
+"""ResNet-101 encoders in the two layouts the methods use, and pretrained-weight loading.
+
+Layouts (for a 256 x 256 input):
+
+- ``deeplab_r101`` (ADNet, SSL-ALPNet, DSPNet): torchvision ResNet-101 with
+  ``replace_stride_with_dilation=[False, True, True]`` (output stride 8, as DeepLabv3's backbone),
+  then a 1x1 convolution 2048 -> 256 without bias on layer4.
+  Returns ``{"out": N x 256 x 32 x 32}``.
+- ``qnet_r101`` (Q-Net): ``replace_stride_with_dilation=[True, True, False]``; layer3 is
+  1024 x 64 x 64 and layer4 2048 x 32 x 32, each reduced by a 1x1 convolution (no bias) to 512
+  channels, plus the query-informed threshold branch
+  ``t = Linear(1000 -> 1)(fc(GAP(layer4)))`` (ResNet's own fc 2048 -> 1000, no nonlinearity).
+  Returns ``{"layer3": N x 512 x 64 x 64, "layer4": N x 512 x 32 x 32, "threshold": N x 1}``.
+
+Pretrained weights (``weights``): ``imagenet`` (torchvision ``resnet101-63fe2227.pth``),
+``deeplabv3_coco`` (``deeplabv3_resnet101_coco-586e9e4e.pth``, the DeepLabv3 backbone trained on
+COCO), a path to a checkpoint file, or ``none``. Named weights are looked up in the torch hub cache,
+``$TORCH_HOME/hub/checkpoints/``, with TORCH_HOME defaulting to ``./pretrained_model`` as in the
+reference code; nothing is downloaded. Loading reports how many tensors matched, and matching none
+is an error rather than a silent random initialisation (Q-Net's "resnet101" option silently
+matched 0 keys).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.tv import resnet101
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_FILES = {
+    "imagenet": "resnet101-63fe2227.pth",
+    "deeplabv3_coco": "deeplabv3_resnet101_coco-586e9e4e.pth",
+}
+_BODY = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """A pretrained-weights file is missing, unreadable or does not fit the encoder."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    dilation: tuple[bool, bool, bool]
+    reduce: dict[str, int]            # tapped layer -> reduced channels
+    threshold_branch: bool
+    init: str                         # "torchvision" or "kaiming_fan_out" (Q-Net's _init_weights)
+
+
+LAYOUTS = {
+    "deeplab_r101": Layout((False, True, True), {"layer4": 256}, False, "torchvision"),
+    "qnet_r101": Layout((True, True, False), {"layer3": 512, "layer4": 512}, True, "kaiming_fan_out"),
+}
+_OUTPUT_NAMES = {"deeplab_r101": {"layer4": "out"}, "qnet_r101": {"layer3": "layer3", "layer4": "layer4"}}
+_IN_CHANNELS = {"layer3": 1024, "layer4": 2048}
+
+
+def torch_home() -> Path:
+    return Path(os.environ.get("TORCH_HOME", "./pretrained_model"))
+
+
+def pretrained_path(weights: str) -> Path:
+    """Where a named pretrained checkpoint must be (the torch hub cache layout)."""
+    return torch_home() / "hub" / "checkpoints" / PRETRAINED_FILES[weights]
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet-101 trunk with 1x1 reductions on the tapped layers (see module docstring).
+
+    forward(images: N x 3 x H x W) -> dict of named maps, each N x C x h x w (threshold: N x 1).
+    """
+
+    def __init__(self, layout: str = "deeplab_r101"):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown encoder layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        self.layout_name = layout
+        self.layout = LAYOUTS[layout]
+        trunk = resnet101(weights=None, replace_stride_with_dilation=list(self.layout.dilation))
+        self.backbone = nn.ModuleDict({name: getattr(trunk, name) for name in _BODY})
+        if self.layout.threshold_branch:
+            self.backbone["fc"] = trunk.fc
+            self.threshold = nn.Linear(1000, 1)
+        self.reduce = nn.ModuleDict({
+            layer: nn.Conv2d(_IN_CHANNELS[layer], ch, kernel_size=1, bias=False)
+            for layer, ch in self.layout.reduce.items()
+        })
+        if self.layout.init == "kaiming_fan_out":
+            self._init_like_qnet()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        names = tuple(_OUTPUT_NAMES[self.layout_name].values())
+        return names + (("threshold",) if self.layout.threshold_branch else ())
+
+    def _init_like_qnet(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images
+        taps = {}
+        for name in _BODY:
+            x = self.backbone[name](x)
+            if name in self.reduce:
+                taps[name] = x
+        out = {_OUTPUT_NAMES[self.layout_name][layer]: conv(taps[layer]) for layer, conv in self.reduce.items()}
+        if self.layout.threshold_branch:
+            pooled = F.adaptive_avg_pool2d(taps["layer4"], 1).flatten(1)
+            out["threshold"] = self.threshold(self.backbone["fc"](pooled))
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained(self, weights: str | os.PathLike | None) -> int:
+        """Load backbone weights; returns the number of tensors loaded (0 only for 'none')."""
+        if weights in (None, "none", "None", ""):
+            log.info("encoder: no pretrained weights (random initialisation)")
+            return 0
+        weights = str(weights)
+        if weights in PRETRAINED_FILES:
+            path = pretrained_path(weights)
+            if not path.is_file():
+                raise PretrainedWeightsError(
+                    f"pretrained weights '{weights}' not found: expected {path}. Download "
+                    f"{PRETRAINED_FILES[weights]} from torchvision (the URL is in README.md, "
+                    f"'Pretrained weights') into {path.parent}/, set TORCH_HOME to the folder that "
+                    f"holds hub/checkpoints/, or set encoder.weights=none to train from scratch.")
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise PretrainedWeightsError(
+                    f"pretrained weights file not found: {path}. encoder.weights takes "
+                    f"{', '.join(PRETRAINED_FILES)}, none, or the path of a checkpoint file.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+            raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {err}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        return self._load_backbone_state(state, source=path)
+
+    def _load_backbone_state(self, state: dict, source: Path) -> int:
+        """Copy tensors whose names match the trunk, from torchvision classifier
+        (``layer1.0.conv1.weight``) or segmentation (``backbone.layer1.0.conv1.weight``) checkpoints."""
+        own = self.backbone.state_dict()
+        loaded, mismatched = {}, []
+        for key, value in state.items():
+            name = key[len("backbone."):] if key.startswith("backbone.") else key
+            if name not in own:
+                continue
+            if own[name].shape != value.shape:
+                mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(own[name].shape)}")
+                continue
+            loaded[name] = value
+        if mismatched:
+            raise PretrainedWeightsError(f"{source}: {len(mismatched)} tensors have the wrong shape, e.g. "
+                                         + "; ".join(mismatched[:3]))
+        if not loaded:
+            raise PretrainedWeightsError(
+                f"{source}: none of its {len(state)} tensors matches the ResNet-101 encoder "
+                f"(expected names like 'layer1.0.conv1.weight' or 'backbone.layer1.0.conv1.weight'); "
+                f"refusing to continue with a randomly initialised encoder")
+        self.backbone.load_state_dict(loaded, strict=False)
+        not_loaded = sorted(set(own) - set(loaded))
+        log.info("encoder: loaded %d of %d backbone tensors from %s%s", len(loaded), len(own), source,
+                 f" (left at initialisation: {', '.join(not_loaded[:4])}{'...' if len(not_loaded) > 4 else ''})"
+                 if not_loaded else "")
+        return len(loaded)
+
+
+def build_encoder(layout: str, weights: str | None) -> ResNetEncoder:
+    encoder = ResNetEncoder(layout)
+    encoder.load_pretrained(weights)
+    return encoder

@@ -1,0 +1,64 @@
+"""Evaluate a trained (or untrained) model on one fold with the protocol, and write the reports."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dataloaders.protocol import EvaluationResult, Evaluator
+from dataloaders.reporting import format_patient_table, format_table, write_overlays, write_predictions, \
+    write_results
+from models.builders import (
+    autocast_dtype, build_model, check_data_dir, dataset_spec, protocol_options, resolve_device, volume_store,
+)
+from models.checkpoints import find_checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+UNTRAINED = "untrained"
+
+
+def resolve_checkpoint(cfg: dict) -> str:
+    """The checkpoint to evaluate: the configured path, 'untrained', or the last snapshot of the
+    newest training run of the same experiment (models/checkpoints.find_checkpoint)."""
+    ckpt = cfg["evaluation"]["checkpoint"]
+    if ckpt in (None, "", "null"):
+        return str(find_checkpoint(cfg["log_dir"], cfg["exp_name"]))
+    return str(ckpt)
+
+
+def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None) -> EvaluationResult:
+    """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir."""
+    device = resolve_device(cfg["device"])
+    check_data_dir(cfg)
+    spec = dataset_spec(cfg)
+    store = volume_store(cfg, spec)
+    options = protocol_options(cfg)
+    fold = spec.fold(store.ids, int(cfg["eval_fold"]), options.fold_scheme)
+    classes = spec.check_label_ids(cfg["test_labels"], "test_labels")
+    checkpoint = "in-memory model"
+    if model is None:
+        checkpoint = resolve_checkpoint(cfg)
+        model = build_model(cfg, load_weights=checkpoint == UNTRAINED)
+        if checkpoint != UNTRAINED:
+            load_checkpoint(model, checkpoint)
+    model = model.to(device)
+    evaluator = Evaluator(model, store, spec, fold, options, device=device,
+                          autocast_dtype=autocast_dtype(cfg["train"]["amp"], device), progress=progress)
+    log.info("evaluating %s on %s fold %d: support scan %d, queries %s, classes %s", checkpoint, spec.name,
+             fold.index, evaluator.support_id, list(evaluator.query_ids), list(classes))
+    result = evaluator.run(classes)
+    title = (f"{cfg['method']} on {spec.name}, setting {cfg['setting']}, fold {fold.index} "
+             f"(support scan {result.support_id}; checkpoint: {checkpoint})")
+    print(format_table(result, title))
+    print(format_patient_table(result))
+    print(f"{result.n_query_slices} query slices in {result.seconds:.1f} s "
+          f"({result.n_query_slices / max(result.seconds, 1e-9):.2f} slices/s)")
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        write_results(result, run_dir, extra={"checkpoint": checkpoint, "method": cfg["method"],
+                                              "setting": cfg["setting"], "exp_name": cfg["exp_name"],
+                                              "protocol": dict(cfg["evaluation"])})
+        if cfg["evaluation"]["save_predictions"]:
+            write_predictions(result, store, run_dir / "predictions")
+        if int(cfg["evaluation"]["n_overlays"]) > 0:
+            write_overlays(result, store, run_dir / "overlays", int(cfg["evaluation"]["n_overlays"]))
+    return result

@@ -1,0 +1,56 @@
+"""The few-shot segmenter: one encoder, one prototype head.
+
+Episodes are batch-first (dataloaders/episodes.py):
+support images B x S x 3 x H x W, support masks B x S x H x W, query images B x Q x 3 x H x W.
+Support and query images of all episodes are encoded in one pass, grouped episode by episode
+(the S supports then the Q queries of episode 0, then episode 1, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.encoder import ResNetEncoder
+from models.heads.common import HeadOutput
+
+
+def split_features(features: dict[str, torch.Tensor], B: int, S: int) -> tuple[dict, dict]:
+    """Maps of B*(S+Q) images, grouped by episode -> (support B x S x ..., query B x Q x ...)."""
+    support, query = {}, {}
+    for name, f in features.items():
+        f = f.reshape(B, -1, *f.shape[1:])
+        support[name], query[name] = f[:, :S], f[:, S:]
+    return support, query
+
+
+class FewShotSegmenter(nn.Module):
+    def __init__(self, encoder: ResNetEncoder, head: nn.Module):
+        super().__init__()
+        missing = [m for m in head.feature_maps if m not in encoder.output_names]
+        if missing:
+            raise ValueError(f"head {type(head).__name__} reads feature maps {missing} that the "
+                             f"'{encoder.layout_name}' encoder does not produce ({encoder.output_names})")
+        self.encoder = encoder
+        self.head = head
+
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """N x 3 x H x W -> {name: N x ...}, only the maps the head reads."""
+        features = self.encoder(images)
+        return {k: v for k, v in features.items() if k in self.head.feature_maps}
+
+    def encode_grouped(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """B x N x 3 x H x W -> {name: B x N x ...}."""
+        B, N = images.shape[:2]
+        features = self.encode(images.flatten(0, 1))
+        return {k: v.reshape(B, N, *v.shape[1:]) for k, v in features.items()}
+
+    def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
+                query_images: torch.Tensor) -> HeadOutput:
+        B, S = support_images.shape[:2]
+        images = torch.cat([support_images, query_images], dim=1).flatten(0, 1)
+        support, query = split_features(self.encode(images), B, S)
+        return self.head(support, support_masks, query)
+
+    def segment(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        """Run the head on features computed beforehand (evaluation caches the support's)."""
+        return self.head(support, support_masks, query)

@@ -1,0 +1,84 @@
+"""ADNet head (Hansen et al. 2022): one foreground prototype, anomaly score, one learned threshold.
+
+Reference behaviour (../shared/reference/adnet_qnet.md §2.2-2.5):
+
+- prototype p: masked average of the support features upsampled (bilinear, align_corners=False)
+  to the mask size, averaged over shots (empty masks count as zero vectors);
+- anomaly score s(x) = -S cos(F_q(x), p); foreground probability P = 1 - sigmoid(kappa (s - T))
+  at feature resolution, upsampled bilinearly with align_corners=True; output [1 - P, P];
+- T is one learned scalar (init -10) shared by all images; threshold loss T / S;
+- prototype alignment (training only): the query's hard prediction at feature resolution gives a
+  query prototype, which segments the support with the same T; unweighted NLL on the support mask,
+  averaged over shots; skipped (zero) when the query prediction is empty.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.heads.common import (
+    HeadOutput, cosine_to_prototype, episode_nll, masked_average_pool, two_class_log_probs,
+    upsample_bilinear,
+)
+
+
+def anomaly_fg_probability(features: torch.Tensor, prototype: torch.Tensor, threshold: torch.Tensor,
+                           scaler: float, kappa: float) -> torch.Tensor:
+    """P_fg = 1 - sigmoid(kappa (-S cos(F, p) - T)).
+
+    features: B x N x C x h x w; prototype: B x C; threshold: broadcastable to B x N x 1 x 1
+    (a scalar for ADNet, one value per query image for Q-Net)  ->  B x N x h x w.
+    """
+    score = -scaler * cosine_to_prototype(features, prototype.unsqueeze(1))
+    return 1.0 - torch.sigmoid(kappa * (score - threshold))
+
+
+class ADNetHead(nn.Module):
+    """Anomaly-detection head with a learned threshold.
+
+    forward(support {"out": B x S x C x h x w}, support_masks B x S x H x W,
+            query {"out": B x Q x C x h x w}) -> HeadOutput (log_probs B x Q x 2 x H x W)
+    """
+
+    feature_maps = ("out",)
+
+    def __init__(self, scaler: float = 20.0, kappa: float = 0.5, init_threshold: float = -10.0,
+                 align: bool = True):
+        super().__init__()
+        self.scaler = float(scaler)
+        self.kappa = float(kappa)
+        self.align = bool(align)
+        self.threshold = nn.Parameter(torch.tensor(float(init_threshold)))
+
+    def prototype(self, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """B x S x C x h x w, B x S x H x W -> B x C (mean over shots)."""
+        return masked_average_pool(support, masks).mean(dim=1)
+
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        fs, fq = support["out"], query["out"]
+        size = support_masks.shape[-2:]
+        prototype = self.prototype(fs, support_masks)
+        p_low = anomaly_fg_probability(fq, prototype, self.threshold, self.scaler, self.kappa)
+        p_full = upsample_bilinear(p_low, size, align_corners=True)
+        out = HeadOutput(two_class_log_probs(p_full), extras={"threshold": self.threshold.detach()})
+        if self.training:
+            out.aux_losses["threshold"] = self.threshold / self.scaler
+            if self.align:
+                out.aux_losses["align"] = self.alignment_loss(fs, support_masks, fq, p_low)
+        return out
+
+    def alignment_loss(self, fs: torch.Tensor, support_masks: torch.Tensor, fq: torch.Tensor,
+                       p_low: torch.Tensor) -> torch.Tensor:
+        """Query -> support prototype alignment (feature-resolution query prototype), mean over episodes."""
+        B, S = fs.shape[:2]
+        pred_mask = (p_low > 0.5).to(fq.dtype)                             # B x Q x h x w
+        has_fg = (pred_mask.flatten(1).sum(1) > 0).to(fq.dtype)            # B; empty -> no alignment
+        # summed over all query images of an episode, as the reference
+        num = torch.einsum("bqchw,bqhw->bc", fq, pred_mask)
+        q_proto = num / (pred_mask.sum(dim=(1, 2, 3)).unsqueeze(-1) + 1e-5)  # B x C
+        p_supp = anomaly_fg_probability(fs, q_proto, self.threshold, self.scaler, self.kappa)
+        p_supp = upsample_bilinear(p_supp, support_masks.shape[-2:], align_corners=True)
+        H, W = support_masks.shape[-2:]
+        per_shot = episode_nll(two_class_log_probs(p_supp).reshape(B * S, 1, 2, H, W),
+                               support_masks.reshape(B * S, 1, H, W), reduction="none")
+        return (per_shot.view(B, S).mean(1) * has_fg).mean()

@@ -1,0 +1,118 @@
+"""Operations shared by the prototype heads: pooling, cosine scoring, resizing, losses.
+
+Shapes: B episodes, S support shots, Q query images, C channels, h x w feature maps,
+H x W images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+EPS_FLOAT32 = float(torch.finfo(torch.float32).eps)  # the references' clamp for log-probabilities
+
+
+@dataclass
+class HeadOutput:
+    """What a head returns for a batch of episodes.
+
+    log_probs: B x Q x 2 x H x W log-probabilities of [background, foreground]; the prediction is
+        their argmax (a tie goes to background).
+    aux_losses: named scalar losses (already averaged over episodes), weighted by the `loss` config.
+    extras: diagnostics (thresholds, low-resolution probabilities, prototype counts).
+    """
+
+    log_probs: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- resizing
+@lru_cache(maxsize=64)
+def _linear_interp_matrix(n_in: int, n_out: int, device_type: str, device_index) -> torch.Tensor:
+    """n_out x n_in matrix A with A @ v == 1-D linear interpolation of v (align_corners=False)."""
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    eye = torch.eye(n_in, dtype=torch.float64, device=device).unsqueeze(0)       # 1 x n_in(ch) x n_in
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.float()
+
+
+def upsample_adjoint(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Weights w (..., h, w) with sum_x Up(f)(x) * m(x) == sum_p f(p) * w(p) for every map f.
+
+    Up is bilinear upsampling from h x w to the mask size with align_corners=False (separable,
+    so its adjoint is A_y^T M A_x). This pools features "upsampled to the mask" without ever
+    materialising the C x H x W upsampled map, which is what the 2-D references do.
+    """
+    h, w = size
+    H, W = masks.shape[-2:]
+    key = (masks.device.type, masks.device.index)
+    a_y = _linear_interp_matrix(h, H, *key).to(masks.dtype)   # H x h
+    a_x = _linear_interp_matrix(w, W, *key).to(masks.dtype)   # W x w
+    return a_y.T @ masks @ a_x
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of the last two axes of a tensor of any rank >= 2."""
+    lead = x.shape[:-2]
+    y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode="bilinear", align_corners=align_corners)
+    return y.reshape(*lead, *size)
+
+
+# ----------------------------------------------------------------------------- prototypes
+def masked_average_pool(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Masked average of features upsampled (bilinear, align_corners=False) to the mask size.
+
+    features: ... x C x h x w;  masks: ... x H x W (same leading axes)  ->  ... x C.
+    Equals sum_x Up(F)(x) M(x) / (sum_x M(x) + eps) (ADNet / Q-Net, reference §2.2); an empty mask
+    gives a zero vector.
+    """
+    weights = upsample_adjoint(masks.to(features.dtype), features.shape[-2:])
+    num = torch.einsum("...chw,...hw->...c", features, weights)
+    return num / (masks.sum(dim=(-2, -1)).to(features.dtype).unsqueeze(-1) + eps)
+
+
+def masked_average_pool_lowres(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Masked average with the mask already at feature resolution: ... x C x h x w, ... x h x w -> ... x C."""
+    num = torch.einsum("...chw,...hw->...c", features, masks.to(features.dtype))
+    return num / (masks.sum(dim=(-2, -1)).to(features.dtype).unsqueeze(-1) + eps)
+
+
+def cosine_to_prototype(features: torch.Tensor, prototype: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """torch cosine similarity of every feature vector to one prototype per image.
+
+    features: ... x C x h x w;  prototype: ... x C  ->  ... x h x w.
+    """
+    return F.cosine_similarity(features, prototype[..., None, None], dim=-3, eps=eps)
+
+
+# ----------------------------------------------------------------------------- losses
+def episode_nll(log_probs: torch.Tensor, target: torch.Tensor, class_weights=None,
+                ignore_index: int = 255, reduction: str = "mean") -> torch.Tensor:
+    """Weighted NLL per episode, averaged over episodes (`reduction="none"`: one value per episode).
+
+    log_probs: B x N x 2 x H x W; target: B x N x H x W (0, 1 or ignore_index).
+    Within an episode this is PyTorch's weighted-mean NLLLoss (sum of w_y * -log p_y over the
+    pixels, divided by the sum of w_y), i.e. the references' loss for their single episode; a
+    batch of episodes gets the mean of the per-episode losses.
+    """
+    B = log_probs.shape[0]
+    lp = log_probs.movedim(2, -1).reshape(B, -1, 2)
+    y = target.reshape(B, -1).long()
+    valid = y != ignore_index
+    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    picked = -lp.gather(-1, y_safe.unsqueeze(-1)).squeeze(-1)
+    if class_weights is None:
+        w = valid.to(lp.dtype)
+    else:
+        cw = torch.as_tensor(class_weights, dtype=lp.dtype, device=lp.device)
+        w = cw[y_safe] * valid.to(lp.dtype)
+    per_episode = (picked * w).sum(1) / w.sum(1).clamp_min(torch.finfo(lp.dtype).tiny)
+    return per_episode if reduction == "none" else per_episode.mean()
+
+
+def two_class_log_probs(fg_prob: torch.Tensor) -> torch.Tensor:
+    """[1 - P, P] stacked on a new axis -3, clamped to [eps, 1 - eps] and logged, as the references."""
+    probs = torch.stack([1.0 - fg_prob, fg_prob], dim=-3)
+    return torch.log(probs.clamp(EPS_FLOAT32, 1.0 - EPS_FLOAT32))

@@ -1,0 +1,40 @@
+"""Train a few-shot segmentation method (a Sacred experiment).
+
+    python training.py with adnet chaost2 setting=2 eval_fold=3
+    python training.py print_config with qnet cmr          # every key, with this run's values
+    python training.py with my_experiment.yaml train.n_steps=1000
+
+Runs are recorded under <log_dir>/train/<exp_name>/<run id>/ (config, metrics, console output and
+snapshots/<episodes>.pth). See README.md for every configuration key.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from configs.experiment import add_observer, make_experiment
+
+ex = make_experiment("train")
+
+
+@ex.config_hook
+def _record_runs(config, command_name, logger):
+    if command_name == "main":
+        add_observer(ex, config, "train")
+    return {}
+
+
+@ex.main
+def main(_config, _run):
+    from models.trainer import train
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = json.loads(json.dumps(_config))
+    run_dir = Path(_run.observers[0].dir) if _run.observers else Path(cfg["log_dir"]) / "unobserved"
+    final = train(cfg, run_dir, log_scalar=_run.log_scalar)
+    print(f"final snapshot: {final}")
+    return str(final)
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

@@ -1,0 +1,42 @@
+"""Evaluate a trained model with the 1-shot protocol on one fold (a Sacred experiment).
+
+    python validation.py with adnet chaost2 setting=2 eval_fold=3       # last snapshot of that training
+    python validation.py with qnet cmr evaluation.checkpoint=path/to/30000.pth protocol_qnet
+    python validation.py with adnet evaluation.checkpoint=untrained      # the model before training
+
+Results (per-class and per-scan Dice/IoU as a table, results.csv, results.json, NIfTI predictions
+in the scans' geometry, PNG overlays) go to <log_dir>/test/<exp_name>/<run id>/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from configs.experiment import add_observer, make_experiment
+
+ex = make_experiment("test")
+
+
+@ex.config_hook
+def _record_runs(config, command_name, logger):
+    if command_name == "main":
+        add_observer(ex, config, "test")
+    return {}
+
+
+@ex.main
+def main(_config, _run):
+    from models.evaluation import evaluate
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = json.loads(json.dumps(_config))
+    run_dir = Path(_run.observers[0].dir) if _run.observers else None
+    result = evaluate(cfg, run_dir)
+    for c in result.class_ids():
+        _run.log_scalar(f"dice.{result.class_scores(c)[0].class_name}", result.class_mean(c))
+    _run.log_scalar("dice.mean", result.mean())
+    return {"mean_dice": result.mean()}
+
+
+if __name__ == "__main__":
+    ex.run_commandline()
