@@ -1,0 +1,85 @@
+"""Encoders: layouts and shapes, and pretrained loading from torchvision-format files."""
+import pytest
+import torch
+
+from models.encoder import PRETRAINED_FILES, PretrainedWeightsError, ResNetEncoder
+from models.tv import resnet101
+
+
+@pytest.fixture(scope="module")
+def torchvision_state():
+    torch.manual_seed(0)
+    return resnet101(weights=None).state_dict()
+
+
+def _write(path, state):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def test_deeplab_layout_shapes():
+    enc = ResNetEncoder("deeplab_r101").eval()
+    with torch.no_grad():
+        out = enc(torch.randn(2, 3, 64, 64))
+    assert set(out) == {"out"} and out["out"].shape == (2, 256, 8, 8)   # output stride 8
+
+
+def test_qnet_layout_shapes_and_threshold_per_image():
+    enc = ResNetEncoder("qnet_r101").eval()
+    with torch.no_grad():
+        out = enc(torch.randn(3, 3, 64, 64))
+    assert out["layer3"].shape == (3, 512, 16, 16) and out["layer4"].shape == (3, 512, 8, 8)
+    assert out["threshold"].shape == (3, 1)
+    assert not torch.allclose(out["threshold"][0], out["threshold"][1])
+
+
+def test_imagenet_weights_load_from_torch_hub_cache(tmp_path, monkeypatch, torchvision_state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _write(tmp_path / "hub" / "checkpoints" / PRETRAINED_FILES["imagenet"], torchvision_state)
+    enc = ResNetEncoder("deeplab_r101")
+    n = enc.load_pretrained("imagenet")
+    assert n == len(enc.backbone.state_dict())   # every trunk tensor
+    assert torch.equal(enc.backbone["layer3"][5].conv2.weight, torchvision_state["layer3.5.conv2.weight"])
+
+
+def test_coco_segmentation_checkpoint_keys_are_mapped(tmp_path, monkeypatch, torchvision_state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    coco = {f"backbone.{k}": v for k, v in torchvision_state.items() if not k.startswith("fc.")}
+    coco["classifier.4.weight"] = torch.zeros(21, 256, 1, 1)
+    _write(tmp_path / "hub" / "checkpoints" / PRETRAINED_FILES["deeplabv3_coco"], coco)
+    enc = ResNetEncoder("qnet_r101")
+    fc_before = enc.backbone["fc"].weight.clone()
+    n = enc.load_pretrained("deeplabv3_coco")
+    assert n == len(coco) - 1                       # DeepLab has no fc: Q-Net's fc stays random
+    assert torch.equal(enc.backbone["fc"].weight, fc_before)
+    assert torch.equal(enc.backbone["conv1"].weight, torchvision_state["conv1.weight"])
+
+
+def test_missing_pretrained_file_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsError, match=r"resnet101-63fe2227.pth.*hub/checkpoints"):
+        ResNetEncoder("deeplab_r101").load_pretrained("imagenet")
+    with pytest.raises(PretrainedWeightsError, match="weights file not found"):
+        ResNetEncoder("deeplab_r101").load_pretrained(str(tmp_path / "nope.pth"))
+
+
+def test_zero_matching_keys_is_an_error(tmp_path):
+    path = _write(tmp_path / "other.pth", {"encoder.weird.weight": torch.zeros(3)})
+    with pytest.raises(PretrainedWeightsError, match="none of its 1 tensors matches"):
+        ResNetEncoder("deeplab_r101").load_pretrained(path)
+
+
+def test_wrong_shapes_and_corrupt_file(tmp_path):
+    bad = _write(tmp_path / "bad.pth", {"conv1.weight": torch.zeros(1, 1, 1, 1)})
+    with pytest.raises(PretrainedWeightsError, match="wrong shape"):
+        ResNetEncoder("deeplab_r101").load_pretrained(bad)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+        ResNetEncoder("deeplab_r101").load_pretrained(corrupt)
+
+
+def test_unknown_layout():
+    with pytest.raises(ValueError, match="unknown encoder layout"):
+        ResNetEncoder("resnet50")

@@ -1,0 +1,73 @@
+"""Evaluation protocol: support slices, chunks, scored slices, per-patient Dice."""
+import numpy as np
+import torch
+
+from dataloaders.protocol import (
+    EvaluationResult, Evaluator, ProtocolOptions, ScanScore, chunk_of_slices, scored_slices, support_slices,
+)
+from dataloaders.specs import load_spec
+from dataloaders.volumes import VolumeStore
+from models.heads.common import HeadOutput, two_class_log_probs
+from tests.helpers import write_dataset
+
+
+def test_support_percentiles_for_24_slices():
+    assert support_slices(np.arange(24), 3) == [4, 12, 20]
+    assert support_slices(np.arange(10, 34), 3) == [14, 22, 30]
+    assert support_slices(np.arange(7), 1) == [3]
+
+
+def test_count_chunks_for_22_slices():
+    parts = chunk_of_slices(np.arange(22), 3, "count")
+    bounds = [int(np.flatnonzero(parts == p)[0]) for p in range(3)] + [22]
+    assert bounds == [0, 7, 14, 22]
+
+
+def test_zrange_chunks_follow_the_organ_extent():
+    parts = chunk_of_slices(np.arange(10, 20), 3, "zrange")      # z_min 10, z_max 19, thirds of 3 slices
+    assert parts.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert chunk_of_slices(np.array([5]), 3, "zrange").tolist() == [0]
+
+
+def test_scored_range_fills_gaps():
+    assert scored_slices(np.array([3, 4, 7]), "range").tolist() == [3, 4, 5, 6, 7]
+    assert scored_slices(np.array([3, 4, 7]), "labelled").tolist() == [3, 4, 7]
+
+
+def test_dice_is_per_scan_then_mean():
+    r = EvaluationResult("X", 0, 9, (1, 2))
+    r.scores = [ScanScore(1, "A", 1, tp=10, fp=0, fn=0, n_slices=1),
+                ScanScore(1, "A", 2, tp=1, fp=1, fn=2, n_slices=1)]
+    assert r.scores[1].dice == 2 / 5 and r.scores[1].iou == 1 / 4
+    assert r.class_mean(1) == (1.0 + 0.4) / 2
+
+
+class OracleModel(torch.nn.Module):
+    """Nearest-mean classifier: a query pixel is foreground if its intensity is closer to the
+    support's mean foreground intensity than to its mean background intensity."""
+
+    def encode(self, images):
+        return {"out": images[:, :1]}
+
+    def segment(self, support, support_masks, query):
+        s, q = support["out"][:, :, 0], query["out"][:, :, 0]     # 1 x S x H x W, 1 x Q x H x W
+        fg_level = (s * support_masks).sum() / support_masks.sum()
+        bg_level = (s * (1 - support_masks)).sum() / (1 - support_masks).sum()
+        fg = ((q - fg_level).abs() < (q - bg_level).abs()).float()
+        return HeadOutput(two_class_log_probs(fg))
+
+
+def test_evaluator_assembles_3d_and_scores_each_query_scan(tmp_path):
+    root = write_dataset(tmp_path / "toy", ids=tuple(range(1, 12)), n_classes=1)
+    spec = load_spec("TOY", root)
+    store = VolumeStore(spec, root)
+    fold = spec.fold(store.ids, 0)
+    result = Evaluator(OracleModel(), store, spec, fold, ProtocolOptions(batch_size=3), progress=False).run([1])
+    assert result.support_id == fold.test_ids[-1] and set(result.query_ids) == set(fold.test_ids[:-1])
+    assert len(result.scores) == len(result.query_ids) == 2
+    assert result.mean() > 0.95
+    for (scan_id, c), pred in result.predictions.items():
+        assert pred.shape == store.scan(scan_id).image.shape
+        labelled = store.scan(scan_id).slices_with(c)
+        outside = np.setdiff1d(np.arange(pred.shape[0]), scored_slices(labelled, "range"))
+        assert not pred[outside].any()      # only scored slices are predicted
