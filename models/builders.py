@@ -64,6 +64,20 @@ def volume_store(cfg: dict, spec: DatasetSpec | None = None, stats_ids=None) -> 
     return VolumeStore(spec, cfg["data_dir"], normalize=cfg["data"]["normalize"], stats_ids=stats_ids)
 
 
+def fold_data(cfg: dict):
+    """(spec, store, fold) for the configured dataset and eval_fold.
+
+    With data.normalize=dataset (SSL-ALPNet's CT rule) the mean and std come from the fold's
+    training scans, in training and evaluation alike.
+    """
+    check_data_dir(cfg)
+    spec = dataset_spec(cfg)
+    ids = spec.scan_ids(cfg["data_dir"])
+    fold = spec.fold(ids, int(cfg["eval_fold"]), cfg["evaluation"]["fold_scheme"])
+    store = volume_store(cfg, spec, stats_ids=fold.train_ids)
+    return spec, store, fold
+
+
 def protocol_options(cfg: dict) -> ProtocolOptions:
     e = cfg["evaluation"]
     return ProtocolOptions(supp_idx=int(e["supp_idx"]), n_part=int(e["n_part"]), chunking=e["chunking"],

@@ -7,9 +7,7 @@ from pathlib import Path
 from dataloaders.protocol import EvaluationResult, Evaluator
 from dataloaders.reporting import format_patient_table, format_table, write_overlays, write_predictions, \
     write_results
-from models.builders import (
-    autocast_dtype, build_model, check_data_dir, dataset_spec, protocol_options, resolve_device, volume_store,
-)
+from models.builders import autocast_dtype, build_model, fold_data, protocol_options, resolve_device
 from models.checkpoints import find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -28,11 +26,8 @@ def resolve_checkpoint(cfg: dict) -> str:
 def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None) -> EvaluationResult:
     """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir."""
     device = resolve_device(cfg["device"])
-    check_data_dir(cfg)
-    spec = dataset_spec(cfg)
-    store = volume_store(cfg, spec)
+    spec, store, fold = fold_data(cfg)
     options = protocol_options(cfg)
-    fold = spec.fold(store.ids, int(cfg["eval_fold"]), options.fold_scheme)
     classes = spec.check_label_ids(cfg["test_labels"], "test_labels")
     checkpoint = "in-memory model"
     if model is None:

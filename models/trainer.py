@@ -27,8 +27,7 @@ from tqdm import tqdm
 from data.io import atomic_path
 from dataloaders.episodes import Episode, collate_episodes
 from models.builders import (
-    autocast_dtype, build_episode_dataset, build_model, check_data_dir, dataset_spec, resolve_device,
-    use_channels_last, volume_store,
+    autocast_dtype, build_episode_dataset, build_model, fold_data, resolve_device, use_channels_last,
 )
 from models.heads.common import episode_nll
 
@@ -99,10 +98,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     """Train the configured method; returns the path of the final snapshot."""
     device = resolve_device(cfg["device"])
     seed_everything(int(cfg["seed"]))
-    check_data_dir(cfg)
-    spec = dataset_spec(cfg)
-    store = volume_store(cfg, spec)
-    fold = spec.fold(store.ids, int(cfg["eval_fold"]), cfg["evaluation"]["fold_scheme"])
+    spec, store, fold = fold_data(cfg)
     log.info("fold %d: training on %d scans %s; held out %s", fold.index, len(fold.train_ids),
              list(fold.train_ids), list(fold.test_ids))
     dataset = build_episode_dataset(cfg, store, fold.train_ids, int(cfg["seed"]))
@@ -127,7 +123,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     snapshots.mkdir(parents=True, exist_ok=True)
     print_every, snapshot_every = int(tcfg["print_every"]), int(tcfg["snapshot_every"])
 
-    episodes, sums, since, t_last, last_path = 0, defaultdict(float), 0, time.perf_counter(), None
+    episodes, since, t_last, last_path = 0, 0, time.perf_counter(), None
     pending = defaultdict(lambda: torch.zeros((), device=device))
     bar = tqdm(total=n_steps, desc="training", unit="ep", disable=not progress, mininterval=5)
     for batch in loader:
