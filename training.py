@@ -27,10 +27,16 @@ def _record_runs(config, command_name, logger):
 
 @ex.main
 def main(_config, _run):
+    from configs.runs import write_provenance
+    from models.builders import resolve_device
     from models.trainer import train
     logging.getLogger().setLevel(logging.INFO)
     cfg = json.loads(json.dumps(_config))
-    run_dir = Path(_run.observers[0].dir) if _run.observers else Path(cfg["log_dir"]) / "unobserved"
+    if _run.observers:
+        run_dir = Path(_run.observers[0].dir)
+        write_provenance(run_dir, cfg, resolve_device(cfg["device"]))
+    else:   # torchrun ranks > 0 record nothing; they only read the resume point
+        run_dir = Path(cfg["train"]["resume"] or Path(cfg["log_dir"]) / "unobserved")
     final = train(cfg, run_dir, log_scalar=_run.log_scalar)
     print(f"final snapshot: {final}")
     return str(final)

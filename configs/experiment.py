@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,6 @@ import yaml
 # sacred 0.8.7 imports pkg_resources, whose deprecation warning would open every run's output
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 from sacred import Experiment  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -200,7 +200,15 @@ def make_experiment(name: str) -> Experiment:
 
 
 def add_observer(ex: Experiment, config: dict, kind: str) -> Path:
-    """Runs go to <log_dir>/<kind>/<exp_name>/<run id>/ (kind: train or test)."""
+    """Runs go to <log_dir>/<kind>/<exp_name>/<run id>/ (kind: train or test).
+
+    A training run with train.resume=<run folder> continues in that folder. Under torchrun only
+    rank 0 records the run.
+    """
+    from configs.runs import ResumableFileStorageObserver
     base = Path(config["log_dir"]) / kind / config["exp_name"]
-    ex.observers.append(FileStorageObserver(str(base), copy_sources=False))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return base
+    resume = config.get("train", {}).get("resume") if kind == "train" else None
+    ex.observers.append(ResumableFileStorageObserver(str(base), resume_dir=resume, copy_sources=False))
     return base

@@ -130,3 +130,44 @@ def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def write_training_curves(history: dict, path: Path, title: str = "") -> Path | None:
+    """PNG of the training losses and the learning rate against episodes.
+
+    history: {metric name: (steps, values)} as in Sacred's metrics.json ("loss.<part>", "lr", ...).
+    One panel for the losses, one for the learning rate.
+    """
+    losses = {k: v for k, v in history.items() if k.startswith("loss.") and len(v[0])}
+    if not losses:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, (steps, values) in sorted(losses.items()):
+        ax_loss.plot(steps, values, label=name[len("loss."):], linewidth=1.2)
+    ax_loss.set_xlabel("episodes")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=7)
+    ax_loss.grid(alpha=0.3)
+    if "lr" in history and len(history["lr"][0]):
+        ax_lr.plot(*history["lr"], color="tab:gray")
+    ax_lr.set_xlabel("episodes")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+def curves_from_metrics(run_dir: Path) -> dict:
+    """{name: (steps, values)} from a run folder's metrics.json."""
+    data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {k: (v["steps"], v["values"]) for k, v in data.items()}

@@ -8,6 +8,7 @@ from dataloaders.protocol import EvaluationResult, Evaluator
 from dataloaders.reporting import format_patient_table, format_table, write_overlays, write_predictions, \
     write_results
 from models.builders import autocast_dtype, build_model, fold_data, protocol_options, resolve_device
+from configs.runs import write_provenance
 from models.checkpoints import find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None)
           f"({result.n_query_slices / max(result.seconds, 1e-9):.2f} slices/s)")
     if run_dir is not None:
         run_dir = Path(run_dir)
+        write_provenance(run_dir, cfg, device, checkpoint=checkpoint)
         write_results(result, run_dir, extra={"checkpoint": checkpoint, "method": cfg["method"],
                                               "setting": cfg["setting"], "exp_name": cfg["exp_name"],
                                               "protocol": dict(cfg["evaluation"])})

@@ -1,19 +1,30 @@
 """The training loop shared by every method.
 
-The schedule counts episodes: `train.n_steps` episodes are drawn in steps of `train.batch_episodes`
-(B); the loss of a step is the mean of its B episodes' losses; the learning rate is multiplied by
+Schedule: `train.n_steps` counts episodes. Each step draws `train.batch_episodes` (B) episodes per
+process; the step's loss is the mean of its episodes' losses; the learning rate is multiplied by
 `optim.lr_step_gamma` every `optim.lr_step_every` episodes (the references step a MultiStepLR every
-iteration with milestones 1000, 2000, ..., (n_steps // 1000 - 1) * 1000, which is the same for
-B = 1).
+iteration with milestones 1000, 2000, ..., (n_steps // 1000 - 1) * 1000: the same for B = 1).
 
-Snapshots (`snapshots/<episodes>.pth`) hold the model's state dict under "model" plus what resuming
-needs (optimizer, episodes seen, RNG states, config). They are written to a temporary file and
-renamed, so a crash never leaves a truncated snapshot.
+Episodes: episode i is a pure function of (seed, i) (see the samplers), so a run is reproducible
+with any number of DataLoader workers. Under torchrun with N processes, step k of rank r trains on
+episodes (k N + r) B ... (k N + r) B + B - 1: the processes together see the episodes a single
+process with N B episodes per step would see, and DistributedDataParallel averages their gradients.
+Rank 0 alone writes snapshots and logs.
+
+Snapshots: `snapshots/<episodes>.pth` every `train.snapshot_every` episodes and at the end (the
+model's state dict under "model", for evaluation), and `snapshots/last.pth` every
+`train.checkpoint_every` episodes: everything an exact resume needs (model, optimizer, episodes
+seen, RNG states, config). Both are written to a temporary file and renamed, so a crash or kill
+never leaves a truncated snapshot and the previous resume point stays until the next is complete.
+`train.resume=<run folder>` continues that run in its own folder; on CPU the result is
+bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -22,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data.io import atomic_path
@@ -33,14 +45,23 @@ from models.heads.common import episode_nll
 
 log = logging.getLogger(__name__)
 SNAPSHOT_FORMAT = 1
+RESUME_FILE = "last.pth"
+# keys that may differ between a run and its resumption (they do not change what is computed)
+RESUMABLE_CHANGES = {"train.resume", "train.num_workers", "train.print_every", "log_dir", "device"}
 
 
+# ----------------------------------------------------------------------------- schedule
 def lr_at(episodes: int, cfg: dict) -> float:
     """Learning rate for the step that starts after `episodes` episodes."""
     o, n_steps = cfg["optim"], int(cfg["train"]["n_steps"])
     every = int(o["lr_step_every"])
     decays = min(episodes // every, max(n_steps // every - 1, 0))
     return float(o["lr"]) * float(o["lr_step_gamma"]) ** decays
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return every > 0 and after // every != before // every
 
 
 def seed_everything(seed: int) -> None:
@@ -79,24 +100,102 @@ def step_loss(output, episode: Episode, cfg: dict) -> tuple[torch.Tensor, dict[s
     return sum(parts.values()), parts
 
 
+# ----------------------------------------------------------------------------- distribution
+class Distributed:
+    """Process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def episode_indices(start_step: int, n_steps_total: int, per_rank: int, world: int, rank: int) -> list[int]:
+    """Global episode indices this rank trains on, step after step."""
+    return [(k * world + rank) * per_rank + j for k in range(start_step, n_steps_total) for j in range(per_rank)]
+
+
+# ----------------------------------------------------------------------------- snapshots
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
 def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict) -> Path:
-    state = {
-        "format": SNAPSHOT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "episodes": episodes,
-        "config": cfg,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-    }
+    state = {"format": SNAPSHOT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "episodes": episodes, "config": cfg, "rng": _rng_state()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
+    a, b = _flatten(saved_cfg), _flatten(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise ValueError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
+                         f"same named configs and updates as the original run.")
+
+
+def restore(run_dir: Path, model, optimizer, cfg: dict) -> int:
+    """Load the resume point of run_dir into model and optimizer; returns the episodes already seen."""
+    path = Path(run_dir) / "snapshots" / RESUME_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume: {path} not found (a run writes it every "
+                                f"train.checkpoint_every episodes); nothing to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    check_resumable(state["config"], cfg, path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    log.info("resuming %s after %d episodes", run_dir, state["episodes"])
+    return int(state["episodes"])
+
+
+# ----------------------------------------------------------------------------- the loop
+def _metrics_history(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None] | None = None,
           progress: bool = True) -> Path:
     """Train the configured method; returns the path of the final snapshot."""
-    device = resolve_device(cfg["device"])
+    ddp = Distributed(cfg["device"])
+    device = ddp.device
     seed_everything(int(cfg["seed"]))
     spec, store, fold = fold_data(cfg)
     log.info("fold %d: training on %d scans %s; held out %s", fold.index, len(fold.train_ids),
@@ -109,59 +208,86 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
         model = model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(cfg["train"]["amp"], device)
     optimizer = make_optimizer(model, cfg)
-    model.train()
+    run_dir = Path(run_dir)
+    episodes = 0
+    if cfg["train"].get("resume"):
+        episodes = restore(run_dir, model, optimizer, cfg)
+        if ddp.is_main:
+            from configs.runs import truncate_metrics
+            truncate_metrics(run_dir, episodes)
+    trained = ddp.wrap(model)
+    trained.train()
 
     tcfg = cfg["train"]
     n_steps, B = int(tcfg["n_steps"]), int(tcfg["batch_episodes"])
     if n_steps < 1 or B < 1:
         raise ValueError(f"train.n_steps and train.batch_episodes must be >= 1, got {n_steps}, {B}")
+    per_step = B * ddp.world
+    total_steps = math.ceil(n_steps / per_step) if ddp.world == 1 else n_steps // per_step
+    if episodes % per_step:
+        raise ValueError(f"cannot resume after {episodes} episodes with {per_step} episodes per step")
+    indices = [i for i in episode_indices(episodes // per_step, total_steps, B, ddp.world, ddp.rank) if i < n_steps]
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=B, sampler=range(0, n_steps), collate_fn=collate_episodes,
+        dataset, batch_size=B, sampler=indices, collate_fn=collate_episodes,
         num_workers=int(tcfg["num_workers"]), pin_memory=device.type == "cuda",
         persistent_workers=int(tcfg["num_workers"]) > 0)
-    snapshots = Path(run_dir) / "snapshots"
-    snapshots.mkdir(parents=True, exist_ok=True)
-    print_every, snapshot_every = int(tcfg["print_every"]), int(tcfg["snapshot_every"])
+    snapshots = run_dir / "snapshots"
+    if ddp.is_main:
+        snapshots.mkdir(parents=True, exist_ok=True)
+    every = {k: int(tcfg[k]) for k in ("print_every", "snapshot_every", "checkpoint_every")}
+    end = min(n_steps, total_steps * per_step)
 
-    episodes, since, t_last, last_path = 0, 0, time.perf_counter(), None
+    since, t_last, last_path = 0, time.perf_counter(), None
+    history = {k: (v["steps"], v["values"]) for k, v in _metrics_history(run_dir).items()} if ddp.is_main else {}
     pending = defaultdict(lambda: torch.zeros((), device=device))
-    bar = tqdm(total=n_steps, desc="training", unit="ep", disable=not progress, mininterval=5)
+    bar = tqdm(total=end, initial=episodes, desc="training", unit="ep", disable=not (progress and ddp.is_main),
+               mininterval=5)
     for batch in loader:
         lr = lr_at(episodes, cfg)
         set_lr(optimizer, lr)
         episode = batch.to(device, non_blocking=True)
-        images = [episode.support_images, episode.query_images]
+        support, query = episode.support_images, episode.query_images
         if channels_last:
-            images = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in images]
+            support, query = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                              for x in (support, query))
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            output = model(images[0], episode.support_masks, images[1])
+            output = trained(support, episode.support_masks, query)
         total, parts = step_loss(output, episode, cfg)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        n = episode.batch_size
+        n = episode.batch_size * ddp.world
         for k, v in parts.items():
             pending[k] += v.detach() * n
         pending["total"] += total.detach() * n
-        episodes += n
-        since += n
+        before, episodes, since = episodes, episodes + n, since + n
         bar.update(n)
-        if episodes // print_every != (episodes - n) // print_every or episodes == n_steps:
+        if crossed(before, episodes, every["print_every"]) or episodes == end:
             now = time.perf_counter()
-            means = {k: float(v) / since for k, v in pending.items()}   # the only host sync
+            means = {k: float(v) / since for k, v in pending.items()}   # the only host sync of the step
             if not all(math.isfinite(v) for v in means.values()):
                 raise FloatingPointError(f"loss became non-finite after {episodes} episodes: {means}")
             rate = since / (now - t_last)
-            tqdm.write(f"episodes {episodes:>7d}  lr {lr:.2e}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in sorted(means.items())) + f"  ({rate:.2f} ep/s)")
-            if log_scalar is not None:
-                for k, v in means.items():
-                    log_scalar(f"loss.{k}", v, episodes)
-                log_scalar("lr", lr, episodes)
-                log_scalar("episodes_per_s", rate, episodes)
+            if ddp.is_main:
+                tqdm.write(f"episodes {episodes:>7d}  lr {lr:.2e}  " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in sorted(means.items())) + f"  ({rate:.2f} ep/s)")
+                for name, value in [*((f"loss.{k}", v) for k, v in means.items()), ("lr", lr),
+                                    ("episodes_per_s", rate)]:
+                    steps, values = history.setdefault(name, ([], []))
+                    steps.append(episodes)
+                    values.append(value)
+                    if log_scalar is not None:
+                        log_scalar(name, value, episodes)
             pending.clear()
             since, t_last = 0, now
-        if episodes // snapshot_every != (episodes - n) // snapshot_every or episodes == n_steps:
-            last_path = save_snapshot(snapshots / f"{episodes}.pth", model, optimizer, episodes, cfg)
+        if ddp.is_main:
+            if crossed(before, episodes, every["snapshot_every"]) or episodes == end:
+                last_path = save_snapshot(snapshots / f"{episodes}.pth", model, optimizer, episodes, cfg)
+            if crossed(before, episodes, every["checkpoint_every"]) or episodes == end:
+                save_snapshot(snapshots / RESUME_FILE, model, optimizer, episodes, cfg)
     bar.close()
-    return last_path
+    if ddp.is_main:
+        from dataloaders.reporting import write_training_curves
+        write_training_curves(history, run_dir / "curves.png", title=cfg.get("exp_name", ""))
+    ddp.close()
+    return last_path if last_path is not None else snapshots / f"{episodes}.pth"
