@@ -36,3 +36,12 @@ def cmr_dir() -> Path:
     if not CMR_DIR.is_dir():
         pytest.skip(f"real data not found at {CMR_DIR}")
     return CMR_DIR
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Six small synthetic phantoms (12 x 64 x 64) with supervoxels, shared by the end-to-end tests."""
+    from data.phantoms import generate_phantoms
+    root = tmp_path_factory.mktemp("phantoms") / "SYNTH"
+    generate_phantoms(root, n_scans=6, size=64, slices=12, progress=False)
+    return root
