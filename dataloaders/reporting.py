@@ -84,6 +84,18 @@ def write_predictions(result: EvaluationResult, store: VolumeStore, out_dir: Pat
     return paths
 
 
+def save_figure(fig, path: Path, panels: int) -> Path:
+    """Write a matplotlib figure as PNG atomically; the PNG's "Panels" text field records how many
+    panels it shows (read back by tests and tools)."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Panels": str(panels)})
+    plt.close(fig)
+    return path
+
+
 def _contour(ax, mask: np.ndarray, color: str, label: str | None = None) -> None:
     if mask.any():
         ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.0)
@@ -124,11 +136,7 @@ def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, 
         axes[0][-1].legend(loc="lower right", fontsize=6, framealpha=0.6)
         fig.suptitle(f"{result.dataset} fold {result.fold}: {name} (dice {result.class_mean(c):.3f})", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"overlay_{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"overlay_{name}.png", n))
     return paths
 
 
@@ -159,15 +167,33 @@ def write_training_curves(history: dict, path: Path, title: str = "") -> Path | 
     ax_lr.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 2)
 
 
 def curves_from_metrics(run_dir: Path) -> dict:
     """{name: (steps, values)} from a run folder's metrics.json."""
     data = json.loads((Path(run_dir) / "metrics.json").read_text())
     return {k: (v["steps"], v["values"]) for k, v in data.items()}
+
+
+def render_prediction(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None, slices, title: str,
+                      path: Path) -> Path:
+    """PNG with one panel per slice: the image, the prediction's contour (red) and, when known, the
+    ground truth's (green). image, prediction, truth: Z x H x W."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slices = list(slices)
+    fig, axes = plt.subplots(1, len(slices), figsize=(2.6 * len(slices), 2.9), squeeze=False)
+    for ax, z in zip(axes[0], slices):
+        ax.imshow(image[z], cmap="gray")
+        if truth is not None:
+            _contour(ax, truth[z] > 0, "lime", "truth")
+        _contour(ax, prediction[z] > 0, "red", "prediction")
+        ax.set_title(f"z{z}", fontsize=8)
+        ax.axis("off")
+    axes[0][-1].legend(loc="lower right", fontsize=6, framealpha=0.6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, len(slices))

@@ -65,6 +65,7 @@ class DatasetSpec:
     expected_ids: tuple[int, ...] | None = None
     folds: tuple[tuple[int, ...], ...] | None = None  # explicit test blocks; computed when absent
     n_folds: int = 5
+    table_order: tuple[int, ...] | None = None        # column order of result tables (papers' order)
     description: str = ""
     defaults: dict = field(default_factory=dict)
 
@@ -205,6 +206,7 @@ def _from_mapping(d: dict, source: str) -> DatasetSpec:
         expected_ids=tuple(int(i) for i in d["expected_ids"]) if d.get("expected_ids") else None,
         folds=tuple(tuple(int(i) for i in f) for f in d["folds"]) if d.get("folds") else None,
         n_folds=int(len(d["folds"]) if d.get("folds") else d.get("n_folds", 5)),
+        table_order=tuple(int(i) for i in d["table_order"]) if d.get("table_order") else None,
         description=str(d.get("description", "")),
         defaults=dict(d.get("defaults", {})),
     )

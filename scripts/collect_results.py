@@ -1,0 +1,228 @@
+"""Collect the five-fold evaluation runs of one dataset and setting into tables like the papers'.
+
+    python -m scripts.collect_results runs/test [--method adnet qnet] [--dataset CHAOST2] [--setting 1]
+                                      [--out results/CHAOST2_setting1]
+
+Every evaluation run folder (results.json + config.json, written by validation.py) under the given
+paths is considered. For each method, label group (setting 2 trains one model per group) and fold,
+the newest run (highest run id) is used; the table says which checkpoint each fold evaluated.
+Per organ and fold, the Dice is the fold's mean over its query scans; the table gives the mean and
+standard deviation over folds, and the overall mean is the mean over organs (as the papers do).
+
+The command refuses to mix runs of different datasets, settings or evaluation protocols (folds,
+support choice, chunking, scored slices), and says which folds are missing.
+
+Outputs in --out: folds.csv (method, organ, fold, dice, checkpoint), summary.csv, table.md (organs
+as columns, one row per method) and dice.png (a bar chart with the fold std as error bars).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.io import atomic_path
+from dataloaders.reporting import save_figure
+from dataloaders.specs import load_spec
+
+PROTOCOL_KEYS = ("fold_scheme", "supp_idx", "n_part", "chunking", "scored")
+
+
+class CollectError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    path: Path
+    run_id: int
+    method: str
+    dataset: str
+    setting: int
+    fold: int
+    test_labels: tuple[int, ...]
+    protocol: tuple
+    checkpoint: str
+    class_dice: dict[str, float]      # class name -> mean Dice over the fold's query scans
+
+
+def read_run(folder: Path) -> EvalRun | None:
+    results, config = folder / "results.json", folder / "config.json"
+    if not (results.is_file() and config.is_file()):
+        return None
+    r, c = json.loads(results.read_text()), json.loads(config.read_text())
+    e = c["evaluation"]
+    return EvalRun(folder, int(folder.name) if folder.name.isdigit() else 0, c["method"], c["dataset"],
+                   int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
+                   tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
+                   {name: v["dice"] for name, v in r["classes"].items()})
+
+
+def find_runs(paths) -> list[EvalRun]:
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CollectError(f"{p} does not exist")
+        folders = [p] if (p / "results.json").is_file() else [f.parent for f in p.rglob("results.json")]
+        runs += [r for f in folders if (r := read_run(f)) is not None]
+    return runs
+
+
+def _single(runs, attr, what, flag):
+    values = sorted({getattr(r, attr) for r in runs}, key=str)
+    if len(values) > 1:
+        raise CollectError(f"the runs mix {what}: {values}; select one with {flag}")
+    return values[0]
+
+
+def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> list[EvalRun]:
+    """Filter, refuse mixtures, and keep the newest run per (method, label group, fold)."""
+    runs = [r for r in runs if (not methods or r.method in methods)
+            and (dataset is None or r.dataset.upper() == dataset.upper())
+            and (setting is None or r.setting == setting)]
+    if not runs:
+        raise CollectError("no evaluation run matches (look for results.json under the given paths)")
+    _single(runs, "dataset", "datasets", "--dataset")
+    _single(runs, "setting", "settings", "--setting")
+    protocols = {r.protocol for r in runs}
+    if len(protocols) > 1:
+        detail = "; ".join(", ".join(f"{k}={v}" for k, v in p) for p in sorted(protocols, key=str))
+        raise CollectError(f"the runs were evaluated with different protocols ({detail}); collect them "
+                           f"separately (move or select the run folders)")
+    newest = {}
+    for r in sorted(runs, key=lambda r: r.run_id):
+        newest[(r.method, r.test_labels, r.fold)] = r
+    return list(newest.values())
+
+
+@dataclass
+class Table:
+    dataset: str
+    setting: int
+    organs: list[str]                                   # column order
+    dice: dict[str, dict[str, dict[int, float]]]        # method -> organ -> fold -> dice
+    checkpoints: dict[str, dict[int, list[str]]]        # method -> fold -> checkpoints
+    n_folds: int
+
+    def missing_folds(self, method: str) -> dict[str, list[int]]:
+        return {o: [k for k in range(self.n_folds) if k not in self.dice[method].get(o, {})]
+                for o in self.organs if len(self.dice[method].get(o, {})) < self.n_folds}
+
+    def organ_stats(self, method: str, organ: str) -> tuple[float, float, int]:
+        values = list(self.dice[method].get(organ, {}).values())
+        if not values:
+            return float("nan"), float("nan"), 0
+        return float(np.mean(values)), float(np.std(values)), len(values)
+
+    def overall(self, method: str) -> float:
+        means = [self.organ_stats(method, o)[0] for o in self.organs]
+        return float(np.mean(means)) if means and not any(np.isnan(means)) else float("nan")
+
+
+def build_table(runs: list[EvalRun]) -> Table:
+    spec = load_spec(runs[0].dataset)
+    order = spec.table_order or spec.eval_labels
+    names = [spec.label_name(i) for i in order]
+    found = {o for r in runs for o in r.class_dice}
+    organs = [o for o in names if o in found] + sorted(found - set(names))
+    dice, ckpts = {}, {}
+    for r in runs:
+        for organ, value in r.class_dice.items():
+            dice.setdefault(r.method, {}).setdefault(organ, {})[r.fold] = value
+        ckpts.setdefault(r.method, {}).setdefault(r.fold, []).append(r.checkpoint)
+    return Table(spec.name, runs[0].setting, organs, dice, ckpts, spec.n_folds)
+
+
+def markdown(table: Table) -> str:
+    head = "| Method | " + " | ".join(table.organs) + " | Mean |"
+    lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: mean ± std over folds",
+             "", head, "|" + "---|" * (len(table.organs) + 2)]
+    for method in sorted(table.dice):
+        cells = []
+        for organ in table.organs:
+            mean, std, n = table.organ_stats(method, organ)
+            mark = "" if n == table.n_folds else f" ({n}/{table.n_folds} folds)"
+            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}{mark}" if n else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * table.overall(method):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(table: Table, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / n for k, n in (("folds", "folds.csv"), ("summary", "summary.csv"), ("md", "table.md"),
+                                     ("png", "dice.png"))}
+    with atomic_path(paths["folds"]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "organ", "fold", "dice", "checkpoint"])
+        for method in sorted(table.dice):
+            for organ in table.organs:
+                for fold, value in sorted(table.dice[method].get(organ, {}).items()):
+                    w.writerow([method, organ, fold, f"{value:.6f}", ";".join(table.checkpoints[method][fold])])
+    with atomic_path(paths["summary"]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "organ", "mean_dice", "std_dice", "folds"])
+        for method in sorted(table.dice):
+            for organ in table.organs:
+                mean, std, n = table.organ_stats(method, organ)
+                w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
+            w.writerow([method, "Mean", f"{table.overall(method):.6f}", "", ""])
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown(table))
+    _bar_chart(table, paths["png"])
+    return paths
+
+
+def _bar_chart(table: Table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = sorted(table.dice)
+    x = np.arange(len(table.organs) + 1)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.6 * len(x) + 1, 3.4))
+    for i, method in enumerate(methods):
+        stats = [table.organ_stats(method, o) for o in table.organs]
+        means = [100 * s[0] for s in stats] + [100 * table.overall(method)]
+        stds = [100 * s[1] for s in stats] + [0.0]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method)
+    ax.set_xticks(x, table.organs + ["Mean"])
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{table.dataset}, setting {table.setting} ({table.n_folds}-fold)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="evaluation run folders, or folders to search (e.g. runs/test)")
+    parser.add_argument("--method", nargs="*", help="only these methods")
+    parser.add_argument("--dataset", help="only this dataset")
+    parser.add_argument("--setting", type=int, choices=(1, 2), help="only this setting")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<dataset>_setting<s>)")
+    args = parser.parse_args(argv)
+    try:
+        runs = select(find_runs(args.paths), args.method, args.dataset, args.setting)
+        table = build_table(runs)
+    except CollectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / f"{table.dataset}_setting{table.setting}"
+    write_outputs(table, out)
+    print(markdown(table))
+    for method in sorted(table.dice):
+        for organ, folds in table.missing_folds(method).items():
+            print(f"warning: {method} {organ}: folds {folds} missing", file=sys.stderr)
+    print(f"written: {out}/folds.csv, summary.csv, table.md, dice.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

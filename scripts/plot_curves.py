@@ -1,0 +1,36 @@
+"""Draw a training run's curves (losses and learning rate against episodes) as PNG.
+
+    python -m scripts.plot_curves runs/train/<exp>/<id> [--out curves.png]
+
+Training writes <run>/curves.png itself at the end; this redraws it from metrics.json at any time,
+for example while the run is still going.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dataloaders.reporting import curves_from_metrics, write_training_curves
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="PNG path (default: <run_dir>/curves.png)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "metrics.json").is_file():
+        print(f"error: {args.run_dir}/metrics.json not found: not a training run folder, or no metrics "
+              f"logged yet (they are written every train.print_every episodes)", file=sys.stderr)
+        return 2
+    path = write_training_curves(curves_from_metrics(args.run_dir), args.out or args.run_dir / "curves.png",
+                                 title=args.run_dir.parent.name)
+    if path is None:
+        print("error: no loss metrics in metrics.json yet", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

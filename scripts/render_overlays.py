@@ -1,0 +1,74 @@
+"""Render PNG overlays for saved predictions (the NIfTI files validation.py writes).
+
+    python -m scripts.render_overlays runs/test/<exp>/<id>/predictions/scan_2_LIVER.nii.gz \
+        --data-dir data/CHAOST2 --dataset CHAOST2 [--slices 12 15 18] [--out overlays/]
+
+A prediction file is named scan_<id>_<CLASS>.nii.gz; the scan's image (and its label, for the
+ground-truth contour) come from the dataset folder. Without --slices, up to --n slices evenly spread
+over those where the prediction or the ground truth is non-empty are drawn.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data.io import DataError, read_volume
+from dataloaders.reporting import render_prediction
+from dataloaders.specs import load_spec
+from dataloaders.volumes import VolumeStore
+
+_NAME = re.compile(r"^scan_(\d+)_(.+)\.nii(\.gz)?$")
+
+
+def pick_slices(prediction: np.ndarray, truth: np.ndarray | None, n: int) -> list[int]:
+    present = prediction.any(axis=(1, 2)) | (truth.any(axis=(1, 2)) if truth is not None else False)
+    zs = np.flatnonzero(present)
+    if len(zs) == 0:
+        zs = np.arange(prediction.shape[0])
+    return sorted({int(z) for z in zs[np.linspace(0, len(zs) - 1, min(n, len(zs))).round().astype(int)]})
+
+
+def render(pred_path: Path, store: VolumeStore, out_dir: Path, slices=None, n: int = 4) -> Path:
+    match = _NAME.match(pred_path.name)
+    if not match:
+        raise DataError(f"{pred_path.name}: expected a prediction named scan_<id>_<CLASS>.nii.gz")
+    scan_id, class_name = int(match.group(1)), match.group(2)
+    class_id = store.spec.labels.get(class_name)
+    if class_id is None:
+        raise DataError(f"{pred_path.name}: class {class_name!r} is not in the {store.spec.name} label table")
+    prediction, _ = read_volume(pred_path, what="prediction")
+    scan = store.scan(scan_id)
+    if prediction.shape != scan.image.shape:
+        raise DataError(f"{pred_path} has shape {prediction.shape} but scan {scan_id} has {scan.image.shape}; "
+                        f"is --data-dir the dataset it was predicted on?")
+    truth = scan.label == class_id
+    zs = slices if slices else pick_slices(prediction, truth, n)
+    return render_prediction(scan.image, prediction, truth, zs, f"scan {scan_id}: {class_name}",
+                             out_dir / f"{pred_path.name.split('.')[0]}.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("predictions", nargs="+", type=Path, help="prediction NIfTI files")
+    parser.add_argument("--data-dir", required=True, type=Path, help="the dataset folder of the scans")
+    parser.add_argument("--dataset", required=True, help="dataset name (CHAOST2, CMR, SABS, SYNTH, ...)")
+    parser.add_argument("--slices", nargs="*", type=int, help="slice indices to draw")
+    parser.add_argument("--n", type=int, default=4, help="number of slices when --slices is not given")
+    parser.add_argument("--out", type=Path, help="output folder (default: next to each prediction)")
+    args = parser.parse_args(argv)
+    try:
+        store = VolumeStore(load_spec(args.dataset, args.data_dir), args.data_dir)
+        for pred in args.predictions:
+            print(render(pred, store, args.out or pred.parent, args.slices, args.n))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Experiment workflow: collecting five folds into a table, curves and overlays as PNG."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.io import write_volume
+from dataloaders.reporting import write_training_curves
+from scripts import collect_results, plot_curves, render_overlays
+from tests.helpers import GEOMETRY, write_dataset
+
+PROTOCOL = {"fold_scheme": "alpnet", "supp_idx": -1, "n_part": 3, "chunking": "zrange", "scored": "range",
+            "batch_size": 16}
+
+
+def fake_run(root, method="adnet", dataset="CHAOST2", setting=1, fold=0, run_id=1, dice=None, labels=(1, 2, 3, 4),
+             **protocol):
+    group = "-".join(map(str, labels))
+    folder = root / f"{method}_{dataset}_setting{setting}_labels{group}_fold{fold}" / str(run_id)
+    folder.mkdir(parents=True)
+    names = {1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"}
+    dice = dice or {names[c]: 0.5 + 0.1 * fold + 0.01 * c for c in labels}
+    (folder / "config.json").write_text(json.dumps({
+        "method": method, "dataset": dataset, "setting": setting, "eval_fold": fold, "test_labels": list(labels),
+        "evaluation": {**PROTOCOL, **protocol}}))
+    (folder / "results.json").write_text(json.dumps({
+        "checkpoint": f"runs/train/x/{fold}/snapshots/50000.pth", "classes": {k: {"dice": v} for k, v in dice.items()}}))
+    return folder
+
+
+def _panels(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return int(im.text["Panels"])
+
+
+def test_five_folds_become_one_table(tmp_path):
+    for fold in range(5):
+        fake_run(tmp_path, fold=fold)
+        fake_run(tmp_path, method="qnet", fold=fold)
+    fake_run(tmp_path, fold=2, run_id=2, dice={"LIVER": 0.9, "RK": 0.9, "LK": 0.9, "SPLEEN": 0.9})  # newer run wins
+    table = collect_results.build_table(collect_results.select(collect_results.find_runs([tmp_path])))
+    assert table.organs == ["LK", "RK", "SPLEEN", "LIVER"]            # the papers' column order
+    mean, std, n = table.organ_stats("qnet", "LIVER")
+    liver = [0.51 + 0.1 * k for k in range(5)]
+    assert n == 5 and mean == pytest.approx(np.mean(liver)) and std == pytest.approx(np.std(liver))
+    assert table.dice["adnet"]["LIVER"][2] == 0.9
+    assert table.overall("qnet") == pytest.approx(np.mean([table.organ_stats("qnet", o)[0] for o in table.organs]))
+    out = tmp_path / "out"
+    assert collect_results.main([str(tmp_path), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "| Method | LK | RK | SPLEEN | LIVER | Mean |" in md and "| qnet |" in md
+    assert len((out / "folds.csv").read_text().splitlines()) == 1 + 2 * 4 * 5
+    assert _panels(out / "dice.png") == 1
+
+
+def test_missing_folds_are_reported(tmp_path, capsys):
+    for fold in (0, 1, 3):
+        fake_run(tmp_path, fold=fold)
+    assert collect_results.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "folds [2, 4] missing" in captured.err and "(3/5 folds)" in captured.out
+
+
+def test_refuses_to_mix_settings_datasets_and_protocols(tmp_path, capsys):
+    fake_run(tmp_path / "a", setting=1)
+    fake_run(tmp_path / "a", setting=2, labels=(2, 3))
+    assert collect_results.main([str(tmp_path / "a")]) == 2
+    assert "mix settings" in capsys.readouterr().err
+    assert collect_results.main([str(tmp_path / "a"), "--setting", "2", "--out", str(tmp_path / "o")]) == 0
+    fake_run(tmp_path / "b", dataset="CHAOST2")
+    fake_run(tmp_path / "b", dataset="CMR", labels=(1, 2, 3), dice={"LV-MYO": 0.5})
+    assert collect_results.main([str(tmp_path / "b")]) == 2
+    assert "mix datasets" in capsys.readouterr().err
+    fake_run(tmp_path / "c", fold=0)
+    fake_run(tmp_path / "c", fold=1, supp_idx=2, chunking="count")
+    assert collect_results.main([str(tmp_path / "c")]) == 2
+    assert "different protocols" in capsys.readouterr().err
+
+
+def test_setting2_groups_fill_the_organ_columns(tmp_path):
+    for fold in range(5):
+        fake_run(tmp_path, setting=2, fold=fold, labels=(2, 3))
+        fake_run(tmp_path, setting=2, fold=fold, labels=(1, 4))
+    table = collect_results.build_table(collect_results.select(collect_results.find_runs([tmp_path])))
+    assert all(table.organ_stats("adnet", o)[2] == 5 for o in table.organs)
+
+
+def test_training_curves_png(tmp_path):
+    history = {"loss.query": ([10, 20, 30], [0.9, 0.7, 0.6]), "loss.align": ([10, 20, 30], [0.5, 0.4, 0.4]),
+               "lr": ([10, 20, 30], [1e-3, 1e-3, 9.5e-4])}
+    path = write_training_curves(history, tmp_path / "curves.png")
+    assert _panels(path) == 2
+    metrics = {k: {"steps": s, "values": v, "timestamps": [""] * len(s)} for k, (s, v) in history.items()}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert plot_curves.main([str(tmp_path), "--out", str(tmp_path / "again.png")]) == 0
+    assert _panels(tmp_path / "again.png") == 2
+    assert plot_curves.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_render_overlays_for_a_saved_prediction(tmp_path):
+    root = write_dataset(tmp_path / "toy")
+    label = np.zeros((8, 32, 32), np.uint8)
+    label[3:6, 5:15, 5:15] = 1
+    pred_path = write_volume(tmp_path / "preds" / "scan_2_C1.nii.gz", label, GEOMETRY)
+    assert render_overlays.main([str(pred_path), "--data-dir", str(root), "--dataset", "TOY", "--n", "3"]) == 0
+    assert _panels(tmp_path / "preds" / "scan_2_C1.png") == 3
+    bad = write_volume(tmp_path / "preds" / "scan_2_NOPE.nii.gz", label, GEOMETRY)
+    assert render_overlays.main([str(bad), "--data-dir", str(root), "--dataset", "TOY"]) == 2
