@@ -15,6 +15,12 @@ Reference behaviour (../shared/reference/adnet_qnet.md ยง3.7, alpnet_dspnet.md ย
 
 Unlike the references, every random draw comes from the `numpy.random.Generator` passed in (the
 references' elastic step used a fresh OS-seeded RandomState and could never be reproduced).
+
+Drawing and applying are separate: the samplers draw every parameter here (`AugmentDraw`), then
+either apply it on the CPU with OpenCV/SciPy as the references (`apply_draw`) or hand the draws to
+the training step, which applies them to the whole batch on the device
+(dataloaders/augment_torch.py). Both paths share the draws, so their parameter distributions are
+the same by construction; the elastic noise of a draw is generated from its own seed.
 """
 from __future__ import annotations
 
@@ -44,6 +50,76 @@ class AugmentParams:
             if k in keys:
                 keys[k] = tuple(float(v) for v in keys[k])
         return cls(**keys)
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random parameters of one image's augmentation.
+
+    gamma: exponent, or None for no gamma; affine: 2 x 3 forward matrix and elastic_seed: seed of
+    the elastic noise, or None for no geometric transform; gamma_first: ADNet / Q-Net apply gamma
+    before the geometric transform, SSL-ALPNet after it.
+    """
+
+    gamma: float | None = None
+    affine: np.ndarray | None = None
+    elastic_seed: int | None = None
+    gamma_first: bool = True
+
+    VECTOR_SIZE = 11
+
+    def to_vector(self) -> np.ndarray:
+        """[has_gamma, gamma, has_geometry, affine (6), elastic_seed, gamma_first] as float64."""
+        v = np.zeros(self.VECTOR_SIZE, dtype=np.float64)
+        if self.gamma is not None:
+            v[0], v[1] = 1.0, self.gamma
+        if self.affine is not None:
+            v[2] = 1.0
+            v[3:9] = np.asarray(self.affine, dtype=np.float64).ravel()
+            v[9] = float(self.elastic_seed)
+        v[10] = float(self.gamma_first)
+        return v
+
+
+def draw_geometry(rng: np.random.Generator, shape: tuple[int, int], p: "AugmentParams"):
+    """Affine matrix and elastic-noise seed of one geometric transform."""
+    return draw_affine(rng, shape, p), int(rng.integers(2 ** 31 - 1))
+
+
+def draw_reference_pair(rng: np.random.Generator, shape: tuple[int, int], p: "AugmentParams"):
+    """ADNet / Q-Net episode: gamma on exactly one of support/query (the query with p = 0.5), then
+    the geometric transform on exactly one of them (independently, p = 0.5). -> (support, query)."""
+    gamma_on_query = rng.random() < 0.5
+    gamma = float(rng.uniform(*p.gamma))
+    geometry_on_query = rng.random() < 0.5
+    affine, seed = draw_geometry(rng, shape, p)
+    query = AugmentDraw(gamma if gamma_on_query else None, affine if geometry_on_query else None,
+                        seed if geometry_on_query else None, gamma_first=True)
+    support = AugmentDraw(None if gamma_on_query else gamma, None if geometry_on_query else affine,
+                          None if geometry_on_query else seed, gamma_first=True)
+    return support, query
+
+
+def draw_alpnet_copy(rng: np.random.Generator, shape: tuple[int, int], p: "AugmentParams") -> AugmentDraw:
+    """SSL-ALPNet: every copy gets the geometric transform, then gamma."""
+    affine, seed = draw_geometry(rng, shape, p)
+    return AugmentDraw(float(rng.uniform(*p.gamma)), affine, seed, gamma_first=False)
+
+
+def elastic_from_seed(seed: int, shape: tuple[int, int], p: "AugmentParams"):
+    return draw_elastic(np.random.default_rng(seed), shape, p)
+
+
+def apply_draw(image: np.ndarray, mask: np.ndarray, draw: AugmentDraw, p: "AugmentParams"):
+    """Apply one draw on the CPU as the references do (OpenCV affine, SciPy elastic)."""
+    if draw.gamma is not None and draw.gamma_first:
+        image = gamma_transform(image, draw.gamma)
+    if draw.affine is not None:
+        dy, dx = elastic_from_seed(draw.elastic_seed, image.shape, p)
+        image, mask = warp(image, mask, draw.affine, dy, dx)
+    if draw.gamma is not None and not draw.gamma_first:
+        image = gamma_transform(image, draw.gamma)
+    return image, mask
 
 
 def gamma_transform(image: np.ndarray, gamma: float) -> np.ndarray:
@@ -102,17 +178,6 @@ def geometric_transform(rng: np.random.Generator, image: np.ndarray, mask: np.nd
 
 def augment_pair_reference(rng: np.random.Generator, support: tuple[np.ndarray, np.ndarray],
                            query: tuple[np.ndarray, np.ndarray], p: AugmentParams):
-    """ADNet / Q-Net episode augmentation: gamma on exactly one of support/query (query with
-    p = 0.5), then the geometric transform on exactly one of them (independently, p = 0.5)."""
-    (s_img, s_mask), (q_img, q_mask) = support, query
-    gamma_on_query = rng.random() < 0.5
-    gamma = rng.uniform(*p.gamma)
-    if gamma_on_query:
-        q_img = gamma_transform(q_img, gamma)
-    else:
-        s_img = gamma_transform(s_img, gamma)
-    if rng.random() < 0.5:
-        q_img, q_mask = geometric_transform(rng, q_img, q_mask, p)
-    else:
-        s_img, s_mask = geometric_transform(rng, s_img, s_mask, p)
-    return (s_img, s_mask), (q_img, q_mask)
+    """ADNet / Q-Net episode augmentation on the CPU (see `draw_reference_pair`)."""
+    draw_s, draw_q = draw_reference_pair(rng, support[0].shape, p)
+    return apply_draw(*support, draw_s, p), apply_draw(*query, draw_q, p)

@@ -7,7 +7,9 @@
 
 Samplers return single episodes (arrays without the B axis, images with one channel);
 `collate_episodes` stacks them and `Episode.to` moves them to the device, where the grey channel
-is expanded to three without a copy.
+is expanded to three without a copy. With augmentation on the device, the episode also carries each
+image's augmentation draw (support_aug B x S x 11, query_aug B x Q x 11; dataloaders/augment.py),
+which stay on the host until dataloaders/augment_torch.py applies them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class Episode:
     support_masks: torch.Tensor
     query_images: torch.Tensor
     query_labels: torch.Tensor
+    support_aug: torch.Tensor | None = None
+    query_aug: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -50,23 +54,29 @@ class Episode:
                 t = t.expand(-1, -1, 3, -1, -1)
             return t
         return Episode(move(self.support_images, True), move(self.support_masks),
-                       move(self.query_images, True), move(self.query_labels))
+                       move(self.query_images, True), move(self.query_labels), self.support_aug, self.query_aug)
 
 
 def make_episode_arrays(support_image: np.ndarray, support_mask: np.ndarray,
-                        query_image: np.ndarray, query_label: np.ndarray) -> dict[str, np.ndarray]:
-    """One unbatched episode from S x H x W / Q x H x W arrays (images keep one channel)."""
-    return {
+                        query_image: np.ndarray, query_label: np.ndarray,
+                        support_draws=None, query_draws=None) -> dict[str, np.ndarray]:
+    """One unbatched episode from S x H x W / Q x H x W arrays (images keep one channel), with the
+    augmentation draws still to apply on the device (lists of AugmentDraw), if any."""
+    arrays = {
         "support_images": np.ascontiguousarray(support_image, dtype=np.float32)[:, None],
         "support_masks": np.ascontiguousarray(support_mask, dtype=np.float32),
         "query_images": np.ascontiguousarray(query_image, dtype=np.float32)[:, None],
         "query_labels": np.ascontiguousarray(query_label, dtype=np.int64),
     }
+    if support_draws is not None:
+        arrays["support_aug"] = np.stack([d.to_vector() for d in support_draws])
+        arrays["query_aug"] = np.stack([d.to_vector() for d in query_draws])
+    return arrays
 
 
 def collate_episodes(items: list[dict]) -> Episode:
     """Stack unbatched episodes (dicts of arrays) into one batch-first Episode."""
     def stack(key):
-        return torch.from_numpy(np.stack([it[key] for it in items]))
+        return torch.from_numpy(np.stack([it[key] for it in items])) if key in items[0] else None
     return Episode(stack("support_images"), stack("support_masks"), stack("query_images"),
-                   stack("query_labels"))
+                   stack("query_labels"), stack("support_aug"), stack("query_aug"))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from data.io import DataError
-from dataloaders.augment import AugmentParams, augment_pair_reference
+from dataloaders.augment import AugmentParams, apply_draw, draw_reference_pair
 from dataloaders.episodes import make_episode_arrays
 from dataloaders.volumes import VolumeStore
 
@@ -140,8 +140,10 @@ class SupervoxelEpisodes(torch.utils.data.Dataset):
     def __init__(self, store: VolumeStore, scan_ids, pseudolabel_folder: str, *, pair_rule: str = "adnet",
                  min_size: int = 200, reverse_p: float = 0.5, test_labels=(), exclude_rule: str = "any",
                  setting: int = 1, use_gt: bool = False, qnet_set_order: bool = True,
-                 augment: AugmentParams | None = AugmentParams(), seed: int = 0, length: int = 10 ** 9):
+                 augment: AugmentParams | None = AugmentParams(), augment_on_device: bool = False,
+                 seed: int = 0, length: int = 10 ** 9):
         self.store = store
+        self.augment_on_device = bool(augment_on_device)
         self.seed = int(seed)
         self.reverse_p = float(reverse_p)
         self.augment = augment
@@ -188,6 +190,11 @@ class SupervoxelEpisodes(torch.utils.data.Dataset):
         image, pseudo = self.images[table.scan_id], self.pseudo[table.scan_id]
         support = (image[z_s], (pseudo[z_s] == c).astype(np.float32))
         query = (image[z_q], (pseudo[z_q] == c).astype(np.float32))
+        draws = None
         if self.augment is not None:
-            support, query = augment_pair_reference(rng, support, query, self.augment)
-        return make_episode_arrays(support[0][None], support[1][None], query[0][None], query[1][None])
+            draws = draw_reference_pair(rng, image.shape[1:], self.augment)
+            if not self.augment_on_device:
+                support, query = apply_draw(*support, draws[0], self.augment), apply_draw(*query, draws[1], self.augment)
+                draws = None
+        return make_episode_arrays(support[0][None], support[1][None], query[0][None], query[1][None],
+                                   *(([draws[0]], [draws[1]]) if draws else ()))

@@ -103,7 +103,10 @@ def build_episode_dataset(cfg: dict, store: VolumeStore, train_ids, seed: int):
             store, train_ids, pseudolabel_folder(cfg), pair_rule=s["pair_rule"], min_size=int(s["min_size"]),
             reverse_p=float(s["reverse_p"]), test_labels=test_labels, exclude_rule=cfg["exclude_rule"],
             setting=int(cfg["setting"]), use_gt=bool(s["use_gt"]), qnet_set_order=bool(s["qnet_set_order"]),
-            augment=augment, seed=seed)
+            augment=augment, augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
+    if s["name"] == "superpixel":
+        from dataloaders.superpixel_episodes import SuperpixelEpisodes
+        return SuperpixelEpisodes.from_config(cfg, store, train_ids, seed)
     raise ValueError(f"unknown sampler {s['name']!r}")
 
 

@@ -37,6 +37,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.io import atomic_path
+from dataloaders.augment import AugmentParams
+from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
 from models.builders import (
     autocast_dtype, build_episode_dataset, build_model, fold_data, resolve_device, use_channels_last,
@@ -207,6 +209,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(cfg["train"]["amp"], device)
+    augment = AugmentParams.from_config(cfg["augment"])
     optimizer = make_optimizer(model, cfg)
     run_dir = Path(run_dir)
     episodes = 0
@@ -245,7 +248,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     for batch in loader:
         lr = lr_at(episodes, cfg)
         set_lr(optimizer, lr)
-        episode = batch.to(device, non_blocking=True)
+        episode = augment_episode(batch.to(device, non_blocking=True), augment)
         support, query = episode.support_images, episode.query_images
         if channels_last:
             support, query = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
