@@ -38,7 +38,8 @@ def main(_config, _run):
     else:   # torchrun ranks > 0 record nothing; they only read the resume point
         run_dir = Path(cfg["train"]["resume"] or Path(cfg["log_dir"]) / "unobserved")
     final = train(cfg, run_dir, log_scalar=_run.log_scalar)
-    print(f"final snapshot: {final}")
+    if _run.observers:
+        print(f"final snapshot: {final}")
     return str(final)
 
 

@@ -162,6 +162,29 @@ def unknown_keys(config: dict, tree: dict, prefix: str = "") -> list[tuple[str, 
     return found
 
 
+def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
+    """Values whose kind contradicts the default's: a bool must stay a bool (on the command line
+    `key=false` is the string 'false'; Sacred wants Python literals, `key=False`), numbers stay
+    numbers, lists stay lists."""
+    found = []
+    for key, default in tree.items():
+        if key not in config or default is None:
+            continue
+        value, name = config[key], prefix + key
+        if isinstance(default, dict):
+            if isinstance(value, dict):
+                found += wrong_types(value, default, name + ".")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                found.append(f"{name} must be True or False (Python literals), got {value!r}")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                found.append(f"{name} must be a number, got {value!r}")
+        elif isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+            found.append(f"{name} must be a list like {list(default)!r}, got {value!r}")
+    return found
+
+
 def check_config(config: dict) -> None:
     """Reject keys no layer defines (typos) and values of the wrong kind, naming the fix."""
     from models.heads import HEADS, head_options
@@ -173,6 +196,7 @@ def check_config(config: dict) -> None:
     for key, candidates in unknown_keys(config, tree):
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    problems += wrong_types(config, tree)
     if config["exclude_rule"] not in ("any", "all"):
         problems.append(f"exclude_rule must be 'any' or 'all', got {config['exclude_rule']!r}")
     if problems:

@@ -16,6 +16,7 @@ from dataloaders.protocol import ProtocolOptions
 from dataloaders.specs import DatasetSpec, load_spec
 from dataloaders.volumes import VolumeStore
 from models.encoder import ResNetEncoder
+from models.episode_norm import use_episode_batchnorm
 from models.fewshot import FewShotSegmenter
 from models.heads import build_head
 
@@ -48,6 +49,11 @@ def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
     encoder = ResNetEncoder(cfg["encoder"]["layout"])
     if load_weights:
         encoder.load_pretrained(cfg["encoder"]["weights"])
+    stats = cfg["encoder"].get("bn_statistics", "batch")
+    if stats == "episode":
+        use_episode_batchnorm(encoder)
+    elif stats != "batch":
+        raise ValueError(f"encoder.bn_statistics must be 'batch' or 'episode', got {stats!r}")
     head_cfg = dict(cfg["head"])
     name = head_cfg.pop("name", None)
     if name is None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.encoder import ResNetEncoder
+from models.episode_norm import episodes_of
 from models.heads.common import HeadOutput
 
 
@@ -47,8 +48,10 @@ class FewShotSegmenter(nn.Module):
     def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
                 query_images: torch.Tensor) -> HeadOutput:
         B, S = support_images.shape[:2]
-        images = torch.cat([support_images, query_images], dim=1).flatten(0, 1)
-        support, query = split_features(self.encode(images), B, S)
+        images = torch.cat([support_images, query_images], dim=1)
+        with episodes_of(self.encoder, images.shape[1]):    # per-episode BatchNorm statistics, if enabled
+            features = self.encode(images.flatten(0, 1))
+        support, query = split_features(features, B, S)
         return self.head(support, support_masks, query)
 
     def segment(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:

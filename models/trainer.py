@@ -53,12 +53,17 @@ RESUMABLE_CHANGES = {"train.resume", "train.num_workers", "train.print_every", "
 
 
 # ----------------------------------------------------------------------------- schedule
-def lr_at(episodes: int, cfg: dict) -> float:
-    """Learning rate for the step that starts after `episodes` episodes."""
+def lr_at(episodes: int, cfg: dict, episodes_per_step: int = 1) -> float:
+    """Learning rate for the step that starts after `episodes` episodes.
+
+    With optim.scale_lr_with_batch, the base lr is multiplied by the episodes per step (linear
+    scaling): the step's loss is a mean over its episodes, so this keeps the update per episode of
+    one-episode steps."""
     o, n_steps = cfg["optim"], int(cfg["train"]["n_steps"])
     every = int(o["lr_step_every"])
     decays = min(episodes // every, max(n_steps // every - 1, 0))
-    return float(o["lr"]) * float(o["lr_step_gamma"]) ** decays
+    scale = episodes_per_step if o.get("scale_lr_with_batch", False) else 1
+    return float(o["lr"]) * scale * float(o["lr_step_gamma"]) ** decays
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -246,7 +251,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     bar = tqdm(total=end, initial=episodes, desc="training", unit="ep", disable=not (progress and ddp.is_main),
                mininterval=5)
     for batch in loader:
-        lr = lr_at(episodes, cfg)
+        lr = lr_at(episodes, cfg, per_step)
         set_lr(optimizer, lr)
         episode = augment_episode(batch.to(device, non_blocking=True), augment)
         support, query = episode.support_images, episode.query_images

@@ -42,6 +42,14 @@ def test_typos_are_errors_with_a_suggestion():
     check_config(_config())
 
 
+def test_values_of_the_wrong_kind():
+    cfg = _config()
+    cfg["head"]["align"] = "false"          # what `head.align=false` gives on the command line
+    cfg["train"]["n_steps"] = "1000"
+    with pytest.raises(ConfigError, match=r"head.align must be True or False.*train.n_steps must be a number"):
+        check_config(cfg)
+
+
 def test_unknown_method_and_dataset():
     with pytest.raises(ConfigError, match="unknown method 'adnett'.*did you mean 'adnet'"):
         method_defaults("adnett", "CHAOST2")
