@@ -20,7 +20,9 @@ For one fold (dataloaders/specs.py: `DatasetSpec.fold`) and each evaluated class
 
 Speed without changing the numbers: each query slice is encoded once per scan and reused for every
 class, support slices once per class and part, and the slices of a chunk go through the head in
-batches of `batch_size`.
+batches of `batch_size`. `cache_features=False` (with batch_size 1) runs the references' loop
+instead: support and query encoded together for every query slice of every class; the benchmark
+times both ways.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class ProtocolOptions:
     scored: str = "range"           # "range" (SSL-ALPNet) or "labelled" (Q-Net)
     fold_scheme: str = "alpnet"     # order of the fold's scans for supp_idx (see specs.Fold)
     batch_size: int = 16            # query slices per head call
+    cache_features: bool = True     # False: re-encode support + query for every slice, as the references
 
     def __post_init__(self):
         if self.chunking not in ("zrange", "count"):
@@ -196,14 +199,17 @@ class Evaluator:
             feats.append({k: v.float() for k, v in f.items()})
         return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
 
-    def _support(self, class_id: int) -> tuple[list[int], dict, torch.Tensor]:
-        scan = self.store.scan(self.support_id)
-        labelled = scan.slices_with(class_id)
+    def _support_labelled(self, class_id: int) -> np.ndarray:
+        labelled = self.store.scan(self.support_id).slices_with(class_id)
         if len(labelled) == 0:
             raise DataError(f"support scan {self.support_id} of fold {self.fold.index} contains no "
                             f"{self.spec.label_name(class_id)} (class {class_id}); choose another "
-                            f"support with eval.supp_idx or drop the class from test_labels")
-        zs = support_slices(labelled, self.options.n_part)
+                            f"support with evaluation.supp_idx or drop the class from test_labels")
+        return labelled
+
+    def _support(self, class_id: int) -> tuple[list[int], dict, torch.Tensor]:
+        scan = self.store.scan(self.support_id)
+        zs = support_slices(self._support_labelled(class_id), self.options.n_part)
         feats = self._encode(scan, zs)
         masks = torch.from_numpy((scan.label[zs] == class_id).astype(np.float32)).to(self.device)
         return zs, feats, masks
@@ -220,6 +226,22 @@ class Evaluator:
             out.append(log_probs[0, :, 1] > log_probs[0, :, 0])   # argmax, a tie goes to background
         return torch.cat(out)
 
+    def _predict_uncached(self, scan: Scan, zs, class_id: int, support_z: int) -> torch.Tensor:
+        """The references' loop: for each query slice, encode [support slice, query slice] together."""
+        support = self.store.scan(self.support_id)
+        mask = torch.from_numpy((support.label[support_z] == class_id).astype(np.float32)).to(self.device)
+        out = []
+        for z in zs:
+            with torch.no_grad(), self._autocast():
+                both = self.model.encode(torch.cat([_slice_batch(support, [support_z], self.device),
+                                                    _slice_batch(scan, [z], self.device)]))
+            both = {k: v.float() for k, v in both.items()}
+            with self._autocast():
+                log_probs = self.model.segment({k: v[:1][None] for k, v in both.items()}, mask[None, None],
+                                               {k: v[1:][None] for k, v in both.items()}).log_probs
+            out.append(log_probs[0, :, 1] > log_probs[0, :, 0])
+        return torch.cat(out)
+
     def run(self, class_ids) -> EvaluationResult:
         start = time.perf_counter()
         self.model.eval()
@@ -227,8 +249,11 @@ class Evaluator:
         result = EvaluationResult(self.spec.name, self.fold.index, self.support_id, self.query_ids)
         supports = {}
         for c in class_ids:
-            zs, feats, masks = self._support(c)
-            supports[c] = (feats, masks)
+            if opts.cache_features:
+                zs, feats, masks = self._support(c)
+                supports[c] = (feats, masks)
+            else:
+                zs = support_slices(self._support_labelled(c), opts.n_part)
             result.support_slices[c] = zs
         bar = tqdm(self.query_ids, desc=f"fold {self.fold.index} queries", disable=not self.progress,
                    unit="scan")
@@ -245,18 +270,22 @@ class Evaluator:
                 plan[c] = (scored, chunk_of_slices(scored, opts.n_part, opts.chunking))
             if not plan:
                 continue
-            needed = np.unique(np.concatenate([p[0] for p in plan.values()]))
-            feats = self._encode(scan, needed)
-            row_of = {int(z): i for i, z in enumerate(needed)}
+            if opts.cache_features:
+                needed = np.unique(np.concatenate([p[0] for p in plan.values()]))
+                feats = self._encode(scan, needed)
+                row_of = {int(z): i for i, z in enumerate(needed)}
             for c, (scored, parts) in plan.items():
                 pred_volume = np.zeros(scan.image.shape, dtype=np.uint8)
-                s_feats, s_masks = supports[c]
                 for part in range(opts.n_part):
                     zs = scored[parts == part]
                     if len(zs) == 0:
                         continue
-                    rows = torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
-                    pred = self._predict(_take(s_feats, part), s_masks[part], _take(feats, rows))
+                    if opts.cache_features:
+                        s_feats, s_masks = supports[c]
+                        rows = torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
+                        pred = self._predict(_take(s_feats, part), s_masks[part], _take(feats, rows))
+                    else:
+                        pred = self._predict_uncached(scan, zs, c, result.support_slices[c][part])
                     pred_volume[zs] = pred.cpu().numpy()
                 truth = scan.label[scored] == c
                 tp, fp, fn = count_overlap(pred_volume[scored], truth)

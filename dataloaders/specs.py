@@ -11,6 +11,10 @@ File layout inside a dataset folder (`data_dir`), identical for every dataset:
     <data_dir>/superpixels_<min_size>/superpix-MIDDLE_<id>.nii.gz  2-D superpixels (SSL-ALPNet, DSPNet)
 
 Scans are paired by id, never by list position.
+
+The optional `preprocessing` block of a spec (`Preprocessing`) says how raw scans became the
+dataset's arrays (orientation, grid, intensity), so that a new scan can be prepared the same way
+(`data/convert_nnunet.prepare_scan`, `scripts/segment.py`).
 """
 from __future__ import annotations
 
@@ -29,6 +33,110 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_SPEC_DIR = PROJECT_ROOT / "configs" / "datasets"
 
 _IMAGE_RE = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
+_AXIS_LETTERS = ("RL", "AP", "SI")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw scan becomes one of the dataset's arrays, in the order applied.
+
+    1. `orientation`: SimpleITK DICOMOrient code (LAS: columns towards patient left, rows towards
+       anterior, slices towards superior; nibabel axcodes use the same letters), or None to keep
+       the scan's own axes (CMR short axis, SABS). A permutation/flip only, no interpolation.
+    2. `intensity`: "clip_top" (MR: voxels above the `clip_percentile`-th percentile set to it),
+       "ct_window" (CT: clip to `window` HU, rescale to [0, 255]) or "none".
+    3. Grid, `in_plane`:
+       - "spacing": resample to (`spacing` x, y, `z_spacing`) mm (z kept when `z_spacing` is None),
+         then centre crop/pad in-plane to `size` x `size` (CHAOS, CMR, SYNTH);
+       - "fit": remove round(L * `border`) pixels from each in-plane side, then resample so the
+         remaining field of view spans `size` pixels, z kept (SABS: 32 of 512, 448 -> 256).
+    `compat` is the resampling flavour of data/preprocessing.py ("reference" | "clean").
+    """
+
+    orientation: str | None = None
+    in_plane: str = "spacing"
+    spacing: tuple[float, float] | None = None
+    border: float = 0.0
+    z_spacing: float | None = None
+    size: int = 256
+    intensity: str = "none"
+    clip_percentile: float = 99.5
+    window: tuple[float, float] = (-125.0, 275.0)
+    compat: str = "reference"
+
+    IN_PLANE_RULES = ("spacing", "fit")
+    INTENSITY_RULES = ("clip_top", "ct_window", "none")
+
+    @classmethod
+    def from_mapping(cls, d: dict, source: str) -> "Preprocessing":
+        """Parse and check a `preprocessing` block; `DataError` naming `source` on any problem."""
+        if not isinstance(d, dict):
+            raise DataError(f"{source}: 'preprocessing' must be a mapping, got {type(d).__name__}")
+        known = [f for f in cls.__dataclass_fields__]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise DataError(f"{source}: unknown preprocessing key(s) {unknown}; known keys are {known}")
+        try:
+            prep = cls(
+                orientation=check_orientation(d.get("orientation"), source),
+                in_plane=str(d.get("in_plane", "spacing")),
+                spacing=tuple(float(v) for v in d["spacing"]) if d.get("spacing") is not None else None,
+                border=float(d.get("border", 0.0)),
+                z_spacing=float(d["z_spacing"]) if d.get("z_spacing") is not None else None,
+                size=int(d.get("size", 256)),
+                intensity=str(d.get("intensity", "none")),
+                clip_percentile=float(d.get("clip_percentile", 99.5)),
+                window=tuple(float(v) for v in d.get("window", (-125.0, 275.0))),
+                compat=str(d.get("compat", "reference")),
+            )
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{source}: unreadable preprocessing block {d} ({err})") from None
+        problems = []
+        if prep.in_plane not in cls.IN_PLANE_RULES:
+            problems.append(f"in_plane must be one of {cls.IN_PLANE_RULES}, got {prep.in_plane!r}")
+        if prep.in_plane == "spacing" and (prep.spacing is None or len(prep.spacing) != 2
+                                           or min(prep.spacing) <= 0):
+            problems.append(f"in_plane 'spacing' needs spacing: [x, y] in mm (> 0), got {d.get('spacing')}")
+        if not 0 <= prep.border < 0.5:
+            problems.append(f"border must be a fraction in [0, 0.5), got {prep.border}")
+        if prep.z_spacing is not None and prep.z_spacing <= 0:
+            problems.append(f"z_spacing must be > 0 mm or null (keep), got {prep.z_spacing}")
+        if prep.size < 8:
+            problems.append(f"size must be at least 8 pixels, got {prep.size}")
+        if prep.intensity not in cls.INTENSITY_RULES:
+            problems.append(f"intensity must be one of {cls.INTENSITY_RULES}, got {prep.intensity!r}")
+        if not 0 < prep.clip_percentile <= 100:
+            problems.append(f"clip_percentile must be in (0, 100], got {prep.clip_percentile}")
+        if len(prep.window) != 2 or not prep.window[0] < prep.window[1]:
+            problems.append(f"window must be [low, high] HU with low < high, got {list(prep.window)}")
+        if prep.in_plane == "fit" and prep.z_spacing is not None:
+            problems.append("in_plane 'fit' keeps the slice spacing; set z_spacing: null")
+        if prep.compat not in ("reference", "clean"):
+            problems.append(f"compat must be 'reference' or 'clean', got {prep.compat!r}")
+        if problems:
+            raise DataError(f"{source}: preprocessing: " + "; ".join(problems))
+        return prep
+
+    def to_mapping(self) -> dict:
+        """The block as written in dataset.json (inverse of `from_mapping`)."""
+        return {"orientation": self.orientation, "in_plane": self.in_plane,
+                "spacing": list(self.spacing) if self.spacing is not None else None,
+                "border": self.border, "z_spacing": self.z_spacing, "size": self.size,
+                "intensity": self.intensity, "clip_percentile": self.clip_percentile,
+                "window": list(self.window), "compat": self.compat}
+
+
+def check_orientation(code, source: str = "orientation") -> str | None:
+    """A DICOMOrient code (one letter of each of R/L, A/P, S/I, e.g. LAS), upper-cased; None or
+    "keep" mean keep the scan's own axes."""
+    if code is None or str(code).lower() == "keep":
+        return None
+    code = str(code).upper()
+    if len(code) != 3 or sorted(next((i for i, pair in enumerate(_AXIS_LETTERS) if c in pair), -1)
+                                for c in code) != [0, 1, 2]:
+        raise DataError(f"{source}: orientation {code!r} is not a DICOMOrient code; use three letters, "
+                        f"one of each pair R/L, A/P, S/I (e.g. LAS, LPS, RAS), or keep")
+    return code
 
 
 @dataclass(frozen=True)
@@ -68,6 +176,7 @@ class DatasetSpec:
     table_order: tuple[int, ...] | None = None        # column order of result tables (papers' order)
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None        # how raw scans became these arrays
 
     # ---------------------------------------------------------------- labels
     @property
@@ -209,6 +318,8 @@ def _from_mapping(d: dict, source: str) -> DatasetSpec:
         table_order=tuple(int(i) for i in d["table_order"]) if d.get("table_order") else None,
         description=str(d.get("description", "")),
         defaults=dict(d.get("defaults", {})),
+        preprocessing=Preprocessing.from_mapping(d["preprocessing"], source)
+        if d.get("preprocessing") is not None else None,
     )
     if spec.modality not in ("MR", "CT"):
         raise DataError(f"{source}: modality must be MR or CT, got {spec.modality!r}")
@@ -243,5 +354,9 @@ def load_generic_spec(data_dir: str | Path) -> DatasetSpec:
         raise DataError(f"{data_dir} has no dataset.json") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON: {err}") from None
-    d.setdefault("image_dir", ".")
-    return _from_mapping(d, str(path))
+    return generic_spec(d, str(path))
+
+
+def generic_spec(description: dict, source: str = "dataset.json") -> DatasetSpec:
+    """Spec from the content of a dataset.json (`image_dir` defaults to the dataset folder itself)."""
+    return _from_mapping({"image_dir": ".", **description}, source)

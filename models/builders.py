@@ -87,7 +87,8 @@ def fold_data(cfg: dict):
 def protocol_options(cfg: dict) -> ProtocolOptions:
     e = cfg["evaluation"]
     return ProtocolOptions(supp_idx=int(e["supp_idx"]), n_part=int(e["n_part"]), chunking=e["chunking"],
-                           scored=e["scored"], fold_scheme=e["fold_scheme"], batch_size=int(e["batch_size"]))
+                           scored=e["scored"], fold_scheme=e["fold_scheme"], batch_size=int(e["batch_size"]),
+                           cache_features=bool(e["cache_features"]))
 
 
 def pseudolabel_folder(cfg: dict) -> str:

@@ -71,3 +71,16 @@ def test_evaluator_assembles_3d_and_scores_each_query_scan(tmp_path):
         labelled = store.scan(scan_id).slices_with(c)
         outside = np.setdiff1d(np.arange(pred.shape[0]), scored_slices(labelled, "range"))
         assert not pred[outside].any()      # only scored slices are predicted
+
+
+def test_reference_loop_gives_the_same_predictions(tmp_path):
+    root = write_dataset(tmp_path / "toy", ids=tuple(range(1, 12)), n_classes=1)
+    spec = load_spec("TOY", root)
+    store = VolumeStore(spec, root)
+    fold = spec.fold(store.ids, 1)
+    fast = Evaluator(OracleModel(), store, spec, fold, ProtocolOptions(batch_size=4), progress=False).run([1])
+    slow = Evaluator(OracleModel(), store, spec, fold, ProtocolOptions(batch_size=1, cache_features=False),
+                     progress=False).run([1])
+    assert fast.support_slices == slow.support_slices
+    for key, pred in fast.predictions.items():
+        np.testing.assert_array_equal(pred, slow.predictions[key])
