@@ -38,20 +38,13 @@ import numpy as np
 import torch
 
 from data.io import DataError
-from dataloaders.augment import AugmentParams, gamma_transform, geometric_transform
+from dataloaders.augment import AugmentParams, apply_draw, draw_alpnet_copy
 from dataloaders.episodes import make_episode_arrays
 from dataloaders.supervoxel_episodes import excluded_slices, slice_counts
 from dataloaders.volumes import VolumeStore
 
 log = logging.getLogger(__name__)
 ID_DRAWS = ("present", "reference")
-
-
-def augment_copy(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
-                 p: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented copy of (image, mask): affine + elastic (shared draws), then gamma on the image."""
-    image, mask = geometric_transform(rng, image, mask, p)
-    return gamma_transform(image, rng.uniform(*p.gamma)), mask
 
 
 class SuperpixelEpisodes(torch.utils.data.Dataset):
@@ -65,16 +58,26 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
         min_size: pixels an id needs in the slice to be drawn ("present" only).
         test_labels, exclude_rule, setting: setting-2 exclusion of slices with test classes.
         augment: augmentation ranges; None for identical, unaugmented copies.
+        augment_on_device: return the draws with the raw slices (the training step applies them on
+            its device) instead of applying them here with OpenCV.
         seed: episode seed; length: dataset length (episodes).
     """
 
     def __init__(self, store: VolumeStore, scan_ids, pseudolabel_folder: str, *, id_draw: str = "present",
                  min_size: int = 1, test_labels=(), exclude_rule: str = "any", setting: int = 1,
-                 augment: AugmentParams | None = AugmentParams(), seed: int = 0, length: int = 10 ** 9):
+                 augment: AugmentParams | None = AugmentParams(), augment_on_device: bool = False,
+                 seed: int = 0, length: int = 10 ** 9):
+        self.augment_on_device = bool(augment_on_device)
         if id_draw not in ID_DRAWS:
             raise ValueError(f"sampler.id_draw must be one of {ID_DRAWS}, got {id_draw!r}")
         if int(min_size) < 1:
             raise ValueError(f"sampler.min_size must be >= 1, got {min_size}")
+        folder = store.data_dir / pseudolabel_folder
+        if not folder.is_dir():
+            size = pseudolabel_folder.rpartition("_")[2]
+            raise DataError(f"superpixel folder not found: {folder}. Generate it with `python -m data.pseudolabels "
+                            f"{store.data_dir} --dataset {store.spec.name} --kind superpixels"
+                            + (f" --min-size {size}`" if size.isdigit() else "`") + " (see data/README.md)")
         self.store = store
         self.id_draw = id_draw
         self.min_size = int(min_size)
@@ -136,7 +139,8 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
         test_labels = store.spec.check_label_ids(cfg["test_labels"], "test_labels")
         return cls(store, train_ids, pseudolabel_folder(cfg), id_draw=s.get("id_draw", "present"),
                    min_size=int(s.get("min_size", 1)), test_labels=test_labels,
-                   exclude_rule=cfg["exclude_rule"], setting=int(cfg["setting"]), augment=augment, seed=seed)
+                   exclude_rule=cfg["exclude_rule"], setting=int(cfg["setting"]), augment=augment,
+                   augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
 
     @property
     def n_slices(self) -> int:
@@ -163,8 +167,10 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
         scan_id, z, sp = self.draw(rng)
         image = self.images[scan_id][z]
         mask = (self.pseudo[scan_id][z] == sp).astype(np.float32)
-        copies = [(image, mask), (image, mask)]
-        if self.augment is not None:
-            copies = [augment_copy(rng, image, mask, self.augment) for _ in range(2)]
-        (s_img, s_mask), (q_img, q_mask) = copies
+        if self.augment is None:
+            return make_episode_arrays(image[None], mask[None], image[None], mask[None])
+        draws = [draw_alpnet_copy(rng, image.shape, self.augment) for _ in range(2)]   # support, query
+        if self.augment_on_device:
+            return make_episode_arrays(image[None], mask[None], image[None], mask[None], [draws[0]], [draws[1]])
+        (s_img, s_mask), (q_img, q_mask) = (apply_draw(image, mask, d, self.augment) for d in draws)
         return make_episode_arrays(s_img[None], s_mask[None], q_img[None], q_mask[None])

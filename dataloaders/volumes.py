@@ -113,8 +113,11 @@ class VolumeStore:
             self._require_id(scan_id)
             path = self.data_dir / folder / f"superpix-MIDDLE_{scan_id}.nii.gz"
             if not path.is_file():
+                kind, _, size = folder.partition("_")
+                how = (f"--kind superpixels --min-size {size}" if kind == "superpixels"
+                       else f"--kind supervoxels --min-size {size}")
                 raise DataError(f"pseudolabel file not found: {path}. Generate it with "
-                                f"`python -m data.pseudolabels {self.data_dir} --dataset {self.spec.name}` "
+                                f"`python -m data.pseudolabels {self.data_dir} --dataset {self.spec.name} {how}` "
                                 f"(see data/README.md).")
             pseudo, _ = read_volume(path, what="pseudolabel volume")
             shape = self.scan(scan_id).image.shape

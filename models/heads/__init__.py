@@ -17,6 +17,8 @@ import inspect
 # head name -> "module:Class"; imported lazily so that one head's dependencies never burden another
 HEADS = {
     "adnet": "models.heads.adnet:ADNetHead",
+    "alpnet": "models.heads.alp:ALPNetHead",
+    "dspnet": "models.heads.dspnet:DSPNetHead",
 }
 
 

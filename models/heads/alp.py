@@ -1,0 +1,305 @@
+"""SSL-ALPNet head (Ouyang et al., ECCV 2020): adaptive local prototype pooling (ALP).
+
+Reference behaviour (../shared/reference/alpnet_dspnet.md §2 and §4), reproduced exactly:
+
+- support masks are resized to the feature size with bilinear interpolation (align_corners=False,
+  no antialias): at an 8x downsample each value is the mean of a 2x2 sample of pixels, not the
+  area fraction of the 8x8 block;
+- local prototypes: average-pooled windows of the support features (`window` = 4 in training,
+  an 8x8 grid on 32x32 features; `val_window` = 2 at evaluation, 16x16), kept where the pooled
+  mask is > `fg_thresh` / `bg_thresh` (0.95, strict), taken over all cells of all shots;
+- global prototype of a shot: masked average pooling at feature resolution, eps 1e-5;
+- foreground mode: 'gridconv+' (local prototypes plus one global prototype per shot) if some
+  window of `mode_window` = 4 (hard-coded in the reference, also at evaluation) has a mean mask
+  >= `fg_thresh` (>=, while the selection uses >), else 'mask': 20 cos(q, mean of the shots'
+  global prototypes) with cosine eps 1e-4;
+- background mode: 'gridconv' (local prototypes only);
+- grid score: sum_j softmax_j(d) d_j with d_j = 20 <n(q), n(p_j)>, n(v) = v / max(|v|, 1e-4);
+- logits [bg, fg] upsampled bilinearly (align_corners=False) to the image, log-softmax;
+- alignment loss (PANet PAR, training only): hard masks from the argmax of the LOW-resolution
+  logits (a tie is background), roles of support and query swapped, the same modes with the
+  training window, unweighted NLL on the support mask (255 ignored), mean over shots; an empty
+  predicted foreground is not skipped (its 'mask' prototype is zero, so its score is zero).
+
+Empty local prototype sets. The foreground never has an empty set ('gridconv+' always holds the
+global prototypes; if none of its local cells pass the threshold, which needs every candidate
+window to be exactly 0.95, only the global ones are used, as in the reference). The background
+set is empty when no window of the background mask exceeds 0.95 (the foreground or, in the
+alignment pass, the predicted foreground touches every window). The reference then crashes
+(a convolution with 0 output channels) and its bare try/except silently skips the training
+step; here the background falls back to 'mask' mode: 20 cos(q, mean over shots of the
+background's global prototype), the same fallback the reference applies to a foreground
+without full windows. Both branches are counted (`HeadOutput.extras` per call,
+`branch_counts()` cumulative).
+
+Batching: episodes (B), shots (S) and queries (Q) are vectorised; the varying number of local
+prototypes is handled with masks (a masked softmax), and the per-episode mode choice with
+`torch.where` over both modes' scores, so the forward has no host synchronisation. The head runs
+in float32 even under autocast: the 20x-scaled cosines and, in DSPNet, the unscaled Gram softmax
+are precision-sensitive, and the head costs little next to the encoder.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.heads.common import (
+    HeadOutput, cosine_to_prototype, episode_nll, masked_average_pool_lowres, upsample_bilinear,
+)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, no antialias) of ... x H x W masks to ... x h x w."""
+    return upsample_bilinear(masks, size, align_corners=False)
+
+
+def safe_normalize(x: torch.Tensor, dim: int, eps: float = 1e-4) -> torch.Tensor:
+    """x / max(||x||_2, eps) along `dim` (the reference's `safe_norm`)."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def grid_cells(features: torch.Tensor, window: int) -> torch.Tensor:
+    """Non-overlapping average pool of every shot, cells of all shots in one list.
+
+    Args:
+        features: B x S x C x h x w.
+        window: pooling window (= stride).
+    Returns:
+        B x (S * h//window * w//window) x C, shot-major.
+    """
+    B, S, C, h, w = features.shape
+    pooled = F.avg_pool2d(features.reshape(B * S, C, h, w), window)
+    return pooled.reshape(B, S, C, -1).transpose(2, 3).reshape(B, -1, C)
+
+
+def mask_cells(masks: torch.Tensor, window: int) -> torch.Tensor:
+    """B x S x h x w soft masks -> B x (S * cells) pooled mask values, in `grid_cells` order."""
+    B, S, h, w = masks.shape
+    return F.avg_pool2d(masks.reshape(B * S, 1, h, w), window).reshape(B, -1)
+
+
+def prototype_similarities(query_n: torch.Tensor, prototypes: torch.Tensor, scaler: float,
+                           eps: float) -> torch.Tensor:
+    """d_j = scaler <n(q), n(p_j)> for shared or per-query prototype sets.
+
+    Args:
+        query_n: B x Q x C x h x w, already normalised along C.
+        prototypes: B x P x C (shared by the queries) or B x Q x P x C.
+    Returns:
+        B x Q x P x h x w.
+    """
+    p = safe_normalize(prototypes, dim=-1, eps=eps)
+    if p.dim() == 3:
+        return scaler * torch.einsum("bqchw,bpc->bqphw", query_n, p)
+    return scaler * torch.einsum("bqchw,bqpc->bqphw", query_n, p)
+
+
+def softmax_fusion(d: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_j softmax_j(d) d_j over the valid prototypes j (a smooth maximum).
+
+    Args:
+        d: B x Q x P x h x w similarities.
+        valid: B x Q x P booleans, the prototypes that exist.
+    Returns:
+        (score B x Q x h x w, any_valid B x Q). Where no prototype is valid the score is
+        finite but meaningless (computed over all P) and the caller must replace it: masking
+        every entry with -inf would give NaN, whose gradient leaks through `torch.where`.
+    """
+    any_valid = valid.any(-1)
+    keep = valid | ~any_valid[..., None]
+    logits = d.masked_fill(~keep[..., None, None], float("-inf"))
+    return (torch.softmax(logits, dim=2) * d).sum(2), any_valid
+
+
+def fp32_region(device: torch.device):
+    """Autocast switched off (see the module docstring)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------- the head
+class ALPNetHead(nn.Module):
+    """Adaptive local prototype pooling head (SSL-ALPNet); no learnable parameters.
+
+    forward(support {"out": B x S x C x h x w}, support_masks B x S x H x W,
+            query {"out": B x Q x C x h x w}) -> HeadOutput(log_probs B x Q x 2 x H x W,
+            aux_losses {"align"} in training, extras: per-episode branch statistics)
+
+    Args:
+        scaler: similarity scale (20 in the reference).
+        window: local-prototype pooling window in training (4: 32 / proto_grid_size 8).
+        val_window: the window at evaluation (`val_wsize`, 2).
+        mode_window: window of the foreground mode check (4, also at evaluation).
+        fg_thresh, bg_thresh: local-prototype thresholds (strict >) and the mode check (>=).
+        norm_eps: eps of the prototype / query normalisation (1e-4).
+        cos_eps: eps of the cosine in 'mask' mode (1e-4).
+        map_eps: eps of masked average pooling (1e-5).
+        align: add the prototype alignment loss in training.
+    """
+
+    feature_maps = ("out",)
+
+    def __init__(self, scaler: float = 20.0, window: int = 4, val_window: int = 2, mode_window: int = 4,
+                 fg_thresh: float = 0.95, bg_thresh: float = 0.95, norm_eps: float = 1e-4,
+                 cos_eps: float = 1e-4, map_eps: float = 1e-5, align: bool = True):
+        super().__init__()
+        for name, value in (("window", window), ("val_window", val_window), ("mode_window", mode_window)):
+            if int(value) < 1:
+                raise ValueError(f"head.{name} must be >= 1, got {value}")
+        self.scaler = float(scaler)
+        self.window = int(window)
+        self.val_window = int(val_window)
+        self.mode_window = int(mode_window)
+        self.fg_thresh = float(fg_thresh)
+        self.bg_thresh = float(bg_thresh)
+        self.norm_eps = float(norm_eps)
+        self.cos_eps = float(cos_eps)
+        self.map_eps = float(map_eps)
+        self.align = bool(align)
+        self._counts: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ hooks for DSPNet
+    def refine_cells(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled grid cells B x M x C -> (cells for fg local prototypes, cells for bg ones)."""
+        return cells, cells
+
+    def support_context(self, support_masks: torch.Tensor, feature_size: tuple[int, int]):
+        """Per-support data computed once per forward from the full-resolution masks (DSPNet's seeds)."""
+        return None
+
+    def foreground_prototypes(self, support: torch.Tensor, fg_masks: torch.Tensor, query: torch.Tensor,
+                              context, alignment: bool) -> tuple[torch.Tensor, dict]:
+        """Global foreground prototype of every shot, as seen by every query.
+
+        Args:
+            support: B x S x C x h x w; fg_masks: B x S x h x w; query: B x Q x C x h x w.
+            context: `support_context`'s result (None in the alignment pass).
+            alignment: True in the alignment pass.
+        Returns:
+            (B x Q x S x C prototypes, extras). ALPNet: the masked average of each shot.
+        """
+        g = masked_average_pool_lowres(support, fg_masks, eps=self.map_eps)        # B x S x C
+        return g[:, None].expand(-1, query.shape[1], -1, -1), {}
+
+    # ------------------------------------------------------------------ scores
+    def class_scores(self, support: torch.Tensor, fg_masks: torch.Tensor, bg_masks: torch.Tensor,
+                     query: torch.Tensor, window: int, context=None,
+                     alignment: bool = False) -> tuple[torch.Tensor, dict]:
+        """Low-resolution [bg, fg] logits of the queries given the supports.
+
+        Args:
+            support: B x S x C x h x w; fg_masks, bg_masks: B x S x h x w (soft, feature size);
+            query: B x Q x C x h x w; window: local-prototype pooling window.
+        Returns:
+            (logits B x Q x 2 x h x w, extras {name: B-shaped tensor}).
+        """
+        B, S, C, h, w = support.shape
+        Q = query.shape[1]
+        if h % window or w % window:
+            raise ValueError(f"the {h}x{w} feature map is not divisible by the pooling window {window} "
+                             f"(head.window / head.val_window)")
+        cells = grid_cells(support, window)                                           # B x M x C
+        fg_cells, bg_cells = self.refine_cells(cells)
+        y_fg, y_bg = mask_cells(fg_masks, window), mask_cells(bg_masks, window)        # B x M
+        query_n = safe_normalize(query, dim=2, eps=self.norm_eps)
+
+        # background: local prototypes only ('gridconv'); no local prototype -> 'mask' mode
+        valid_bg = y_bg > self.bg_thresh
+        d_bg = prototype_similarities(query_n, bg_cells, self.scaler, self.norm_eps)
+        bg_grid, bg_any = softmax_fusion(d_bg, valid_bg[:, None].expand(-1, Q, -1))
+        bg_global = masked_average_pool_lowres(support, bg_masks, eps=self.map_eps).mean(1)   # B x C
+        bg_mask = self.scaler * cosine_to_prototype(query, bg_global[:, None], eps=self.cos_eps)
+        bg = torch.where(bg_any[..., None, None], bg_grid, bg_mask)
+
+        # foreground: 'gridconv+' (local + one global per shot) or 'mask' (shot-averaged global)
+        g, extras = self.foreground_prototypes(support, fg_masks, query, context, alignment)  # B x Q x S x C
+        valid_fg = y_fg > self.fg_thresh
+        d_fg = torch.cat([prototype_similarities(query_n, fg_cells, self.scaler, self.norm_eps),
+                          prototype_similarities(query_n, g, self.scaler, self.norm_eps)], dim=2)
+        valid = torch.cat([valid_fg[:, None].expand(-1, Q, -1),
+                           torch.ones(B, Q, S, dtype=torch.bool, device=support.device)], dim=-1)
+        fg_grid, _ = softmax_fusion(d_fg, valid)
+        fg_mask = self.scaler * cosine_to_prototype(query, g.mean(2), eps=self.cos_eps)
+        mode_max = F.avg_pool2d(fg_masks.reshape(B * S, 1, h, w), self.mode_window).reshape(B, -1).amax(1)
+        use_grid = mode_max >= self.fg_thresh
+        fg = torch.where(use_grid[:, None, None, None], fg_grid, fg_mask)
+
+        extras.update({
+            "fg_grid_mode": use_grid,
+            "fg_local_empty": use_grid & ~valid_fg.any(1),
+            "bg_local_empty": ~valid_bg.any(1),
+            "n_fg_local": valid_fg.sum(1),
+            "n_bg_local": valid_bg.sum(1),
+        })
+        return torch.stack([bg, fg], dim=2), extras
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        fs, fq = support["out"], query["out"]
+        if fs.dim() != 5 or fq.dim() != 5 or support_masks.dim() != 4 or fs.shape[:2] != support_masks.shape[:2]:
+            raise ValueError(f"expected support B x S x C x h x w, masks B x S x H x W and query B x Q x C x h x w; "
+                             f"got {tuple(fs.shape)}, {tuple(support_masks.shape)}, {tuple(fq.shape)}")
+        with fp32_region(fs.device):
+            fs, fq, masks = fs.float(), fq.float(), support_masks.float()
+            size, full = fs.shape[-2:], masks.shape[-2:]
+            fg_masks, bg_masks = downsample_masks(masks, size), downsample_masks(1.0 - masks, size)
+            window = self.window if self.training else self.val_window
+            context = self.support_context(masks, size)
+            low, extras = self.class_scores(fs, fg_masks, bg_masks, fq, window, context)
+            log_probs = F.log_softmax(upsample_bilinear(low, full, align_corners=False), dim=2)
+            out = HeadOutput(log_probs, extras=extras)
+            phase = "train" if self.training else "eval"
+            self._accumulate(phase, extras, fs.shape[0])
+            if self.training and self.align:
+                loss, align_extras = self.alignment_loss(fs, masks, fq, low)
+                out.aux_losses["align"] = loss
+                out.extras.update({f"align.{k}": v for k, v in align_extras.items()})
+                self._accumulate(f"{phase}.align", align_extras, fs.shape[0])
+        return out
+
+    def alignment_loss(self, fs: torch.Tensor, masks: torch.Tensor, fq: torch.Tensor,
+                       low: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Query -> support prototype alignment (PANet PAR with ALP modes).
+
+        Args:
+            fs: B x S x C x h x w; masks: B x S x H x W support masks; fq: B x Q x C x h x w;
+            low: B x Q x 2 x h x w low-resolution query logits.
+        Returns:
+            (scalar loss: per-shot unweighted NLL, mean over shots then episodes; extras).
+        """
+        B, S = fs.shape[:2]
+        H, W = masks.shape[-2:]
+        pred_fg = (low[:, :, 1] > low[:, :, 0]).to(fq.dtype)        # argmax; a tie is background
+        support_low, extras = self.class_scores(fq, pred_fg, 1.0 - pred_fg, fs, self.window, None, alignment=True)
+        log_probs = F.log_softmax(upsample_bilinear(support_low, (H, W), align_corners=False), dim=2)
+        target = torch.where(masks == 1, 1, torch.where(masks == 0, 0, 255)).long()
+        per_shot = episode_nll(log_probs.reshape(B * S, 1, 2, H, W), target.reshape(B * S, 1, H, W),
+                               reduction="none")
+        return per_shot.view(B, S).mean(1).mean(), extras
+
+    # ------------------------------------------------------------------ branch counters
+    @torch.no_grad()
+    def _accumulate(self, prefix: str, extras: dict, n_episodes: int) -> None:
+        """Add the boolean per-episode statistics to the running counters (on the device; no sync)."""
+        key = f"{prefix}.episodes"
+        self._counts[key] = self._counts.get(key, 0) + n_episodes
+        for name, value in extras.items():
+            if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                key = f"{prefix}.{name}"
+                total = value.sum()
+                previous = self._counts.get(key)
+                self._counts[key] = total if previous is None else previous.to(total.device) + total
+
+    def branch_counts(self, reset: bool = False) -> dict[str, int]:
+        """How often each branch ran since construction (or the last reset).
+
+        Keys `<train|eval>[.align].<name>`: `episodes` counts episodes; the others count episodes
+        (per shot for DSPNet's FSPA statistics) in which the branch ran: `fg_grid_mode`
+        ('gridconv+' rather than 'mask'), `bg_local_empty` (background fell back to 'mask'),
+        `fg_local_empty` ('gridconv+' with global prototypes only). Reading synchronises.
+        """
+        counts = {k: int(v) for k, v in sorted(self._counts.items())}
+        if reset:
+            self._counts.clear()
+        return counts
