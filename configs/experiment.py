@@ -19,16 +19,12 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
-
-# sacred 0.8.7 imports pkg_resources, whose deprecation warning would open every run's output
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-from sacred import Experiment  # noqa: E402
-from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
+from sacred import Experiment
+from sacred.utils import apply_backspaces_and_linefeeds
 
 CONFIG_DIR = Path(__file__).resolve().parent
 METHOD_DIR = CONFIG_DIR / "methods"
@@ -141,6 +137,26 @@ def experiment_config():
     train = method_defaults(method, dataset, setting, data_dir)["train"]
     evaluation = method_defaults(method, dataset, setting, data_dir)["evaluation"]
     data = method_defaults(method, dataset, setting, data_dir)["data"]
+
+
+def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting: int = 1,
+                 updates: dict | None = None) -> dict:
+    """A complete experiment config, as `python training.py with <method> <dataset> ...` assembles it,
+    for code that runs without the Sacred command line (benchmark, tests). `updates` use dotted
+    keys, e.g. {"train.n_steps": 2}; the result is checked like a command-line config."""
+    d = method_defaults(method, dataset, setting, str(data_dir))
+    cfg = {"method": method, "dataset": dataset, "data_dir": str(data_dir), "setting": setting,
+           "test_labels": d.pop("test_labels"), "exclude_rule": "any", "eval_fold": 0, "seed": 2021,
+           "device": "auto", "log_dir": str(log_dir), **d}
+    for key, value in (updates or {}).items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    cfg["exp_name"] = experiment_name(method, cfg["dataset"], setting, cfg["test_labels"], cfg["eval_fold"])
+    check_config(cfg)
+    return cfg
 
 
 def known_keys(config: dict) -> dict:

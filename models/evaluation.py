@@ -7,7 +7,9 @@ from pathlib import Path
 from dataloaders.protocol import EvaluationResult, Evaluator
 from dataloaders.reporting import format_patient_table, format_table, write_overlays, write_predictions, \
     write_results
-from models.builders import autocast_dtype, build_model, fold_data, protocol_options, resolve_device
+from models.builders import (
+    autocast_dtype, build_model, fold_data, protocol_options, resolve_device, use_channels_last,
+)
 from configs.runs import write_provenance
 from models.checkpoints import find_checkpoint, load_checkpoint
 
@@ -37,6 +39,7 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None)
         if checkpoint != UNTRAINED:
             load_checkpoint(model, checkpoint)
     model = model.to(device)
+    model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
     evaluator = Evaluator(model, store, spec, fold, options, device=device,
                           autocast_dtype=autocast_dtype(cfg["train"]["amp"], device), progress=progress)
     log.info("evaluating %s on %s fold %d: support scan %d, queries %s, classes %s", checkpoint, spec.name,

@@ -33,9 +33,19 @@ class FewShotSegmenter(nn.Module):
                              f"'{encoder.layout_name}' encoder does not produce ({encoder.output_names})")
         self.encoder = encoder
         self.head = head
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool = True) -> "FewShotSegmenter":
+        """Keep the encoder's weights and inputs in channels_last memory format (faster convolutions
+        with cuDNN and oneDNN; the same numbers up to float summation order)."""
+        self.channels_last = bool(enabled)
+        self.encoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """N x 3 x H x W -> {name: N x ...}, only the maps the head reads."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.encoder(images)
         return {k: v for k, v in features.items() if k in self.head.feature_maps}
 

@@ -107,6 +107,34 @@ def step_loss(output, episode: Episode, cfg: dict) -> tuple[torch.Tensor, dict[s
     return sum(parts.values()), parts
 
 
+class StepRunner:
+    """One optimisation step on a collated batch: device transfer, on-device augmentation,
+    autocast, loss, backward, SGD step. Used by the training loop and the benchmark."""
+
+    def __init__(self, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict,
+                 device: torch.device):
+        self.trained, self.optimizer, self.cfg, self.device = trained, optimizer, cfg, device
+        self.amp = autocast_dtype(cfg["train"]["amp"], device)
+        self.augment = AugmentParams.from_config(cfg["augment"])
+
+    def __call__(self, batch: Episode, lr: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        set_lr(self.optimizer, lr)
+        episode = augment_episode(batch.to(self.device, non_blocking=True), self.augment)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            output = self.trained(episode.support_images, episode.support_masks, episode.query_images)
+        total, parts = step_loss(output, episode, self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return total, parts, episode.batch_size
+
+
+def prepare_model(cfg: dict, device: torch.device) -> torch.nn.Module:
+    model = build_model(cfg).to(device)
+    model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
+    return model
+
+
 # ----------------------------------------------------------------------------- distribution
 class Distributed:
     """Process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
@@ -209,12 +237,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
              list(fold.train_ids), list(fold.test_ids))
     dataset = build_episode_dataset(cfg, store, fold.train_ids, int(cfg["seed"]))
 
-    model = build_model(cfg).to(device)
-    channels_last = use_channels_last(cfg["train"]["channels_last"], device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    amp = autocast_dtype(cfg["train"]["amp"], device)
-    augment = AugmentParams.from_config(cfg["augment"])
+    model = prepare_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     run_dir = Path(run_dir)
     episodes = 0
@@ -225,6 +248,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
             truncate_metrics(run_dir, episodes)
     trained = ddp.wrap(model)
     trained.train()
+    step = StepRunner(trained, optimizer, cfg, device)
 
     tcfg = cfg["train"]
     n_steps, B = int(tcfg["n_steps"]), int(tcfg["batch_episodes"])
@@ -252,19 +276,8 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
                mininterval=5)
     for batch in loader:
         lr = lr_at(episodes, cfg, per_step)
-        set_lr(optimizer, lr)
-        episode = augment_episode(batch.to(device, non_blocking=True), augment)
-        support, query = episode.support_images, episode.query_images
-        if channels_last:
-            support, query = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                              for x in (support, query))
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            output = trained(support, episode.support_masks, query)
-        total, parts = step_loss(output, episode, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        n = episode.batch_size * ddp.world
+        total, parts, batch_size = step(batch, lr)
+        n = batch_size * ddp.world
         for k, v in parts.items():
             pending[k] += v.detach() * n
         pending["total"] += total.detach() * n

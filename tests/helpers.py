@@ -55,18 +55,6 @@ def write_dataset(root: Path, ids=(1, 2, 3, 4, 5, 6, 7), shape=(8, 32, 32), n_cl
 
 
 def full_config(method: str, dataset: str, data_dir, log_dir, setting: int = 1, **updates) -> dict:
-    """A complete experiment config as Sacred would assemble it; `updates` use dotted keys
-    (``**{"train.n_steps": 2}``)."""
-    from configs.experiment import experiment_name, method_defaults
-    d = method_defaults(method, dataset, setting, str(data_dir))
-    cfg = {"method": method, "dataset": dataset, "data_dir": str(data_dir), "setting": setting,
-           "test_labels": d.pop("test_labels"), "exclude_rule": "any", "eval_fold": 0, "seed": 2021,
-           "device": "cpu", "log_dir": str(log_dir), **d}
-    for key, value in updates.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    cfg["exp_name"] = experiment_name(method, cfg["dataset"], setting, cfg["test_labels"], cfg["eval_fold"])
-    return cfg
+    """A complete experiment config on the CPU; `updates` use dotted keys (``**{"train.n_steps": 2}``)."""
+    from configs.experiment import build_config
+    return build_config(method, dataset, data_dir, log_dir, setting, {"device": "cpu", **updates})
