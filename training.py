@@ -13,16 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-from configs.experiment import add_observer, make_experiment
+from configs.experiment import make_experiment
 
-ex = make_experiment("train")
-
-
-@ex.config_hook
-def _record_runs(config, command_name, logger):
-    if command_name == "main":
-        add_observer(ex, config, "train")
-    return {}
+ex = make_experiment("train", record="train")
 
 
 @ex.main

@@ -219,7 +219,9 @@ def check_config(config: dict) -> None:
         raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
 
 
-def make_experiment(name: str) -> Experiment:
+def make_experiment(name: str, record: str | None = None) -> Experiment:
+    """The Sacred experiment with every named config; `record` ("train" or "test") makes its main
+    command record runs under <log_dir>/<record>/<exp_name>/ (see add_observer)."""
     ex = Experiment(name, save_git_info=False)
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.config(experiment_config)
@@ -234,6 +236,8 @@ def make_experiment(name: str) -> Experiment:
     @ex.config_hook
     def _validate(config, command_name, logger):
         check_config(config)
+        if record is not None and command_name == "main":
+            add_observer(ex, config, record)
         return {}
 
     return ex
