@@ -1,4 +1,5 @@
-"""Loading trained models for evaluation: our snapshots and plain state dicts.
+"""Loading trained models for evaluation: our snapshots, plain state dicts, and reference checkpoints
+(Q-Net, ADNet; models/reference_checkpoints.py).
 
 `find_checkpoint` implements the rule validation.py uses when `evaluation.checkpoint` is null: the
 last snapshot (most episodes) of the newest training run of the same experiment
@@ -83,5 +84,13 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str | Path = "
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    load_model_state(model, read_state_dict(path), source=path)
-    log.info("loaded checkpoint %s", path)
+    """Load our snapshot, a plain state dict of our model, or a checkpoint written by the reference
+    Q-Net / ADNet training code (renamed by models/reference_checkpoints.py; detected from its keys)."""
+    from models.reference_checkpoints import detect_format, load_reference_state   # imports this module
+    state = read_state_dict(path)
+    fmt = detect_format(state)
+    if fmt is None:
+        load_model_state(model, state, source=path)
+        log.info("loaded checkpoint %s", path)
+    else:
+        load_reference_state(model, state, fmt, source=path)

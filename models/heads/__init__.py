@@ -19,6 +19,7 @@ HEADS = {
     "adnet": "models.heads.adnet:ADNetHead",
     "alpnet": "models.heads.alp:ALPNetHead",
     "dspnet": "models.heads.dspnet:DSPNetHead",
+    "qnet": "models.heads.qnet:QNetHead",
 }
 
 

@@ -1,0 +1,235 @@
+"""Q-Net head (Shen et al. 2022): ADNet's anomaly head with a query-informed threshold, two
+feature scales, and test-time prototype refinement.
+
+Reference behaviour (../shared/reference/adnet_qnet.md §2.2-2.8, ZJLAB-AMMI/Q-Net models/fewshot.py):
+
+- two scales n, read from the ``qnet_r101`` encoder: n = 0 ``layer3`` (h x w = H/4 x W/4, 64 x 64
+  for 256 x 256 images) and n = 1 ``layer4`` (H/8 x W/8, 32 x 32);
+- per scale one foreground prototype p_n: masked average of the support features upsampled
+  (bilinear, align_corners=False) to the mask, averaged over shots (models/heads/common.py);
+- the threshold T_q of each query image comes from the encoder's threshold branch
+  (``threshold``: one value per image; the support's values are unused, as in the reference);
+  P_n = 1 - sigmoid(kappa (-S cos(F_q, p_n) - T_q)) at feature resolution, with T_q shaped
+  B x Q x 1 x 1 (the reference's N x 1 only broadcasts correctly for one query slice);
+- fusion: P = (a_0 Up(P_0) + a_1 Up(P_1)) / (a_0 + a_1), Up bilinear with align_corners=True to
+  H x W, `alpha` = [a_0, a_1] (0.9/0.1 in setting 1, 0.6/0.4 in setting 2; used in training and in
+  evaluation, whereas the reference's train.py always trained with 0.9); output log [1 - P, P];
+- training: the alignment loss of §2.5 (Q-Net variant); no threshold loss;
+- evaluation (``eval()`` mode) with ``refine_steps > 0``: each query slice refines its own copy of
+  each scale's prototype with Adam (§2.8) before the final prediction.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.heads.adnet import anomaly_fg_probability
+from models.heads.common import HeadOutput, episode_nll, masked_average_pool, two_class_log_probs, upsample_bilinear
+
+SCALES = ("layer3", "layer4")       # scale index 0 (fine, weight a_0) and 1 (coarse, weight a_1)
+MAP_EPS = 1e-5                      # the references' denominator guard in masked average pooling
+ADAM_BETAS = (0.9, 0.999)           # torch's Adam defaults, which the reference uses
+ADAM_EPS = 1e-8
+REFINE_LOSSES = ("reference", "reconstruction")
+
+
+def predicted_foreground(fg_prob: torch.Tensor) -> torch.Tensor:
+    """Argmax of [1 - P, P] as the references take it (a tie goes to background): any shape -> bool."""
+    return fg_prob > 1.0 - fg_prob
+
+
+def minmax_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid((x - min x) / (max x - min x)) with min and max over all but the first axis.
+
+    x: N x C x h x w -> N x C x h x w, each of the N maps normalised on its own (Q-Net normalises
+    one query slice at a time). A constant map gives 0.5 instead of the reference's 0/0 NaN.
+    """
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return torch.sigmoid((x - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny))
+
+
+class QNetHead(nn.Module):
+    """Dual-scale anomaly head with a per-query threshold and test-time prototype refinement.
+
+    forward(support {"layer3": B x S x C x h3 x w3, "layer4": B x S x C x h4 x w4, ...},
+            support_masks B x S x H x W,
+            query {"layer3": B x Q x C x h3 x w3, "layer4": B x Q x C x h4 x w4, "threshold": B x Q x 1})
+        -> HeadOutput(log_probs B x Q x 2 x H x W, aux_losses {"align"} in training,
+                      extras {"threshold": B x Q, "support_prototypes": {scale: B x C},
+                              "prototypes": {scale: B x Q x C} (after refinement)})
+
+    Options:
+        scaler: S, the cosine scale of the anomaly score.
+        kappa: slope of the soft threshold.
+        alpha: [a_0, a_1], fusion weights of the layer3 (fine) and layer4 (coarse) probabilities.
+        align: add the query -> support prototype alignment loss in training.
+        refine_steps: Adam steps of test-time prototype refinement (0: off). Only in eval mode.
+        refine_lr: Adam learning rate of the refinement.
+        refine_loss: "reference" reproduces the released loss BCE(input=A, target=B) with A the
+            min-max-sigmoid-normalised query features and B the same for the features with the
+            predicted foreground replaced by the prototype. The gradient flows through the *target*;
+            the loss is linear in B with a non-negative slope logit(A), so Adam moves nearly every
+            prototype component by about +refine_lr per step (a uniform shift, §2.8).
+            "reconstruction" swaps the arguments, BCE(input=B, target=A): a proper reconstruction
+            loss, minimal where B = A, whose gradient pulls the prototype towards the predicted
+            foreground features (in the same normalised space; same loss family and
+            normalisation as the reference, only the argument order differs).
+    """
+
+    feature_maps = ("layer3", "layer4", "threshold")
+
+    def __init__(self, scaler: float = 20.0, kappa: float = 0.5, alpha: Sequence[float] = (0.9, 0.1),
+                 align: bool = True, refine_steps: int = 7, refine_lr: float = 0.01,
+                 refine_loss: str = "reference"):
+        super().__init__()
+        alpha = tuple(float(a) for a in alpha)
+        if len(alpha) != len(SCALES) or min(alpha) < 0 or sum(alpha) <= 0:
+            raise ValueError(f"head.alpha must be two non-negative weights [layer3, layer4] with a positive "
+                             f"sum (Q-Net: [0.9, 0.1] setting 1, [0.6, 0.4] setting 2), got {list(alpha)}")
+        if refine_loss not in REFINE_LOSSES:
+            raise ValueError(f"head.refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {refine_loss!r}")
+        if int(refine_steps) < 0 or float(refine_lr) <= 0:
+            raise ValueError(f"head.refine_steps must be >= 0 and head.refine_lr > 0, got "
+                             f"{refine_steps}, {refine_lr}")
+        self.scaler = float(scaler)
+        self.kappa = float(kappa)
+        self.alpha = alpha
+        self.align = bool(align)
+        self.refine_steps = int(refine_steps)
+        self.refine_lr = float(refine_lr)
+        self.refine_loss = refine_loss
+
+    # ------------------------------------------------------------------ building blocks
+    def fg_probability(self, features: torch.Tensor, prototypes: torch.Tensor,
+                       threshold: torch.Tensor) -> torch.Tensor:
+        """One prototype and one threshold per query image.
+
+        features: B x Q x C x h x w; prototypes: B x Q x C; threshold: B x Q x 1 x 1 -> B x Q x h x w.
+        """
+        B, Q = features.shape[:2]
+        p = anomaly_fg_probability(features.flatten(0, 1).unsqueeze(1), prototypes.flatten(0, 1),
+                                   threshold.flatten(0, 1).unsqueeze(1), self.scaler, self.kappa)
+        return p.view(B, Q, *p.shape[-2:])
+
+    def fuse(self, probs: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Weighted mean of the per-scale probabilities upsampled (align_corners=True) to size.
+
+        probs: per scale ... x h_n x w_n (same leading axes) -> ... x H x W.
+        """
+        w = torch.tensor(self.alpha, dtype=probs[0].dtype, device=probs[0].device)   # float32, as the reference
+        total = sum(w[n] * upsample_bilinear(p, size, align_corners=True) for n, p in enumerate(probs))
+        return total / w.sum()
+
+    @staticmethod
+    def query_threshold(query: dict, B: int, Q: int) -> torch.Tensor:
+        """The encoder's threshold of each query image, B x Q x 1 -> B x Q x 1 x 1."""
+        t = query["threshold"]
+        if tuple(t.shape) != (B, Q, 1):
+            raise ValueError(f"query['threshold'] has shape {tuple(t.shape)}, expected {(B, Q, 1)} (one "
+                             f"value per query image, from the qnet_r101 encoder's threshold branch)")
+        return t.unsqueeze(-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        B, Q = query[SCALES[0]].shape[:2]
+        size = tuple(support_masks.shape[-2:])
+        threshold = self.query_threshold(query, B, Q)
+        support_protos = [masked_average_pool(support[n], support_masks, MAP_EPS).mean(dim=1) for n in SCALES]
+        protos = [p.unsqueeze(1).expand(B, Q, p.shape[-1]) for p in support_protos]
+        p_low = [self.fg_probability(query[n], protos[i], threshold) for i, n in enumerate(SCALES)]
+        if not self.training and self.refine_steps > 0:
+            protos = [self.refine_prototypes(query[n], protos[i], threshold, p_low[i]) for i, n in enumerate(SCALES)]
+            p_low = [self.fg_probability(query[n], protos[i], threshold) for i, n in enumerate(SCALES)]
+        p_full = self.fuse(p_low, size)                                         # B x Q x H x W
+        out = HeadOutput(two_class_log_probs(p_full), extras={
+            "threshold": threshold.detach().view(B, Q),
+            "support_prototypes": {n: p.detach() for n, p in zip(SCALES, support_protos)},
+            "prototypes": {n: p.detach() for n, p in zip(SCALES, protos)},
+        })
+        if self.training and self.align:
+            out.aux_losses["align"] = self.alignment_loss(support, support_masks, query, p_full, threshold)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def alignment_loss(self, support: dict, support_masks: torch.Tensor, query: dict, p_full: torch.Tensor,
+                       threshold: torch.Tensor) -> torch.Tensor:
+        """Q-Net's query -> support alignment (reference §2.5, Q-Net differences), mean over episodes.
+
+        The fused full-resolution query prediction (argmax) masks the query features upsampled to
+        H x W (masked_average_pool), giving one query prototype per scale and episode (pooled over
+        the episode's query images, as ADNet's head does; the reference has one query). Each
+        support shot is segmented at both scales with the query threshold (the mean over the
+        episode's query images; T_q itself for Q = 1), fused with alpha, and scored against its
+        mask with the unweighted NLL, averaged over shots. An episode whose query prediction is
+        empty contributes 0. Gradients reach the query features, the support features and T_q.
+        """
+        B, S = support_masks.shape[:2]
+        H, W = support_masks.shape[-2:]
+        q_mask = predicted_foreground(p_full).to(p_full.dtype)                 # B x Q x H x W
+        counts = q_mask.sum(dim=(-2, -1))                                      # B x Q
+        has_fg = (counts.sum(dim=1) > 0).to(p_full.dtype)                      # B
+        t_align = threshold.mean(dim=1, keepdim=True).expand(B, S, 1, 1)
+        p_supp = []
+        for n in SCALES:
+            # per-image masked averages re-weighted by their pixel counts = one average over all
+            # query pixels of the episode: sum_q sum_x Up(F_q) m_q / (sum_q sum_x m_q + eps)
+            per_image = masked_average_pool(query[n], q_mask, MAP_EPS)        # B x Q x C
+            q_proto = (per_image * (counts + MAP_EPS).unsqueeze(-1)).sum(1) / (counts.sum(1, keepdim=True) + MAP_EPS)
+            p_supp.append(self.fg_probability(support[n], q_proto.unsqueeze(1).expand(B, S, -1), t_align))
+        fused = self.fuse(p_supp, (H, W))                                      # B x S x H x W
+        per_shot = episode_nll(two_class_log_probs(fused).reshape(B * S, 1, 2, H, W),
+                               support_masks.reshape(B * S, 1, H, W), reduction="none")
+        return (per_shot.view(B, S).mean(1) * has_fg).mean()
+
+    # ------------------------------------------------------------------ test-time refinement
+    def refine_prototypes(self, features: torch.Tensor, prototypes: torch.Tensor, threshold: torch.Tensor,
+                          fg_prob: torch.Tensor) -> torch.Tensor:
+        """Q-Net's test-time prototype refinement for one scale, all query slices at once.
+
+        features: B x Q x C x h x w; prototypes (initial, the support's): B x Q x C;
+        threshold: B x Q x 1 x 1; fg_prob (with the initial prototypes): B x Q x h x w
+        -> refined prototypes B x Q x C (detached).
+
+        Every query slice owns one prototype row of a (B*Q) x C tensor, optimised by one Adam.
+        The loss is the sum over slices of each slice's own mean loss, and each slice is min-max
+        normalised over itself, so the rows never interact: Adam is element-wise, hence this equals
+        refining slice by slice (the reference; a mean over slices would rescale the gradients,
+        and Adam is not exactly scale invariant because of its eps). Per step (reference §2.8):
+        m = argmax [1 - P, P]; F' = F (1 - m) + p m; loss(A = norm(F), B = norm(F')); one Adam step;
+        P recomputed with the new p and the same T_q. Features and threshold are frozen (detached),
+        so nothing but the prototype rows changes; float32 and no autocast, as the reference.
+        """
+        B, Q, C, h, w = features.shape
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+            f = features.detach().float().reshape(B * Q, C, h, w)
+            t = threshold.detach().float().reshape(B * Q, 1, 1, 1)
+            if f.is_inference():                     # called under inference_mode: make autograd-able copies
+                f, t = f.clone(), t.clone()
+            proto = prototypes.detach().float().reshape(B * Q, C).clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([proto], lr=self.refine_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+            original = minmax_sigmoid(f)                                       # A, constant in p
+            if self.refine_loss == "reference":
+                # BCE(input=A, target=B) = -mean(B logit(A) + log(1 - A)): linear in B, and the
+                # second term does not depend on p, so the gradient is that of -mean(B logit(A)).
+                # A lies in [sigmoid(0), sigmoid(1)], where BCE's log clamp (-100) never acts.
+                slope = torch.logit(original)
+            p = fg_prob.detach().float().reshape(B * Q, h, w)
+            for _ in range(self.refine_steps):
+                fg = predicted_foreground(p).unsqueeze(1)                      # (B*Q) x 1 x h x w
+                # F' = F (1 - m) + p m, written as a selection (the same values, fewer full-size passes)
+                recon = minmax_sigmoid(torch.where(fg, proto[:, :, None, None], f))   # B
+                if self.refine_loss == "reference":
+                    per_slice = -(recon * slope).mean(dim=(1, 2, 3))
+                else:
+                    per_slice = F.binary_cross_entropy(recon, original, reduction="none").mean(dim=(1, 2, 3))
+                loss = per_slice.sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    p = anomaly_fg_probability(f.unsqueeze(1), proto, t, self.scaler, self.kappa)[:, 0]
+        return proto.detach().view(B, Q, C).to(prototypes.dtype)

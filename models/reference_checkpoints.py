@@ -1,0 +1,192 @@
+"""Load checkpoints written by the reference training code (Q-Net, ADNet 2-D) into our models.
+
+A reference checkpoint is renamed key by key through an explicit table, then loaded strictly:
+every key of the file must map to a tensor of our model and every tensor of our model must be
+provided, except ADNet's dead ASPP tensors, which are dropped by name and reported as ignored by
+design. Anything else raises `CheckpointError` naming the keys.
+
+| reference key (as saved)                | our key (`FewShotSegmenter.state_dict()`) |
+|-----------------------------------------|-------------------------------------------|
+| **Q-Net** (`torch.save(model.state_dict())`, plain keys; ZJLAB-AMMI/Q-Net models/encoder.py)      |
+| `encoder.backbone.<conv1,bn1,layer1-4,fc>.*` | `encoder.backbone.<same>.*`          |
+| `encoder.reduce1.weight` (layer3 1x1, 1024->512) | `encoder.reduce.layer3.weight`     |
+| `encoder.reduce2.weight` (layer4 1x1, 2048->512) | `encoder.reduce.layer4.weight`     |
+| `encoder.reduce1d.{weight,bias}` (Linear 1000->1) | `encoder.threshold.{weight,bias}` |
+| **ADNet 2-D** (`nn.DataParallel`, so a `module.` prefix; sha168/ADNet models/fewshot_anom.py)  |
+| `module.encoder.backbone.<conv1,bn1,layer1-4>.*` | `encoder.backbone.<same>.*`        |
+| `module.encoder.localconv.weight` (1x1, 2048->256) | `encoder.reduce.layer4.weight`   |
+| `module.t` (shape [1])                  | `head.threshold` (shape [], reshaped)     |
+| `module.encoder.asppconv.weight`, `module.encoder.aspp_out.*` (37) | dropped, ignored by design |
+
+`aspp_out` is torchvision's ASPP followed by the DeepLab head's 3x3 conv; like `asppconv` it is
+never used in ADNet's forward pass (use_aspp=False), so these 38 tensors are the only ones dropped.
+
+The format is detected from keys only one format has (`FORMATS[...].signature`); a file that
+matches none is treated as one of our own state dicts (models/checkpoints.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoints import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def _bn(prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def _adnet_dead_aspp_keys() -> frozenset[str]:
+    """ADNet's `asppconv` and `aspp_out` = Sequential(torchvision ASPP(2048, [12, 24, 36]), 3x3 conv):
+    created, put in the optimiser, saved, never used (use_aspp=False)."""
+    aspp = [f"0.convs.{i}.0.weight" for i in range(4)] + [k for i in range(4) for k in _bn(f"0.convs.{i}.1")]
+    aspp += ["0.convs.4.1.weight", *_bn("0.convs.4.2"), "0.project.0.weight", *_bn("0.project.1"), "1.weight"]
+    return frozenset(["module.encoder.asppconv.weight"] + [f"module.encoder.aspp_out.{k}" for k in aspp])
+
+
+@dataclass(frozen=True)
+class ReferenceFormat:
+    """How one reference codebase names its tensors.
+
+    rules: (reference key, our key) pairs; a reference key ending in "." is a prefix whose
+    remainder is kept, any other is an exact name. dead: reference keys dropped by name.
+    reshape: our keys whose tensor may be reshaped to our shape (same number of elements).
+    """
+    name: str
+    title: str
+    method: str                       # our method whose model these checkpoints fit
+    rules: tuple[tuple[str, str], ...]
+    signature: frozenset[str]
+    dead: frozenset[str] = frozenset()
+    reshape: frozenset[str] = frozenset()
+
+    def our_key(self, key: str) -> str | None:
+        for ref, ours in self.rules:
+            if ref.endswith("."):
+                if key.startswith(ref):
+                    return ours + key[len(ref):]
+            elif key == ref:
+                return ours
+        return None
+
+    def reference_key(self, ours_key: str) -> str | None:
+        for ref, ours in self.rules:
+            if ours.endswith("."):
+                if ours_key.startswith(ours):
+                    return ref + ours_key[len(ours):]
+            elif ours_key == ours:
+                return ref
+        return None
+
+
+FORMATS = {
+    "qnet": ReferenceFormat(
+        name="qnet", title="Q-Net (ZJLAB-AMMI/Q-Net)", method="qnet",
+        rules=(("encoder.backbone.", "encoder.backbone."),
+               ("encoder.reduce1.", "encoder.reduce.layer3."),
+               ("encoder.reduce2.", "encoder.reduce.layer4."),
+               ("encoder.reduce1d.", "encoder.threshold.")),
+        signature=frozenset({"encoder.reduce1.weight", "encoder.reduce2.weight", "encoder.reduce1d.weight"}),
+    ),
+    "adnet": ReferenceFormat(
+        name="adnet", title="ADNet 2-D (sha168/ADNet)", method="adnet",
+        rules=(("module.encoder.backbone.", "encoder.backbone."),
+               ("module.encoder.localconv.", "encoder.reduce.layer4."),
+               ("module.t", "head.threshold")),
+        signature=frozenset({"module.encoder.localconv.weight", "module.t"}),
+        dead=_adnet_dead_aspp_keys(),
+        reshape=frozenset({"head.threshold"}),
+    ),
+}
+
+
+@dataclass
+class LoadReport:
+    format: str
+    loaded: int
+    ignored: list[str] = field(default_factory=list)   # dropped by design (ADNet's dead ASPP)
+
+
+def detect_format(state: dict) -> str | None:
+    """'qnet' or 'adnet' for a reference checkpoint, None for anything else (e.g. our snapshots)."""
+    found = [name for name, fmt in FORMATS.items() if fmt.signature & set(state)]
+    if len(found) > 1:
+        raise CheckpointError(f"checkpoint has keys of several reference formats ({', '.join(found)}); "
+                              f"cannot tell how to rename it")
+    return found[0] if found else None
+
+
+def _listing(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def convert_state(state: dict, fmt: str) -> tuple[dict, list[str]]:
+    """Rename a reference state dict to our keys: -> (our state dict, reference keys ignored by design).
+
+    Raises CheckpointError naming every key the table does not cover.
+    """
+    f = FORMATS[fmt]
+    converted, ignored, unknown = {}, [], []
+    for key, value in state.items():
+        if key in f.dead:
+            ignored.append(key)
+        elif (ours := f.our_key(key)) is not None:
+            converted[ours] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} key(s) of this {f.title} checkpoint are not in the reference key "
+                              f"table (models/reference_checkpoints.py): {_listing(sorted(unknown))}")
+    return converted, sorted(ignored)
+
+
+def load_reference_state(model: torch.nn.Module, state: dict, fmt: str | None = None,
+                         source: str | Path = "checkpoint") -> LoadReport:
+    """Rename a reference checkpoint's state dict and load it strictly into `model`.
+
+    Missing, unknown and wrongly shaped keys raise CheckpointError with both names (reference and
+    ours); ADNet's dead ASPP keys are the only ones dropped (logged, and listed in the report).
+    """
+    fmt = fmt or detect_format(state)
+    if fmt is None:
+        raise CheckpointError(f"{source} is not a Q-Net or ADNet reference checkpoint (none of the keys "
+                              f"{', '.join(sorted(set().union(*(f.signature for f in FORMATS.values()))))})")
+    f = FORMATS[fmt]
+    try:
+        converted, ignored = convert_state(state, fmt)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    own = model.state_dict()
+    problems = []
+    missing = sorted(set(own) - set(converted))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of our model are not in the file: " + _listing(
+            [f"{k} (reference name {f.reference_key(k) or 'none: no reference counterpart'})" for k in missing]))
+    unexpected = sorted(set(converted) - set(own))
+    if unexpected:
+        problems.append(f"{len(unexpected)} key(s) of the file have no tensor in our model: " + _listing(
+            [f"{f.reference_key(k)} (renamed {k})" for k in unexpected]))
+    for key in sorted(set(own) & set(converted)):
+        value, want = converted[key], own[key].shape
+        if value.shape == want:
+            continue
+        if key in f.reshape and value.numel() == own[key].numel():
+            converted[key] = value.reshape(want)
+        else:
+            problems.append(f"{f.reference_key(key)} has shape {tuple(value.shape)}, our {key} has {tuple(want)}")
+    if problems:
+        layout = getattr(getattr(model, "encoder", None), "layout_name", "?")
+        head = type(getattr(model, "head", None)).__name__
+        raise CheckpointError(
+            f"{source} is a {f.title} checkpoint that does not fit this model (encoder {layout}, head {head}): "
+            + "; ".join(problems) + f". {f.title} checkpoints load into `with {f.method}`.")
+    model.load_state_dict(converted, strict=True)
+    if ignored:
+        log.info("%s: ignored by design %d unused %s tensors (%s)", source, len(ignored), f.title, _listing(ignored, 3))
+    log.info("loaded %s checkpoint %s: %d tensors renamed to our keys", f.title, source, len(converted))
+    return LoadReport(fmt, len(converted), ignored)
