@@ -30,7 +30,7 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None)
     """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir."""
     device = resolve_device(cfg["device"])
     spec, store, fold = fold_data(cfg)
-    options = protocol_options(cfg)
+    options = protocol_options(cfg, device)
     classes = spec.check_label_ids(cfg["test_labels"], "test_labels")
     checkpoint = "in-memory model"
     if model is None:

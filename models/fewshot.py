@@ -15,6 +15,15 @@ from models.episode_norm import episodes_of
 from models.heads.common import HeadOutput
 
 
+def _head_in_fp32(head, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+    """Heads run in float32 even under autocast: cosines, thresholds, soft clustering and Q-Net's
+    refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa."""
+    device_type = support_masks.device.type
+    with torch.autocast(device_type, enabled=False):
+        return head({k: v.float() for k, v in support.items()}, support_masks.float(),
+                    {k: v.float() for k, v in query.items()})
+
+
 def split_features(features: dict[str, torch.Tensor], B: int, S: int) -> tuple[dict, dict]:
     """Maps of B*(S+Q) images, grouped by episode -> (support B x S x ..., query B x Q x ...)."""
     support, query = {}, {}
@@ -62,8 +71,8 @@ class FewShotSegmenter(nn.Module):
         with episodes_of(self.encoder, images.shape[1]):    # per-episode BatchNorm statistics, if enabled
             features = self.encode(images.flatten(0, 1))
         support, query = split_features(features, B, S)
-        return self.head(support, support_masks, query)
+        return _head_in_fp32(self.head, support, support_masks, query)
 
     def segment(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         """Run the head on features computed beforehand (evaluation caches the support's)."""
-        return self.head(support, support_masks, query)
+        return _head_in_fp32(self.head, support, support_masks, query)

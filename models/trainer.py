@@ -41,7 +41,8 @@ from dataloaders.augment import AugmentParams
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
 from models.builders import (
-    autocast_dtype, build_episode_dataset, build_model, fold_data, resolve_device, use_channels_last,
+    autocast_dtype, build_episode_dataset, build_model, episodes_per_step, fold_data, resolve_device,
+    use_channels_last,
 )
 from models.heads.common import episode_nll
 
@@ -251,7 +252,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     step = StepRunner(trained, optimizer, cfg, device)
 
     tcfg = cfg["train"]
-    n_steps, B = int(tcfg["n_steps"]), int(tcfg["batch_episodes"])
+    n_steps, B = int(tcfg["n_steps"]), episodes_per_step(cfg, device)
     if n_steps < 1 or B < 1:
         raise ValueError(f"train.n_steps and train.batch_episodes must be >= 1, got {n_steps}, {B}")
     per_step = B * ddp.world

@@ -8,8 +8,9 @@ Modes (each a set of config keys; "fast" is what the defaults give):
 
 - reference: one episode per step, fp32, NCHW, augmentation with OpenCV in the loader, evaluation
   slice by slice with support and query re-encoded for every slice and class (the references' loop);
-- fast: --batch-episodes episodes per step, bf16 autocast on CUDA, channels_last, augmentation on
-  the device, evaluation with cached features and batched query slices.
+- fast: the defaults: episodes per step and evaluation batch "auto" (8 and 16 on CUDA, 1 and 4 on
+  the CPU), bf16 autocast for the encoder (CUDA, or a CPU with native bf16), channels_last,
+  augmentation on the device, evaluation with cached features.
 
 Data: synthetic phantoms at --size (written once under --data-dir), fold 0. Each (method, device,
 mode) runs in its own process, so its peak host memory (max RSS) is its own; device memory is
@@ -27,18 +28,18 @@ import time
 from pathlib import Path
 
 MODES = {
-    "reference": {"train.amp": "off", "train.channels_last": False, "augment.on_device": False,
-                  "evaluation.batch_size": 1, "evaluation.cache_features": False},
-    "fast": {"train.amp": "auto", "train.channels_last": True, "augment.on_device": True,
-             "evaluation.batch_size": 16, "evaluation.cache_features": True},
+    "reference": {"train.batch_episodes": 1, "train.amp": "off", "train.channels_last": False,
+                  "augment.on_device": False, "evaluation.batch_size": 1, "evaluation.cache_features": False},
+    "fast": {"train.batch_episodes": "auto", "train.amp": "auto", "train.channels_last": "auto",
+             "augment.on_device": True, "evaluation.batch_size": "auto", "evaluation.cache_features": True},
 }
 SUPERPIXEL_METHODS = ("alpnet", "dspnet")
 
 
-def prepare_data(data_dir: Path, size: int, slices: int, methods) -> Path:
+def prepare_data(data_dir: Path, size: int, slices: int, methods, n_scans: int = 10) -> Path:
     from data.phantoms import generate_phantoms
     from data.pseudolabels import generate_pseudolabels
-    generate_phantoms(data_dir, n_scans=6, size=size, slices=slices, progress=False)
+    generate_phantoms(data_dir, n_scans=n_scans, size=size, slices=slices, progress=False)
     if any(m in SUPERPIXEL_METHODS for m in methods):
         generate_pseudolabels(data_dir, "SYNTH", kind="superpixels", progress=False, summary=False)
     return data_dir
@@ -47,9 +48,10 @@ def prepare_data(data_dir: Path, size: int, slices: int, methods) -> Path:
 def mode_config(method: str, mode: str, device: str, data_dir: Path, log_dir: Path, batch_episodes: int,
                 extra: dict | None = None) -> dict:
     from configs.experiment import build_config
-    updates = {"device": device, "encoder.weights": "none", "train.num_workers": 0,
-               "train.batch_episodes": 1 if mode == "reference" else batch_episodes,
-               **MODES[mode], **(extra or {})}
+    updates = {"device": device, "encoder.weights": "none", "train.num_workers": 0, **MODES[mode]}
+    if mode == "fast" and batch_episodes:
+        updates["train.batch_episodes"] = batch_episodes
+    updates.update(extra or {})
     return build_config(method, "SYNTH", data_dir, log_dir, updates=updates)
 
 
@@ -64,7 +66,9 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
     import torch
     from dataloaders.episodes import collate_episodes
     from dataloaders.protocol import Evaluator
-    from models.builders import autocast_dtype, build_episode_dataset, fold_data, protocol_options, resolve_device
+    from models.builders import (
+        autocast_dtype, build_episode_dataset, episodes_per_step, fold_data, protocol_options, resolve_device,
+    )
     from models.trainer import StepRunner, lr_at, make_optimizer, prepare_model, seed_everything
 
     device = resolve_device(cfg["device"])
@@ -73,7 +77,7 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
     dataset = build_episode_dataset(cfg, store, fold.train_ids, int(cfg["seed"]))
     model = prepare_model(cfg, device).train()
     runner = StepRunner(model, make_optimizer(model, cfg), cfg, device)
-    B = int(cfg["train"]["batch_episodes"])
+    B = episodes_per_step(cfg, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=B, sampler=range((steps + warmup) * B),
                                          collate_fn=collate_episodes, num_workers=int(cfg["train"]["num_workers"]))
     if device.type == "cuda":
@@ -87,11 +91,12 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
     _sync(device)
     train_rate = steps * B / (time.perf_counter() - start)
 
-    evaluator = Evaluator(model, store, spec, fold, protocol_options(cfg), device=device,
+    evaluator = Evaluator(model, store, spec, fold, protocol_options(cfg, device), device=device,
                           autocast_dtype=autocast_dtype(cfg["train"]["amp"], device), progress=False)
     result = evaluator.run(spec.eval_labels)
     _sync(device)
     return {
+        "batch": B,
         "train_episodes_per_s": train_rate,
         "eval_slices_per_s": result.n_query_slices / result.seconds,
         "eval_slices": result.n_query_slices,
@@ -158,10 +163,12 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["adnet", "qnet", "alpnet", "dspnet"])
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, and cuda if present)")
     parser.add_argument("--size", type=int, default=256, help="image size (phantoms are generated at this size)")
-    parser.add_argument("--slices", type=int, default=12, help="slices per phantom")
+    parser.add_argument("--slices", type=int, default=24, help="slices per phantom (the real scans have 11-46)")
+    parser.add_argument("--scans", type=int, default=10, help="phantoms (fold 0 evaluates scans 1-2 with 3 as support)")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
-    parser.add_argument("--batch-episodes", type=int, default=4, help="episodes per step in fast mode")
+    parser.add_argument("--batch-episodes", type=int, default=0,
+                        help="episodes per step in fast mode (default: the config's auto, 8 on CUDA, 1 on CPU)")
     parser.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=list(MODES))
     parser.add_argument("--quality", type=int, default=0,
                         help="also train this many episodes in each mode and compare the Dice (slow)")
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
 
     import torch
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    data_dir = prepare_data(args.data_dir / f"SYNTH_{args.size}", args.size, args.slices, args.methods)
+    data_dir = prepare_data(args.data_dir / f"SYNTH_{args.size}_{args.slices}x{args.scans}", args.size, args.slices,
+                            args.methods, args.scans)
     work = args.data_dir.parent / "work"
     rows, quality_rows = [], []
     for method in args.methods:
@@ -184,8 +192,7 @@ def main(argv=None) -> int:
                 cfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes)
                 print(f"measuring {method} on {device}, {mode} mode ...", flush=True)
                 r = spawn(cfg, work / f"{method}_{device}_{mode}", args)
-                rows.append({"method": method, "device": device, "mode": mode,
-                             "batch": cfg["train"]["batch_episodes"], **r})
+                rows.append({"method": method, "device": device, "mode": mode, **r})
                 if args.quality:
                     qcfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes,
                                        {"train.n_steps": args.quality, "train.snapshot_every": args.quality,

@@ -11,7 +11,7 @@ from tests.conftest import PROJECT_ROOT
 # that mask and change the loss discontinuously, so it is off here; what is compared is how the
 # processes share episodes, gradients and BatchNorm statistics.
 COMMON = ["-l", "WARNING", "with", "demo", "train.n_steps=2", "train.print_every=2", "train.snapshot_every=2",
-          "encoder.bn_statistics=episode", "head.align=False", "evaluation.n_overlays=0"]
+          "encoder.bn_statistics=episode", "head.align=False", "train.amp=off", "evaluation.n_overlays=0"]
 
 
 def _final_state(log_dir):

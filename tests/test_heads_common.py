@@ -59,3 +59,13 @@ def test_two_class_log_probs_clamp():
     assert lp.shape == (2, 1, 3)
     torch.testing.assert_close(lp.exp()[:, 0, 2], torch.tensor([0.75, 0.25]))
     assert lp.exp().min() >= EPS_FLOAT32 * 0.99
+
+
+def test_cosine_with_precomputed_norms_matches_torch():
+    from models.heads.common import cosine_to_prototype, feature_norms
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 16, 5, 5)
+    f[0, 0, :, 0, 0] = 0.0                                   # a zero feature vector: eps clamp
+    p = torch.randn(2, 3, 16)
+    torch.testing.assert_close(cosine_to_prototype(f, p, norms=feature_norms(f)), cosine_to_prototype(f, p),
+                               rtol=1e-5, atol=1e-6)

@@ -302,3 +302,19 @@ def test_method_config_alpha_per_setting_and_head_from_config():
     options = {k: v for k, v in s2["head"].items() if k != "name"}
     head = build_head(s2["head"]["name"], **options)
     assert head.alpha == (0.6, 0.4) and head.refine_steps == 7 and head.refine_loss == "reference"
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])      # 3.0: the prototype holds the map's extremes
+def test_fast_reference_loss_has_the_full_map_gradient(scale):
+    from models.heads.qnet import _ReferenceRefinementLoss, minmax_sigmoid
+    torch.manual_seed(0)
+    f = torch.randn(3, 6, 5, 5)
+    fg = torch.rand(3, 5, 5) > 0.6
+    fg[2] = False                                      # a slice without predicted foreground
+    slope = torch.logit(minmax_sigmoid(f))
+    proto = (torch.randn(3, 6) * scale).requires_grad_(True)
+    full = -(minmax_sigmoid(torch.where(fg.unsqueeze(1), proto[:, :, None, None], f)) * slope).mean(dim=(1, 2, 3))
+    (g_full,) = torch.autograd.grad(full.sum(), proto)
+    fast = _ReferenceRefinementLoss(f, slope)(proto, fg)
+    (g_fast,) = torch.autograd.grad(fast.sum(), proto)
+    torch.testing.assert_close(g_fast, g_full, rtol=1e-5, atol=1e-7)

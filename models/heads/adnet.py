@@ -23,13 +23,14 @@ from models.heads.common import (
 
 
 def anomaly_fg_probability(features: torch.Tensor, prototype: torch.Tensor, threshold: torch.Tensor,
-                           scaler: float, kappa: float) -> torch.Tensor:
+                           scaler: float, kappa: float, norms: torch.Tensor | None = None) -> torch.Tensor:
     """P_fg = 1 - sigmoid(kappa (-S cos(F, p) - T)).
 
     features: B x N x C x h x w; prototype: B x C; threshold: broadcastable to B x N x 1 x 1
-    (a scalar for ADNet, one value per query image for Q-Net)  ->  B x N x h x w.
+    (a scalar for ADNet, one value per query image for Q-Net); norms: optional precomputed
+    feature_norms(features)  ->  B x N x h x w.
     """
-    score = -scaler * cosine_to_prototype(features, prototype.unsqueeze(1))
+    score = -scaler * cosine_to_prototype(features, prototype.unsqueeze(1), norms=norms)
     return 1.0 - torch.sigmoid(kappa * (score - threshold))
 
 

@@ -79,12 +79,24 @@ def masked_average_pool_lowres(features: torch.Tensor, masks: torch.Tensor, eps:
     return num / (masks.sum(dim=(-2, -1)).to(features.dtype).unsqueeze(-1) + eps)
 
 
-def cosine_to_prototype(features: torch.Tensor, prototype: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def feature_norms(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """... x C x h x w -> ... x h x w: the clamped L2 norms cosine_to_prototype divides by."""
+    return torch.linalg.vector_norm(features, dim=-3).clamp_min(eps)
+
+
+def cosine_to_prototype(features: torch.Tensor, prototype: torch.Tensor, eps: float = 1e-8,
+                        norms: torch.Tensor | None = None) -> torch.Tensor:
     """torch cosine similarity of every feature vector to one prototype per image.
 
-    features: ... x C x h x w;  prototype: ... x C  ->  ... x h x w.
+    features: ... x C x h x w;  prototype: ... x C  ->  ... x h x w. `norms` (feature_norms of the
+    same features) lets a caller that scores many prototypes against fixed features (Q-Net's
+    refinement) compute the feature norms once: x.p / (max(|x|, eps) max(|p|, eps)), which is
+    torch's cosine_similarity up to float rounding.
     """
-    return F.cosine_similarity(features, prototype[..., None, None], dim=-3, eps=eps)
+    if norms is None:
+        return F.cosine_similarity(features, prototype[..., None, None], dim=-3, eps=eps)
+    dot = torch.einsum("...chw,...c->...hw", features, prototype)
+    return dot / (norms * torch.linalg.vector_norm(prototype, dim=-1).clamp_min(eps)[..., None, None])
 
 
 # ----------------------------------------------------------------------------- losses

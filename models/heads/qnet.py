@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads.adnet import anomaly_fg_probability
-from models.heads.common import HeadOutput, episode_nll, masked_average_pool, two_class_log_probs, upsample_bilinear
+from models.heads.common import (
+    HeadOutput, episode_nll, feature_norms, masked_average_pool, two_class_log_probs, upsample_bilinear,
+)
 
 SCALES = ("layer3", "layer4")       # scale index 0 (fine, weight a_0) and 1 (coarse, weight a_1)
 MAP_EPS = 1e-5                      # the references' denominator guard in masked average pooling
@@ -50,6 +52,53 @@ def minmax_sigmoid(x: torch.Tensor) -> torch.Tensor:
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     return torch.sigmoid((x - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny))
+
+
+class _ReferenceRefinementLoss:
+    """The reference refinement loss -mean(B logit(A)) per slice, with its exact gradient in p,
+    computed without building the full reconstructed map F' at every step.
+
+    B = sigmoid((F' - lo) / (hi - lo)) where F' is F with the prototype p written into the predicted
+    foreground pixels and lo, hi the min and max of F' over all channels and pixels. So
+
+        sum B logit(A) = sum_c sigmoid(z_c) S_c + G(lo, hi),   z_c = (p_c - lo) / (hi - lo),
+
+    with S_c the sum of logit(A) over channel c's foreground pixels, and G the background's share,
+    which depends on p only through lo and hi: when p holds neither extreme, G is a constant and is
+    left out (the gradient is unchanged; only the loss value shifts); otherwise it is computed for
+    those slices. Per step this costs one masked sum instead of several differentiated passes over
+    the C x h x w maps.
+    """
+
+    def __init__(self, features: torch.Tensor, slope: torch.Tensor):
+        N, C, h, w = features.shape
+        self.features, self.slope = features, slope                     # N x C x h x w
+        self.slope_flat = slope.reshape(N, C, h * w)
+        self.pixel_min = features.amin(dim=1).reshape(N, h * w)          # extremes over channels, per pixel
+        self.pixel_max = features.amax(dim=1).reshape(N, h * w)
+        self.n_elements = C * h * w
+
+    def __call__(self, proto: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+        """proto: N x C (requires grad); fg: N x h x w bool -> N per-slice losses."""
+        N = proto.shape[0]
+        mask = fg.reshape(N, -1)
+        with torch.no_grad():
+            fg_slope = torch.einsum("ncx,nx->nc", self.slope_flat, mask.to(self.slope_flat.dtype))   # S_c
+            lo_bg = torch.where(mask, torch.inf, self.pixel_min).amin(dim=1)
+            hi_bg = torch.where(mask, -torch.inf, self.pixel_max).amax(dim=1)
+            has_fg = mask.any(dim=1)
+        lo = torch.where(has_fg, torch.minimum(lo_bg, proto.amin(dim=1)), lo_bg)
+        hi = torch.where(has_fg, torch.maximum(hi_bg, proto.amax(dim=1)), hi_bg)
+        span = (hi - lo).clamp_min(torch.finfo(proto.dtype).tiny)
+        total = (torch.sigmoid((proto - lo[:, None]) / span[:, None]) * fg_slope).sum(dim=1)
+        holds_extreme = has_fg & ((proto.detach().amin(dim=1) < lo_bg) | (proto.detach().amax(dim=1) > hi_bg))
+        idx = torch.nonzero(holds_extreme).flatten()
+        if len(idx):
+            bg = ~fg[idx].unsqueeze(1)
+            z = (self.features[idx] - lo[idx, None, None, None]) / span[idx, None, None, None]
+            share = (torch.sigmoid(z) * self.slope[idx] * bg).sum(dim=(1, 2, 3))
+            total = total.index_add(0, idx, share)
+        return -total / self.n_elements
 
 
 class QNetHead(nn.Module):
@@ -217,19 +266,21 @@ class QNetHead(nn.Module):
                 # second term does not depend on p, so the gradient is that of -mean(B logit(A)).
                 # A lies in [sigmoid(0), sigmoid(1)], where BCE's log clamp (-100) never acts.
                 slope = torch.logit(original)
+                reference = _ReferenceRefinementLoss(f, slope)
             p = fg_prob.detach().float().reshape(B * Q, h, w)
+            norms = feature_norms(f.unsqueeze(1))              # fixed features: their norms once, not per step
             for _ in range(self.refine_steps):
-                fg = predicted_foreground(p).unsqueeze(1)                      # (B*Q) x 1 x h x w
-                # F' = F (1 - m) + p m, written as a selection (the same values, fewer full-size passes)
-                recon = minmax_sigmoid(torch.where(fg, proto[:, :, None, None], f))   # B
+                fg = predicted_foreground(p)                                   # (B*Q) x h x w
                 if self.refine_loss == "reference":
-                    per_slice = -(recon * slope).mean(dim=(1, 2, 3))
+                    per_slice = reference(proto, fg)
                 else:
+                    # F' = F (1 - m) + p m, written as a selection (the same values, fewer full-size passes)
+                    recon = minmax_sigmoid(torch.where(fg.unsqueeze(1), proto[:, :, None, None], f))   # B
                     per_slice = F.binary_cross_entropy(recon, original, reduction="none").mean(dim=(1, 2, 3))
                 loss = per_slice.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    p = anomaly_fg_probability(f.unsqueeze(1), proto, t, self.scaler, self.kappa)[:, 0]
+                    p = anomaly_fg_probability(f.unsqueeze(1), proto, t, self.scaler, self.kappa, norms)[:, 0]
         return proto.detach().view(B, Q, C).to(prototypes.dtype)
