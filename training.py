@@ -10,7 +10,6 @@ snapshots/<episodes>.pth). See README.md for every configuration key.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from configs.experiment import make_experiment
@@ -23,7 +22,6 @@ def main(_config, _run):
     from configs.runs import write_provenance
     from models.builders import resolve_device
     from models.trainer import train
-    logging.getLogger().setLevel(logging.INFO)
     cfg = json.loads(json.dumps(_config))
     if _run.observers:
         run_dir = Path(_run.observers[0].dir)

@@ -10,7 +10,6 @@ in the scans' geometry, PNG overlays) go to <log_dir>/test/<exp_name>/<run id>/.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from configs.experiment import make_experiment
@@ -21,7 +20,6 @@ ex = make_experiment("test", record="test")
 @ex.main
 def main(_config, _run):
     from models.evaluation import evaluate
-    logging.getLogger().setLevel(logging.INFO)
     cfg = json.loads(json.dumps(_config))
     run_dir = Path(_run.observers[0].dir) if _run.observers else None
     result = evaluate(cfg, run_dir)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -178,6 +179,19 @@ def unknown_keys(config: dict, tree: dict, prefix: str = "") -> list[tuple[str, 
     return found
 
 
+def _positive_int_or_auto(value) -> bool:
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+# the "auto" keys of base.yaml: what else each accepts
+AUTO_CHOICES = {
+    "train.batch_episodes": (_positive_int_or_auto, "'auto' or a positive whole number"),
+    "evaluation.batch_size": (_positive_int_or_auto, "'auto' or a positive whole number"),
+    "train.amp": (lambda v: v in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
+    "train.channels_last": (lambda v: v == "auto" or isinstance(v, bool), "'auto', True or False"),
+}
+
+
 def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
     """Values whose kind contradicts the default's: a bool must stay a bool (on the command line
     `key=false` is the string 'false'; Sacred wants Python literals, `key=False`), numbers stay
@@ -196,6 +210,11 @@ def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
         elif isinstance(default, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 found.append(f"{name} must be a number, got {value!r}")
+            elif isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+                found.append(f"{name} counts something: a whole number, got {value!r}")
+        elif default == "auto" and name in AUTO_CHOICES:
+            if not AUTO_CHOICES[name][0](value):
+                found.append(f"{name} must be {AUTO_CHOICES[name][1]}, got {value!r}")
         elif isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
             found.append(f"{name} must be a list like {list(default)!r}, got {value!r}")
     return found
@@ -219,10 +238,43 @@ def check_config(config: dict) -> None:
         raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
 
 
+def auto_keys(tree: dict | None = None, prefix: str = "") -> set[str]:
+    """Dotted keys whose base default is "auto" (they take "auto" or a number / bool)."""
+    tree = _load_yaml(CONFIG_DIR / "base.yaml") if tree is None else tree
+    keys = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys |= auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.add(prefix + key)
+    return keys
+
+
+class _AutoKeyTypeChangeFilter(logging.Filter):
+    """Sacred warns when an update changes a value's type. For the "auto" keys that change is how
+    they are meant to be set (`train.batch_episodes=4`), and check_config checks the value, so the
+    warning would only teach users to ignore warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.quoted = tuple(f'"{key}"' for key in auto_keys())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Changed type of config entry") and any(q in message for q in self.quoted))
+
+
+def _silence_auto_key_type_changes() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, _AutoKeyTypeChangeFilter) for f in root.filters):
+        root.addFilter(_AutoKeyTypeChangeFilter())
+
+
 def make_experiment(name: str, record: str | None = None) -> Experiment:
     """The Sacred experiment with every named config; `record` ("train" or "test") makes its main
     command record runs under <log_dir>/<record>/<exp_name>/ (see add_observer)."""
     ex = Experiment(name, save_git_info=False)
+    _silence_auto_key_type_changes()
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.config(experiment_config)
     for path in sorted(METHOD_DIR.glob("*.yaml")):

@@ -49,12 +49,12 @@ class Structure:
 
 # x: towards patient left (liver at negative x); y: towards posterior (spine at y = 0.58); z: superior
 ANATOMY = (
-    Structure("stomach", 0, (0.18, -0.25, 0.55), (0.20, 0.16, 0.16), 105.0, texture=0.25),
-    Structure("liver", 1, (-0.36, -0.08, 0.66), (0.36, 0.36, 0.26), 65.0),
-    Structure("spleen", 4, (0.48, 0.18, 0.66), (0.14, 0.20, 0.17), 135.0),
-    Structure("right_kidney", 2, (-0.30, 0.38, 0.40), (0.12, 0.15, 0.20), 175.0, roughness=0.10),
-    Structure("left_kidney", 3, (0.30, 0.38, 0.44), (0.12, 0.15, 0.20), 175.0, roughness=0.10),
-    Structure("gallbladder", 0, (-0.16, -0.34, 0.50), (0.06, 0.07, 0.08), 235.0, roughness=0.05),
+    Structure("stomach", 0, (0.20, -0.28, 0.55), (0.22, 0.16, 0.16), 105.0, texture=0.25),
+    Structure("liver", 1, (-0.38, -0.10, 0.66), (0.40, 0.40, 0.26), 65.0),
+    Structure("spleen", 4, (0.52, 0.16, 0.66), (0.20, 0.26, 0.17), 135.0),
+    Structure("right_kidney", 2, (-0.34, 0.36, 0.40), (0.17, 0.21, 0.20), 175.0, roughness=0.10),
+    Structure("left_kidney", 3, (0.34, 0.36, 0.44), (0.17, 0.21, 0.20), 175.0, roughness=0.10),
+    Structure("gallbladder", 0, (-0.14, -0.38, 0.50), (0.07, 0.08, 0.08), 235.0, roughness=0.05),
 )
 
 
@@ -91,7 +91,7 @@ def make_phantom(scan_id: int, size: int = 128, slices: int = 24, seed: int = 0)
     coarse = (4, 6, 6)
 
     # body: ellipse whose size changes slowly with z, a fat rim, textured soft tissue inside
-    ax, ay = rng.uniform(0.80, 0.92), rng.uniform(0.62, 0.74)
+    ax, ay = rng.uniform(0.86, 0.95), rng.uniform(0.70, 0.80)
     taper = 1.0 + rng.uniform(-0.06, 0.06) * (z - 0.5)
     body_r = np.sqrt((x / (ax * taper)) ** 2 + ((y - 0.05) / (ay * taper)) ** 2) + 0 * z
     body = body_r < 1.0

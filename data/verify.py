@@ -13,7 +13,8 @@ Errors (the dataset cannot be used as it is):
   those scans are checked and others are ignored);
 - a file that is unreadable or not 3-D; image and label shapes differ; their spacing, origin or
   direction differ by more than 1e-4 (relative, 1e-4 absolute near zero);
-- in-plane size other than 256 x 256 for the built-in datasets (CHAOST2, CMR, SABS);
+- in-plane size other than the spec's `preprocessing.size` (256 x 256 for CHAOST2, CMR, SABS);
+  without a preprocessing block, in-plane sizes that differ between scans (a warning);
 - fewer than 3 slices (the adjacent-slice episode samplers of ADNet / Q-Net and the 3-part support
   protocol need at least 3) or more than 1000 (no abdominal or cardiac scan here comes near; more
   suggests a wrongly stacked series, and a 1000 x 256 x 256 float64 volume already takes 0.5 GB);
@@ -43,11 +44,17 @@ import numpy as np
 from data.io import DataError, read_geometry
 from data.preprocessing import read_array_exact
 
-IN_PLANE_SIZE = {"CHAOST2": (256, 256), "CMR": (256, 256), "SABS": (256, 256)}
 MIN_SLICES = 3
 MAX_SLICES = 1000
 GEOMETRY_RTOL = 1e-4
 GEOMETRY_ATOL = 1e-4
+
+
+def expected_in_plane(spec) -> tuple[int, int] | None:
+    """The in-plane size the spec's own preprocessing produces, or None when it declares none."""
+    prep = spec.preprocessing
+    return None if prep is None else (prep.size, prep.size)
+
 
 _FILE_RE = re.compile(r"^(image|label)_(\d+)\.(nii\.gz|nii)$")
 _CLASSMAP_RE = re.compile(r"^classmap_(\d+)\.json$")
@@ -154,7 +161,7 @@ def _check_headers(spec, image: Path, label: Path, report: Report):
                      f"{tuple(round(d, 4) for d in label_geometry.direction)} differs from its image's "
                      f"{geometry.describe()}, direction {tuple(round(d, 4) for d in geometry.direction)}")
         ok = False
-    expected_plane = IN_PLANE_SIZE.get(spec.name.upper())
+    expected_plane = expected_in_plane(spec)
     if expected_plane is not None and tuple(shape[1:]) != expected_plane:
         report.error(f"{image}: in-plane size {shape[1]}x{shape[2]}, expected "
                      f"{expected_plane[0]}x{expected_plane[1]}; re-run the {spec.name} preprocessing")
@@ -279,7 +286,7 @@ def verify_dataset(data_dir: str | Path, spec, ids: Sequence[int] | None = None,
             if absent:
                 report.warn(f"{labels[scan_id]}: evaluated class(es) "
                             f"{', '.join(spec.label_name(c) for c in absent)} absent from this scan")
-    if spec.name.upper() not in IN_PLANE_SIZE and len(set(planes.values())) > 1:
+    if expected_in_plane(spec) is None and len(set(planes.values())) > 1:
         report.warn(f"{folder}: in-plane sizes differ between scans: "
                     + ", ".join(f"{i}: {p[0]}x{p[1]}" for i, p in list(planes.items())[:10]))
     known = set(images) | set(labels) | uncompressed | set(spec.expected_ids or ())

@@ -50,6 +50,25 @@ def test_values_of_the_wrong_kind():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("train.batch_episodes", "abc", "train.batch_episodes must be 'auto' or a positive whole number"),
+    ("evaluation.batch_size", 0, "evaluation.batch_size must be 'auto' or a positive whole number"),
+    ("train.amp", "fp16", "train.amp must be 'auto', 'bf16' or 'off'"),
+    ("train.channels_last", "yes", "train.channels_last must be 'auto', True or False"),
+    ("train.n_steps", 1.5, "train.n_steps counts something: a whole number"),
+])
+def test_auto_keys_and_counts_are_checked(key, value, message):
+    section, name = key.split(".")
+    cfg = _config()
+    cfg[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+    cfg = _config()
+    cfg["train"].update(batch_episodes=4, amp="off", channels_last=False, n_steps=2000.0)
+    cfg["evaluation"]["batch_size"] = 2
+    check_config(cfg)
+
+
 def test_unknown_method_and_dataset():
     with pytest.raises(ConfigError, match="unknown method 'adnett'.*did you mean 'adnet'"):
         method_defaults("adnett", "CHAOST2")
@@ -74,3 +93,6 @@ def test_print_config_and_typo_on_the_command_line():
     assert "test_labels = [2, 3]" in ok.stdout and "n_sv = 5000" in ok.stdout
     bad = _cli("print_config", "with", "chaost2", "optim.lrr=0.1")
     assert bad.returncode != 0 and "unknown config key 'optim.lrr'" in bad.stderr + bad.stdout
+    # setting an "auto" key to a number is how it is meant to be used: no type-change warning
+    auto = _cli("print_config", "with", "adnet", "train.batch_episodes=4", "train.channels_last=False")
+    assert auto.returncode == 0 and "Changed type" not in auto.stderr + auto.stdout, auto.stderr
