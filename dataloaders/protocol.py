@@ -207,12 +207,20 @@ class Evaluator:
                             f"support with evaluation.supp_idx or drop the class from test_labels")
         return labelled
 
-    def _support(self, class_id: int) -> tuple[list[int], dict, torch.Tensor]:
+    def _supports(self, class_ids) -> dict[int, tuple[list[int], dict, torch.Tensor]]:
+        """class -> (support slices, their features, their masks). Classes share slices of the one
+        support scan, so each distinct slice is encoded once, as on the query side."""
         scan = self.store.scan(self.support_id)
-        zs = support_slices(self._support_labelled(class_id), self.options.n_part)
-        feats = self._encode(scan, zs)
-        masks = torch.from_numpy((scan.label[zs] == class_id).astype(np.float32)).to(self.device)
-        return zs, feats, masks
+        slices = {c: support_slices(self._support_labelled(c), self.options.n_part) for c in class_ids}
+        needed = np.unique(np.concatenate([np.asarray(zs) for zs in slices.values()]))
+        feats = self._encode(scan, needed)
+        row_of = {int(z): i for i, z in enumerate(needed)}
+        out = {}
+        for c, zs in slices.items():
+            rows = torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
+            masks = torch.from_numpy((scan.label[zs] == c).astype(np.float32)).to(self.device)
+            out[c] = (zs, _take(feats, rows), masks)
+        return out
 
     def _predict(self, support_feats: dict, support_mask: torch.Tensor, query_feats: dict) -> torch.Tensor:
         """One support (feats with leading 1, mask H x W) against Q query slices -> Q x H x W bool."""
@@ -248,13 +256,13 @@ class Evaluator:
         opts = self.options
         result = EvaluationResult(self.spec.name, self.fold.index, self.support_id, self.query_ids)
         supports = {}
-        for c in class_ids:
-            if opts.cache_features:
-                zs, feats, masks = self._support(c)
+        if opts.cache_features:
+            for c, (zs, feats, masks) in self._supports(class_ids).items():
                 supports[c] = (feats, masks)
-            else:
-                zs = support_slices(self._support_labelled(c), opts.n_part)
-            result.support_slices[c] = zs
+                result.support_slices[c] = zs
+        else:
+            for c in class_ids:
+                result.support_slices[c] = support_slices(self._support_labelled(c), opts.n_part)
         bar = tqdm(self.query_ids, desc=f"fold {self.fold.index} queries", disable=not self.progress,
                    unit="scan")
         for scan_id in bar:
