@@ -1,7 +1,7 @@
 """Training and evaluation speed, reference-like against fast mode, for every method: one table.
 
     python -m scripts.benchmark [--methods adnet qnet alpnet dspnet] [--devices cpu cuda] [--size 256]
-                                [--steps 4] [--warmup 1] [--batch-episodes 4] [--out results/benchmark.md]
+                                [--steps 10] [--warmup 3] [--batch-episodes 4] [--out results/benchmark.md]
     python -m scripts.benchmark --methods adnet --quality 600 --size 128    # + Dice after equal episodes
 
 Modes (each a set of config keys; "fast" is what the defaults give):
@@ -165,8 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image size (phantoms are generated at this size)")
     parser.add_argument("--slices", type=int, default=24, help="slices per phantom (the real scans have 11-46)")
     parser.add_argument("--scans", type=int, default=10, help="phantoms (fold 0 evaluates scans 1-2 with 3 as support)")
-    parser.add_argument("--steps", type=int, default=4, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed training steps first (oneDNN builds its kernels on the first calls)")
     parser.add_argument("--batch-episodes", type=int, default=0,
                         help="episodes per step in fast mode (default: the config's auto, 8 on CUDA, 1 on CPU)")
     parser.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=list(MODES))
