@@ -188,7 +188,7 @@ def _bar_chart(table: Table, path: Path) -> None:
     for i, method in enumerate(methods):
         stats = [table.organ_stats(method, o) for o in table.organs]
         means = [100 * s[0] for s in stats] + [100 * table.overall(method)]
-        stds = [100 * s[1] for s in stats] + [0.0]
+        stds = [100 * s[1] for s in stats] + [np.nan]   # the papers give no spread for the overall mean
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method)
     ax.set_xticks(x, table.organs + ["Mean"])
     ax.set_ylabel("Dice (%)")
