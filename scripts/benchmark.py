@@ -8,7 +8,7 @@ Modes (each a set of config keys; "fast" is what the defaults give):
 
 - reference: one episode per step, fp32, NCHW, augmentation with OpenCV in the loader, evaluation
   slice by slice with support and query re-encoded for every slice and class (the references' loop);
-- fast: the defaults: episodes per step and evaluation batch "auto" (8 and 16 on CUDA, 1 and 4 on
+- fast: the defaults: episodes per step and evaluation batch "auto" (8 and 16 on CUDA, 1 and 1 on
   the CPU), bf16 autocast for the encoder (CUDA, or a CPU with native bf16), channels_last,
   augmentation on the device, evaluation with cached features.
 
