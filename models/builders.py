@@ -107,7 +107,8 @@ def fold_data(cfg: dict):
 def protocol_options(cfg: dict, device: torch.device | None = None) -> ProtocolOptions:
     """evaluation.batch_size "auto" is 16 query slices on CUDA and 1 on the CPU. Measured on 2 cores
     at 256 x 256: batches of 4 are no faster for ADNet (13.1-13.5 against 12.4-13.0 slices/s) and
-    slower for Q-Net (1.4-1.6 against 2.4-2.6 slices/s: its 512 x 64 x 64 maps outgrow the caches).
+    slower for Q-Net (1.4-1.6 against 2.4-2.6 slices/s; likely its 512 x 64 x 64 maps outgrowing the
+    caches, not profiled).
     Each slice is still encoded once for all classes."""
     e = cfg["evaluation"]
     device = device or resolve_device(cfg["device"])
