@@ -104,17 +104,19 @@ def fold_data(cfg: dict):
     return spec, store, fold
 
 
-def protocol_options(cfg: dict, device: torch.device | None = None) -> ProtocolOptions:
-    """evaluation.batch_size "auto" is 16 query slices on CUDA and 1 on the CPU. Measured on 2 cores
+def eval_batch_size(cfg: dict, device: torch.device) -> int:
+    """evaluation.batch_size; "auto" is 16 query slices on CUDA and 1 on the CPU. Measured on 2 cores
     at 256 x 256: batches of 4 are no faster for ADNet (13.1-13.5 against 12.4-13.0 slices/s) and
     slower for Q-Net (1.4-1.6 against 2.4-2.6 slices/s; likely its 512 x 64 x 64 maps outgrowing the
-    caches, not profiled).
-    Each slice is still encoded once for all classes."""
+    caches, not profiled). Each slice is still encoded once for all classes."""
+    return resolve_auto(cfg["evaluation"]["batch_size"], device, cuda=16, cpu=1)
+
+
+def protocol_options(cfg: dict, device: torch.device | None = None) -> ProtocolOptions:
     e = cfg["evaluation"]
     device = device or resolve_device(cfg["device"])
     return ProtocolOptions(supp_idx=int(e["supp_idx"]), n_part=int(e["n_part"]), chunking=e["chunking"],
-                           scored=e["scored"], fold_scheme=e["fold_scheme"],
-                           batch_size=resolve_auto(e["batch_size"], device, cuda=16, cpu=1),
+                           scored=e["scored"], fold_scheme=e["fold_scheme"], batch_size=eval_batch_size(cfg, device),
                            cache_features=bool(e["cache_features"]))
 
 

@@ -260,7 +260,7 @@ def read_snapshot(path: Path) -> dict:
 
 
 def model_predictor(snapshot: dict, source: Path, device_name: str) -> ModelPredictor:
-    from models.builders import autocast_dtype, build_model, resolve_auto, resolve_device
+    from models.builders import autocast_dtype, build_model, eval_batch_size, resolve_device
     from models.checkpoints import load_model_state
 
     cfg = snapshot["config"]
@@ -270,7 +270,7 @@ def model_predictor(snapshot: dict, source: Path, device_name: str) -> ModelPred
         raise DataError(str(err).replace("device=", "--device ")) from None
     model = build_model(cfg, load_weights=False)
     load_model_state(model, snapshot["model"], source=source)
-    return ModelPredictor(model, device, resolve_auto(cfg["evaluation"]["batch_size"], device, cuda=16, cpu=4),
+    return ModelPredictor(model, device, eval_batch_size(cfg, device),
                           autocast_dtype(cfg["train"]["amp"], device))
 
 
