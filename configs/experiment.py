@@ -183,7 +183,7 @@ def _positive_int_or_auto(value) -> bool:
     return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
 
-# the "auto" keys of base.yaml: what else each accepts
+# the "auto" keys of base.yaml: what else each accepts (a test keeps this in step with base.yaml)
 AUTO_CHOICES = {
     "train.batch_episodes": (_positive_int_or_auto, "'auto' or a positive whole number"),
     "evaluation.batch_size": (_positive_int_or_auto, "'auto' or a positive whole number"),
@@ -238,18 +238,6 @@ def check_config(config: dict) -> None:
         raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
 
 
-def auto_keys(tree: dict | None = None, prefix: str = "") -> set[str]:
-    """Dotted keys whose base default is "auto" (they take "auto" or a number / bool)."""
-    tree = _load_yaml(CONFIG_DIR / "base.yaml") if tree is None else tree
-    keys = set()
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            keys |= auto_keys(value, f"{prefix}{key}.")
-        elif value == "auto":
-            keys.add(prefix + key)
-    return keys
-
-
 class _AutoKeyTypeChangeFilter(logging.Filter):
     """Sacred warns when an update changes a value's type. For the "auto" keys that change is how
     they are meant to be set (`train.batch_episodes=4`), and check_config checks the value, so the
@@ -257,7 +245,7 @@ class _AutoKeyTypeChangeFilter(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self.quoted = tuple(f'"{key}"' for key in auto_keys())
+        self.quoted = tuple(f'"{key}"' for key in AUTO_CHOICES)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,15 +213,22 @@ class Evaluator:
         support scan, so each distinct slice is encoded once, as on the query side."""
         scan = self.store.scan(self.support_id)
         slices = {c: support_slices(self._support_labelled(c), self.options.n_part) for c in class_ids}
-        needed = np.unique(np.concatenate([np.asarray(zs) for zs in slices.values()]))
-        feats = self._encode(scan, needed)
-        row_of = {int(z): i for i, z in enumerate(needed)}
+        feats, rows_of = self._encode_distinct(scan, slices.values())
         out = {}
         for c, zs in slices.items():
-            rows = torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
             masks = torch.from_numpy((scan.label[zs] == c).astype(np.float32)).to(self.device)
-            out[c] = (zs, _take(feats, rows), masks)
+            out[c] = (zs, _take(feats, rows_of(zs)), masks)
         return out
+
+    def _encode_distinct(self, scan: Scan, slice_lists) -> tuple[dict, Callable]:
+        """Encode every slice named in any of the lists once -> (features of the distinct slices in
+        ascending z, rows_of(zs): the rows of those features holding slices zs)."""
+        needed = np.unique(np.concatenate([np.asarray(zs) for zs in slice_lists]))
+        row_of = {int(z): i for i, z in enumerate(needed)}
+
+        def rows_of(zs) -> torch.Tensor:
+            return torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
+        return self._encode(scan, needed), rows_of
 
     def _predict(self, support_feats: dict, support_mask: torch.Tensor, query_feats: dict) -> torch.Tensor:
         """One support (feats with leading 1, mask H x W) against Q query slices -> Q x H x W bool."""
@@ -279,9 +287,7 @@ class Evaluator:
             if not plan:
                 continue
             if opts.cache_features:
-                needed = np.unique(np.concatenate([p[0] for p in plan.values()]))
-                feats = self._encode(scan, needed)
-                row_of = {int(z): i for i, z in enumerate(needed)}
+                feats, rows_of = self._encode_distinct(scan, [p[0] for p in plan.values()])
             for c, (scored, parts) in plan.items():
                 pred_volume = np.zeros(scan.image.shape, dtype=np.uint8)
                 for part in range(opts.n_part):
@@ -290,8 +296,7 @@ class Evaluator:
                         continue
                     if opts.cache_features:
                         s_feats, s_masks = supports[c]
-                        rows = torch.as_tensor([row_of[int(z)] for z in zs], device=self.device)
-                        pred = self._predict(_take(s_feats, part), s_masks[part], _take(feats, rows))
+                        pred = self._predict(_take(s_feats, part), s_masks[part], _take(feats, rows_of(zs)))
                     else:
                         pred = self._predict_uncached(scan, zs, c, result.support_slices[c][part])
                     pred_volume[zs] = pred.cpu().numpy()

@@ -66,22 +66,22 @@ class ReferenceFormat:
     reshape: frozenset[str] = frozenset()
 
     def our_key(self, key: str) -> str | None:
-        for ref, ours in self.rules:
-            if ref.endswith("."):
-                if key.startswith(ref):
-                    return ours + key[len(ref):]
-            elif key == ref:
-                return ours
-        return None
+        return _rename(key, self.rules)
 
     def reference_key(self, ours_key: str) -> str | None:
-        for ref, ours in self.rules:
-            if ours.endswith("."):
-                if ours_key.startswith(ours):
-                    return ref + ours_key[len(ours):]
-            elif ours_key == ours:
-                return ref
-        return None
+        return _rename(ours_key, ((ours, ref) for ref, ours in self.rules))
+
+
+def _rename(key: str, pairs) -> str | None:
+    """The first (source, target) pair that names `key`: a source ending in "." is a prefix whose
+    remainder is kept, any other an exact name. None when no pair does."""
+    for source, target in pairs:
+        if source.endswith("."):
+            if key.startswith(source):
+                return target + key[len(source):]
+        elif key == source:
+            return target
+    return None
 
 
 FORMATS = {

@@ -69,6 +69,19 @@ def test_auto_keys_and_counts_are_checked(key, value, message):
     check_config(cfg)
 
 
+def test_every_auto_key_of_base_yaml_has_its_check():
+    import yaml
+    from configs.experiment import AUTO_CHOICES, CONFIG_DIR
+
+    def autos(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from autos(value, f"{prefix}{key}.")
+            elif value == "auto":
+                yield prefix + key
+    assert set(autos(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text()))) == set(AUTO_CHOICES)
+
+
 def test_unknown_method_and_dataset():
     with pytest.raises(ConfigError, match="unknown method 'adnett'.*did you mean 'adnet'"):
         method_defaults("adnett", "CHAOST2")
