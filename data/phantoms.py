@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from data.io import Geometry, atomic_path, write_volume
+from data.io import DataError, Geometry, write_volume
 
 IMAGE_DIR = "synth_normalized"
 # Bump when make_phantom's output changes, so folders written by an older version are regenerated
@@ -145,9 +145,17 @@ def phantom_geometry(spacing=DEFAULT_SPACING, size: int = 128) -> Geometry:
     return Geometry(tuple(float(s) for s in spacing), origin, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
 
 
+def _existing_ids(out_dir: Path) -> set[int]:
+    from dataloaders.specs import load_spec
+    try:
+        return set(load_spec("SYNTH").scan_ids(out_dir, require_labels=False))
+    except DataError:    # no folder, or no image in it
+        return set()
+
+
 def _stale_reason(out_dir: Path, recipe: dict) -> str | None:
     """Why the phantoms already in out_dir cannot be kept (None: there are none, or they match recipe)."""
-    if not any((out_dir / IMAGE_DIR).glob("image_*.nii.gz")):
+    if not _existing_ids(out_dir):
         return None
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
@@ -167,8 +175,11 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
 
     Scans already there are kept when `<out_dir>/phantoms.json` says they come from this generator
     version with the same size, slices and seed; otherwise (or with overwrite) every scan is rewritten,
-    since phantoms of two recipes in one folder would make a meaningless dataset.
+    those above n_scans included, since phantoms of two recipes in one folder would make a
+    meaningless dataset.
     """
+    from data.preprocessing import write_json
+
     out_dir = Path(out_dir)
     folder = out_dir / IMAGE_DIR
     recipe = {"generator_version": GENERATOR_VERSION, "size": size, "slices": slices, "seed": seed}
@@ -176,9 +187,10 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
     if stale and not overwrite:
         print(f"phantoms in {out_dir} are rewritten: {stale}")
         overwrite = True
+    scan_ids = set(range(1, n_scans + 1)) | (_existing_ids(out_dir) if overwrite else set())
     geometry = phantom_geometry(size=size)
     written = []
-    for scan_id in tqdm(range(1, n_scans + 1), desc="phantoms", disable=not progress, unit="scan"):
+    for scan_id in tqdm(sorted(scan_ids), desc="phantoms", disable=not progress, unit="scan"):
         image_path, label_path = folder / f"image_{scan_id}.nii.gz", folder / f"label_{scan_id}.nii.gz"
         if image_path.is_file() and label_path.is_file() and not overwrite:
             continue
@@ -186,8 +198,7 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
         write_volume(label_path, label, geometry)      # label first: an image is never left without its label
         write_volume(image_path, image, geometry)
         written.append(image_path)
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(recipe, indent=1) + "\n")
+    write_json(out_dir / MANIFEST, recipe)
     if supervoxels:
         from data.pseudolabels import generate_pseudolabels
         generate_pseudolabels(out_dir, "SYNTH", kind="supervoxels", min_size=n_sv, overwrite=overwrite or bool(written),

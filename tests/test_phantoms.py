@@ -73,3 +73,12 @@ def test_phantoms_of_another_recipe_are_rewritten_not_mixed(tmp_path, capsys, sp
     image, _ = read_volume(root / "synth_normalized" / "image_1.nii.gz")
     assert image.shape == (6, size, size)
     assert json.loads((root / MANIFEST).read_text())["size"] == size
+
+
+def test_a_rewrite_covers_scans_above_the_new_count(tmp_path):
+    root = tmp_path / "SYNTH"
+    generate_phantoms(root, n_scans=7, size=32, slices=6, progress=False, supervoxels=False)
+    written = generate_phantoms(root, n_scans=6, size=40, slices=6, progress=False, supervoxels=False)
+    assert len(written) == 7
+    image, _ = read_volume(root / "synth_normalized" / "image_7.nii.gz")
+    assert image.shape == (6, 40, 40)
