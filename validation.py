@@ -17,6 +17,19 @@ from configs.experiment import make_experiment
 ex = make_experiment("test", record="test")
 
 
+@ex.config_hook
+def _refuse_bad_inputs(config, command_name, logger):
+    """The checkpoint (found and read safely) and every scan of the fold (read completely) are
+    checked here, before Sacred records the run, so a refused evaluation writes nothing."""
+    if command_name == "main":
+        from models.builders import check_run_inputs
+        from models.evaluation import check_checkpoint
+        cfg = json.loads(json.dumps(config))
+        check_checkpoint(cfg)
+        check_run_inputs(cfg, "test")
+    return {}
+
+
 @ex.main
 def main(_config, _run):
     from models.evaluation import evaluate

@@ -16,8 +16,10 @@ layer defines is an error that names the closest known key.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import json
 import logging
 import os
 from functools import lru_cache
@@ -27,16 +29,14 @@ import yaml
 from sacred import Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 
+from data.io import ConfigError, UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 METHOD_DIR = CONFIG_DIR / "methods"
 DATASET_DIR = CONFIG_DIR / "datasets"
 PROTOCOL_DIR = CONFIG_DIR / "protocols"
 SECTIONS = ("encoder", "head", "loss", "sampler", "augment", "optim", "train", "evaluation", "data")
 _METHOD_META = ("description", "overrides")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work: unknown key, method or value."""
 
 
 def _load_yaml(path: Path) -> dict:
@@ -192,6 +192,37 @@ AUTO_CHOICES = {
 }
 
 
+# keys that take one of a few words (each a string default that wrong_types cannot judge by kind)
+CHOICES = {
+    "evaluation.amp": ("off", "bf16", "auto"),
+    "exclude_rule": ("any", "all"),
+}
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def wrong_run_keys(config: dict) -> list[str]:
+    """The top-level keys without a typed default: fold, seed, evaluated classes, word choices."""
+    found = []
+    if not (_whole(config.get("eval_fold")) and config["eval_fold"] >= 0):
+        found.append(f"eval_fold must be a whole number >= 0 (a fold index, 0-4), got {config.get('eval_fold')!r}")
+    if not (_whole(config.get("seed")) and 0 <= config["seed"] < 2 ** 63):
+        found.append(f"seed must be a whole number >= 0, got {config.get('seed')!r}")
+    labels = config.get("test_labels")
+    if not isinstance(labels, (list, tuple)) or not labels or not all(_whole(v) for v in labels) \
+            or len(set(labels)) != len(labels):
+        found.append(f"test_labels must be a non-empty list of distinct class ids like [1, 4], got {labels!r}")
+    for key, words in CHOICES.items():
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node not in words:
+            found.append(f"{key} must be one of {', '.join(repr(w) for w in words)}, got {node!r}")
+    return found
+
+
 def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
     """Values whose kind contradicts the default's: a bool must stay a bool (on the command line
     `key=false` is the string 'false'; Sacred wants Python literals, `key=False`), numbers stay
@@ -232,8 +263,7 @@ def check_config(config: dict) -> None:
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     problems += wrong_types(config, tree)
-    if config["exclude_rule"] not in ("any", "all"):
-        problems.append(f"exclude_rule must be 'any' or 'all', got {config['exclude_rule']!r}")
+    problems += wrong_run_keys(config)
     if problems:
         raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
 
@@ -258,10 +288,58 @@ def _silence_auto_key_type_changes() -> None:
         root.addFilter(_AutoKeyTypeChangeFilter())
 
 
+@contextlib.contextmanager
+def user_errors():
+    """Print an error the user can fix (`data.io.UserError`) as its message alone, without a
+    traceback, and exit with status 1.
+
+    SystemExit passes through Sacred's exception printing (Python prints its text to stderr); inside
+    a run Sacred still records the run as FAILED with the message in run.json's fail_trace."""
+    try:
+        yield
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _refuse_pickle_config(fp) -> dict:
+    """Sacred's loader for `with <file>.pickle`, replaced: it would unpickle the file."""
+    with user_errors():
+        raise ConfigError(f"refusing to load the config file {fp.name}: it is a pickle, and unpickling a file "
+                          f"can run arbitrary code. Only YAML (.yaml, .yml) and JSON (.json) config files are "
+                          f"accepted; write the keys into a YAML file instead (e.g. `train: {{n_steps: 1000}}`)")
+
+
+def _read_config_files_as_plain_data() -> None:
+    """Config files named on the command line (`with my_experiment.yaml`) or as named configs are read
+    as plain data only, so a config file someone sends cannot run code.
+
+    Sacred 0.8 would unpickle `.pickle` files, decode `.json` with jsonpickle (whose "py/reduce"
+    entries call any function) and read YAML with FullLoader; here `.pickle` is refused before the
+    file is read, JSON is plain json.load and YAML is yaml.safe_load (as configs/*.yaml are read).
+    Writing (Sacred's save_config) is unchanged."""
+    from sacred.config import config_files
+    handlers = config_files.HANDLER_BY_EXT
+    handlers[".pickle"] = config_files.Handler(_refuse_pickle_config, handlers[".pickle"].dump, "b")
+    handlers[".json"] = config_files.Handler(json.load, handlers[".json"].dump, "")
+    for extension in config_files.yaml_extensions:
+        if extension in handlers:
+            handlers[extension] = config_files.Handler(yaml.safe_load, handlers[extension].dump, "")
+
+
+class FewShotExperiment(Experiment):
+    """Sacred's Experiment whose runs report `UserError`s as one clear message and exit status 1
+    (config scopes, hooks and main alike; Sacred would print a traceback)."""
+
+    def run(self, *args, **kwargs):
+        with user_errors():
+            return super().run(*args, **kwargs)
+
+
 def make_experiment(name: str, record: str | None = None) -> Experiment:
     """The Sacred experiment with every named config; `record` ("train" or "test") makes its main
     command record runs under <log_dir>/<record>/<exp_name>/ (see add_observer)."""
-    ex = Experiment(name, save_git_info=False)
+    _read_config_files_as_plain_data()
+    ex = FewShotExperiment(name, save_git_info=False)
     _silence_auto_key_type_changes()
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.config(experiment_config)

@@ -7,6 +7,7 @@ results and overlays (evaluation).
 """
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from sacred.observers import FileStorageObserver
 
-from data.io import atomic_path
+from data.io import UserError, atomic_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "torchvision", "numpy", "scipy", "skimage", "SimpleITK", "nibabel", "cv2", "sacred",
@@ -42,6 +43,65 @@ class ResumableFileStorageObserver(FileStorageObserver):
         if not self.resume_dir.is_dir():
             raise FileNotFoundError(f"train.resume: run folder {self.resume_dir} does not exist")
         self.dir = str(self.resume_dir)
+
+
+LOCK_FILE = "train.lock"
+_held_locks: dict[Path, int] = {}
+
+
+class RunBusyError(UserError):
+    """Another process trains into the same run folder."""
+
+
+def lock_run(run_dir: str | Path) -> None:
+    """Hold an exclusive lock on a training run folder while this process trains into it.
+
+    An advisory flock on <run>/train.lock: the operating system drops it when the process ends,
+    however it ends (kill -9 included), so a stale lock file never blocks a later resume."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks:
+        return
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunBusyError(f"{run_dir} is being trained by another process right now (it holds {path}); "
+                           f"wait for that process to end, or stop it, before resuming this run") from None
+    _held_locks[run_dir] = fd
+
+
+def unlock_run(run_dir: str | Path) -> None:
+    fd = _held_locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def restore_metrics(run_dir: Path, saved: dict | None, episodes: int) -> dict:
+    """Make run_dir/metrics.json hold exactly the metrics logged up to the resume point, and return them.
+
+    Sacred flushes metrics on its heartbeat, so a killed run's metrics.json may lack the last
+    entries before its resume point, and hold entries after it (trained again on resume). The
+    resume point carries the metrics logged up to it (`saved`); a resume point written before it
+    did (None) keeps what metrics.json has up to `episodes`."""
+    path = Path(run_dir) / "metrics.json"
+    if saved is None:
+        truncate_metrics(run_dir, episodes)
+        return json.loads(path.read_text()) if path.is_file() else {}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    return json.loads(json.dumps(saved))
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed atomic write left in `folder` (data.io.atomic_path names
+    them .<name>.<random>.partial<suffix>); returns what was removed."""
+    stale = [p for p in Path(folder).glob(".*.partial*") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:

@@ -67,7 +67,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import DataError, Geometry, read_geometry, read_volume
+from data.io import DataError, Geometry, check_safe_name, read_geometry, read_volume
 from data.preprocessing import (COMPAT_MODES, CROP_SIZE, HU_WINDOW, TOP_PERCENTILE, PrepareJob, ProcessedCase,
                                 border_crop, centre_crop_or_pad, check_label_values, clip_top_percentile,
                                 crop_loss_warnings, hu_window, image_from_array, label_output_dtype,
@@ -247,7 +247,7 @@ def _dataset_labels(raw: object, path: Path) -> dict[str, int]:
                             f"methods and the evaluation need dense labels")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
             raise DataError(f"{path}: label {name!r} has value {value!r}; values must be integers >= 0")
-        labels[str(name)] = int(value)
+        labels[check_safe_name(str(name), "label name", str(path))] = int(value)
     if 0 not in labels.values():
         raise DataError(f"{path}: 'labels' has no background with value 0 ({labels})")
     if len(set(labels.values())) != len(labels):

@@ -6,21 +6,39 @@ LPS world frame.
 
 Every writer in the project goes through `write_volume`, which writes to a temporary name in the
 target folder and renames it into place, so an interrupted run never leaves a half-written file.
+
+Every reader goes through `read_volume`, which refuses damaged files: SimpleITK's NIfTI reader
+(niftilib) zero-fills a file that ends early and reads NaN and infinite voxels as 0, silently, so
+NIfTI files are also read with nibabel, which raises on a short file and returns the stored values.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 
-class DataError(RuntimeError):
+class UserError(RuntimeError):
+    """An error the user can fix: a bad file, key or value. Its message names the file or key, says
+    what is wrong and how to fix it; commands print it without a traceback and exit with status 1
+    (`configs.experiment.user_errors`)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot work: unknown key, method or value. The message names the key."""
+
+
+class DataError(UserError):
     """A problem with the user's data: a missing, unreadable or inconsistent file.
 
     The message always names the file and says how to fix the problem.
@@ -64,9 +82,11 @@ def _require_file(path: Path, what: str) -> None:
 
 
 def read_volume(path: str | os.PathLike, dtype=None, what: str = "volume") -> tuple[np.ndarray, Geometry]:
-    """Read a 3-D NIfTI file as a (z, y, x) array and its geometry.
+    """Read a 3-D volume (NIfTI, or any format SimpleITK reads) as a (z, y, x) array and its geometry.
 
-    Raises `DataError` naming the file if it is missing, unreadable or not 3-D.
+    The array and the geometry are SimpleITK's. Raises `DataError` naming the file if it is missing,
+    unreadable, not 3-D, truncated, or stores NaN or infinite voxels: every reader of scans, labels
+    and pseudolabels comes through here, so a damaged file never turns into zeros downstream.
     """
     path = Path(path)
     _require_file(path, what)
@@ -80,9 +100,43 @@ def read_volume(path: str | os.PathLike, dtype=None, what: str = "volume") -> tu
                         f"{image.GetNumberOfComponentsPerPixel()} component(s); a single-channel 3-D "
                         f"volume is expected")
     array = sitk.GetArrayFromImage(image)
+    _require_finite(_stored_nifti_voxels(path, what) if _is_nifti(path) else array, path, what)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return array, Geometry.of(image)
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _stored_nifti_voxels(path: Path, what: str) -> np.ndarray:
+    """The voxel values as stored in a NIfTI file (unscaled, NaN and inf kept), read with nibabel.
+
+    This is the integrity check of `read_volume`: nibabel raises where SimpleITK zero-fills (a
+    compressed stream that ends early, fewer voxel bytes than the header declares).
+    """
+    try:
+        return np.asanyarray(nib.load(str(path), mmap=False).dataobj.get_unscaled())
+    except EOFError:
+        reason = "its compressed stream ends early"
+    except (OSError, ValueError, zlib.error, ImageFileError) as err:   # nibabel's many failure types
+        reason = str(err).strip().splitlines()[0]
+        short = re.match(r"Expected (\d+) bytes, got (\d+) bytes", reason)     # nibabel's short read
+        if short:
+            reason = (f"it holds {short.group(2)} voxel bytes where its header declares "
+                      f"{short.group(1)}")
+    raise DataError(f"cannot read {what} {path}: the file is truncated or corrupt ({reason}). Re-create it "
+                    f"(re-run the step that wrote it) or copy it again from its source.")
+
+
+def _require_finite(values: np.ndarray, path: Path, what: str) -> None:
+    """Raise `DataError` with the counts if float `values` hold NaN or infinite voxels."""
+    if not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all():
+        return
+    n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    raise DataError(f"{path}: {n_nan} NaN and {n_inf} infinite value(s) in this {what} (SimpleITK would "
+                    f"read them as 0); re-export the file, or re-run the preprocessing that wrote it")
 
 
 def read_geometry(path: str | os.PathLike, what: str = "volume") -> tuple[tuple[int, int, int], Geometry]:
@@ -141,3 +195,43 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry 
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), True)
     return path
+
+
+# ----------------------------------------------------------------------------- names from user data
+# Class and dataset names reach file and folder names (predictions, overlays, run folders), so they
+# are restricted to characters that cannot form a path: letters, digits, '_', '-', '+', '.', and
+# they start with a letter, digit or '_' (so never '.' or '..').
+SAFE_NAME_RULE = ("1-64 characters from letters, digits, '_', '-', '+' and '.', starting with a letter, "
+                  "digit or '_'")
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
+
+
+def is_safe_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_SAFE_NAME_RE.match(name))
+
+
+def check_safe_name(name, what: str, source: str) -> str:
+    """`name` unchanged if it can be part of a file name; otherwise a `DataError` naming it,
+    where it comes from, and the rule."""
+    if not is_safe_name(name):
+        raise DataError(f"{source}: {what} {name!r} cannot be used in file names; names must be "
+                        f"{SAFE_NAME_RULE}. Rename it there.")
+    return name
+
+
+def safe_child_path(folder: str | os.PathLike, filename: str) -> Path:
+    """`folder / filename`, refusing a file name that would resolve outside `folder`.
+
+    Every output file whose name is built from user data (class names, dataset names, query file
+    names) goes through here: a name holding a path separator, '..', or an absolute path is an
+    error, never a write elsewhere."""
+    folder = Path(folder)
+    name = str(filename)
+    candidate = folder / name
+    inside = (name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+              and candidate.resolve().parent == folder.resolve())
+    if not inside:
+        raise DataError(f"refusing to write {name!r}: the file name would leave its folder {folder} "
+                        f"(a class or file name with '/', '..' or an absolute path). Names of classes "
+                        f"and datasets must be {SAFE_NAME_RULE}.")
+    return candidate

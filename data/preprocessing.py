@@ -32,9 +32,8 @@ Reference behaviour and where this module deliberately differs
 - Outputs: the reference writes float64 images and labels; `compat="reference"` does the same,
   `compat="clean"` writes float32 images and uint8/uint16 labels.
 
-Raw NIfTI inputs (`read_nifti_pair`) must pair up exactly (shape; geometry within 1e-4) and hold no
-NaN/inf; the latter is checked with nibabel (`read_array_exact`) because SimpleITK's NIfTI reader
-silently turns NaN into 0.
+Raw NIfTI inputs (`read_nifti_pair`) must pair up exactly (shape; geometry within 1e-4); like every
+file they are read with `data.io.read_volume`, which refuses truncated files and NaN/inf voxels.
 
 Provenance: each dataset's image folder holds `preprocessing.json` (`SIDECAR_NAME`) with the command,
 its parameters, the package versions and, per scan, the source files, the raw geometry, the clip
@@ -239,35 +238,6 @@ def label_output_dtype(label: np.ndarray, compat: str):
 
 
 # --------------------------------------------------------------------------------------- NIfTI input
-def read_array_exact(path: Path) -> np.ndarray:
-    """The stored voxel values of a NIfTI file as a (z, y, x) array, NaN and inf included.
-
-    SimpleITK's NIfTI reader (niftilib) silently replaces NaN and infinite floats with 0, so a
-    finiteness check on `read_volume`'s array can never fail; nibabel returns what is stored.
-    """
-    import nibabel as nib
-
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as err:        # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise DataError(f"cannot read {path}: the file is corrupt or not NIfTI ({type(err).__name__}: "
-                        f"{err})") from None
-    if data.ndim != 3:
-        raise DataError(f"{path} is {data.ndim}-D; a 3-D volume is expected")
-    return data.T
-
-
-def check_finite(path: Path, array: np.ndarray, what: str = "volume") -> None:
-    """Raise `DataError` if the float NIfTI file `path` (read as `array`) stores NaN or infinite values."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return                                      # integer files cannot hold NaN
-    stored = read_array_exact(path)
-    bad = ~np.isfinite(stored)
-    if bad.any():
-        raise DataError(f"{path}: {what} contains {int(np.isnan(stored).sum())} NaN and "
-                        f"{int(bad.sum() - np.isnan(stored).sum())} infinite value(s); fix or re-export the file")
-
-
 def read_nifti_pair(image_path: Path, label_path: Path, dataset: str) -> tuple[np.ndarray, np.ndarray, Geometry, list[str]]:
     """Read a raw image and its label, checking that they describe the same grid.
 
@@ -289,8 +259,6 @@ def read_nifti_pair(image_path: Path, label_path: Path, dataset: str) -> tuple[n
     if label_geometry != geometry:
         warnings.append(f"{label_path}: header geometry differs from {image_path.name} by float noise "
                         f"(below 1e-4); the image geometry is used for both")
-    check_finite(image_path, image, "image")
-    check_finite(label_path, label, "label")
     return image, label, geometry, warnings
 
 

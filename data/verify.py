@@ -18,10 +18,15 @@ Errors (the dataset cannot be used as it is):
 - fewer than 3 slices (the adjacent-slice episode samplers of ADNet / Q-Net and the 3-part support
   protocol need at least 3) or more than 1000 (no abdominal or cardiac scan here comes near; more
   suggests a wrongly stacked series, and a 1000 x 256 x 256 float64 volume already takes 0.5 GB);
-- NaN or infinite values in image or label (values are read with nibabel: SimpleITK's NIfTI reader
-  silently turns them into 0); a constant image (the per-volume z-score divides by its standard
-  deviation);
+- a truncated file, or NaN or infinite values in image or label (every file is read with
+  `data.io.read_volume`, which checks both: SimpleITK alone zero-fills a short file and turns NaN
+  into 0); a constant image (the per-volume z-score divides by its standard deviation);
 - label values that are not integers or not among the dataset's raw label values;
+- pseudolabel files, when present (`<DATA_DIR>/supervoxels_*/` and `superpixels_*/`, one
+  superpix-MIDDLE_<id>.nii.gz per scan): unreadable or truncated, NaN/inf, a shape or geometry other
+  than the image's (files without geometry -- unit spacing, zero origin, identity direction, as the
+  published reference pseudolabels -- are accepted when the shape matches), ids that are not
+  non-negative integers;
 - a classmap_<MIN>.json whose classes or scan ids do not match the dataset (stale index).
 
 Warnings (usable, but check):
@@ -41,8 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.io import DataError, read_geometry
-from data.preprocessing import read_array_exact
+from data.io import DataError, Geometry, read_geometry, read_volume
+from dataloaders.volumes import pseudolabel_command
 
 MIN_SLICES = 3
 MAX_SLICES = 1000
@@ -58,6 +63,8 @@ def expected_in_plane(spec) -> tuple[int, int] | None:
 
 _FILE_RE = re.compile(r"^(image|label)_(\d+)\.(nii\.gz|nii)$")
 _CLASSMAP_RE = re.compile(r"^classmap_(\d+)\.json$")
+PSEUDOLABEL_FOLDERS = ("supervoxels_*", "superpixels_*")
+NO_GEOMETRY = Geometry((1.0, 1.0, 1.0))   # what the published reference pseudolabels carry
 
 
 @dataclass
@@ -145,6 +152,10 @@ def _check_pairs_and_ids(spec, folder: Path, images: dict, labels: dict, uncompr
     return checked
 
 
+def _describe(geometry: Geometry) -> str:
+    return f"{geometry.describe()}, direction {tuple(round(d, 4) for d in geometry.direction)}"
+
+
 def _check_headers(spec, image: Path, label: Path, report: Report):
     try:
         shape, geometry = read_geometry(image, what=f"{spec.name} image")
@@ -157,9 +168,8 @@ def _check_headers(spec, image: Path, label: Path, report: Report):
         report.error(f"{label}: shape (z, y, x) {label_shape} differs from its image's {shape} ({image.name})")
         ok = False
     elif not geometry.matches(label_geometry, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
-        report.error(f"{label}: geometry {label_geometry.describe()}, direction "
-                     f"{tuple(round(d, 4) for d in label_geometry.direction)} differs from its image's "
-                     f"{geometry.describe()}, direction {tuple(round(d, 4) for d in geometry.direction)}")
+        report.error(f"{label}: geometry {_describe(label_geometry)} differs from its image's "
+                     f"{_describe(geometry)}")
         ok = False
     expected_plane = expected_in_plane(spec)
     if expected_plane is not None and tuple(shape[1:]) != expected_plane:
@@ -170,20 +180,14 @@ def _check_headers(spec, image: Path, label: Path, report: Report):
         report.error(f"{image}: {shape[0]} slices; a scan needs {MIN_SLICES} to {MAX_SLICES} "
                      f"(is the volume stacked along the right axis?)")
         ok = False
-    return shape if ok else None
+    return (shape, geometry) if ok else None
 
 
 def _check_image(spec, path: Path, report: Report) -> None:
     try:
-        image = read_array_exact(path)
+        image, _ = read_volume(path, what=f"{spec.name} image")
     except DataError as err:
         report.error(str(err))
-        return
-    finite = np.isfinite(image)
-    if not finite.all():
-        n_nan = int(np.isnan(image).sum())
-        report.error(f"{path}: {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite value(s); "
-                     f"re-run the preprocessing for this scan")
         return
     if image.min() == image.max():
         report.error(f"{path}: constant image (every voxel {image.min():g}); it cannot be normalised")
@@ -192,12 +196,9 @@ def _check_image(spec, path: Path, report: Report) -> None:
 def _check_label(spec, path: Path, report: Report) -> set[int] | None:
     """Check the label's values; returns the set of class ids present."""
     try:
-        label = read_array_exact(path)
+        label, _ = read_volume(path, what=f"{spec.name} label")
     except DataError as err:
         report.error(str(err))
-        return None
-    if not np.isfinite(label).all():
-        report.error(f"{path}: NaN or infinite label values")
         return None
     values = np.unique(label)
     non_integer = [v for v in values.tolist() if v != round(v)]
@@ -212,6 +213,49 @@ def _check_label(spec, path: Path, report: Report) -> set[int] | None:
         return None
     table = spec.raw_label_values or {v: v for v in spec.labels.values()}
     return {table[int(v)] for v in values.tolist()}
+
+
+def _pseudolabel_folders(data_dir: Path) -> list[Path]:
+    return sorted(f for pattern in PSEUDOLABEL_FOLDERS for f in data_dir.glob(pattern) if f.is_dir())
+
+
+def _check_pseudolabel(spec, path: Path, scan_id: int, image: Path, image_header, read_arrays: bool,
+                       report: Report) -> None:
+    """A pseudolabel file must be readable, on its image's grid and hold non-negative integer ids."""
+    try:
+        shape, geometry = read_geometry(path, what="pseudolabel volume")
+        problem = _grid_problem(shape, geometry, image, image_header)
+        if problem is None and read_arrays:
+            problem = _id_problem(read_volume(path, what="pseudolabel volume")[0])
+    except DataError as err:
+        report.error(str(err))
+        return
+    if problem is not None:
+        command = pseudolabel_command(path.parent.parent, spec.name, path.parent.name)
+        report.error(f"{path}: {problem}; regenerate it with `{command} --ids {scan_id} --overwrite`")
+
+
+def _grid_problem(shape, geometry: Geometry, image: Path, image_header) -> str | None:
+    """Why a pseudolabel is not on its image's grid, or None. A file without geometry (as the
+    published reference pseudolabels) is accepted when its shape matches: the loaders use only it."""
+    image_shape, image_geometry = image_header
+    if shape != image_shape:
+        return f"shape (z, y, x) {shape} differs from its image's {image_shape} ({image.name})"
+    if not any(geometry.matches(g, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL) for g in (image_geometry, NO_GEOMETRY)):
+        return f"geometry {_describe(geometry)} differs from its image's {_describe(image_geometry)} ({image.name})"
+    return None
+
+
+def _id_problem(ids: np.ndarray) -> str | None:
+    """Why pseudolabel values are not segment ids (non-negative integers), or None."""
+    if np.issubdtype(ids.dtype, np.floating):
+        fractional = np.unique(ids[ids != np.round(ids)])
+        if fractional.size:
+            return (f"non-integer ids {fractional[:5].tolist()} (pseudolabels are integer segment ids; "
+                    f"a file resampled with linear interpolation?)")
+    if ids.size and ids.min() < 0:
+        return f"negative ids (smallest {ids.min():g}); pseudolabel ids are >= 0"
+    return None
 
 
 def _check_classmaps(spec, folder: Path, checked: Sequence[int], known: set[int], report: Report) -> None:
@@ -253,7 +297,7 @@ def verify_dataset(data_dir: str | Path, spec, ids: Sequence[int] | None = None,
 
     `ids`: check only these scans (missing ones are errors, other files are ignored); default: the
     spec's expected ids, or every scan present when the spec has none. `read_arrays=False` checks
-    headers only (no values, no NaN, no class presence).
+    headers only (no values, no truncation, no NaN, no class presence, no pseudolabel ids).
     """
     data_dir = Path(data_dir)
     report = Report(data_dir, spec.name)
@@ -272,13 +316,17 @@ def verify_dataset(data_dir: str | Path, spec, ids: Sequence[int] | None = None,
     candidates = _check_pairs_and_ids(spec, folder, images, labels, uncompressed, ids, report)
     report.checked_ids = tuple(candidates)
     planes = {}
+    pseudolabel_folders = _pseudolabel_folders(data_dir)
     for scan_id in candidates:
-        shape = _check_headers(spec, images[scan_id], labels[scan_id], report)
-        if shape is None or not read_arrays:
-            if shape is not None:
-                planes[scan_id] = shape[1:]
+        header = _check_headers(spec, images[scan_id], labels[scan_id], report)
+        if header is None:
             continue
-        planes[scan_id] = shape[1:]
+        planes[scan_id] = header[0][1:]
+        for pseudolabel in (f / f"superpix-MIDDLE_{scan_id}.nii.gz" for f in pseudolabel_folders):
+            if pseudolabel.is_file():
+                _check_pseudolabel(spec, pseudolabel, scan_id, images[scan_id], header, read_arrays, report)
+        if not read_arrays:
+            continue
         _check_image(spec, images[scan_id], report)
         present = _check_label(spec, labels[scan_id], report)
         if present is not None:
@@ -301,14 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.verify",
         description="Check a preprocessed dataset folder: pairs, expected ids, shapes, geometry, "
-                    "label values, NaN/inf, sizes, class presence. Exit code 1 on any error.")
+                    "truncated files, label values, NaN/inf, sizes, class presence, pseudolabels. "
+                    "Exit code 1 on any error.")
     parser.add_argument("data_dir", type=Path, help="dataset folder, e.g. data/CHAOST2")
     parser.add_argument("--dataset", required=True,
                         help="dataset name (CHAOST2, SABS, CMR) or one described by DATA_DIR/dataset.json")
     parser.add_argument("--ids", type=int, nargs="+", metavar="ID",
                         help="check only these scan ids (default: the dataset's expected ids)")
     parser.add_argument("--headers-only", action="store_true",
-                        help="read headers only: skip value, NaN and class-presence checks")
+                        help="read headers only: skip value, truncation, NaN and class-presence checks")
     args = parser.parse_args(argv)
 
     def body() -> int:

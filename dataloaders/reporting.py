@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import atomic_path, write_volume
+from data.io import atomic_path, safe_child_path, write_volume
 from dataloaders.protocol import EvaluationResult
 from dataloaders.volumes import VolumeStore
 
@@ -78,7 +78,7 @@ def write_predictions(result: EvaluationResult, store: VolumeStore, out_dir: Pat
     paths = []
     for (scan_id, c), pred in sorted(result.predictions.items()):
         name = store.spec.label_name(c)
-        path = out_dir / f"scan_{scan_id}_{name}.nii.gz"
+        path = safe_child_path(out_dir, f"scan_{scan_id}_{name}.nii.gz")
         write_volume(path, pred.astype(np.uint8) * np.uint8(c), store.scan(scan_id).geometry)
         paths.append(path)
     return paths
@@ -136,7 +136,7 @@ def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, 
         axes[0][-1].legend(loc="lower right", fontsize=6, framealpha=0.6)
         fig.suptitle(f"{result.dataset} fold {result.fold}: {name} (dice {result.class_mean(c):.3f})", fontsize=9)
         fig.tight_layout()
-        paths.append(save_figure(fig, out_dir / f"overlay_{name}.png", n))
+        paths.append(save_figure(fig, safe_child_path(out_dir, f"overlay_{name}.png"), n))
     return paths
 
 

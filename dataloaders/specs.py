@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data.io import DataError
+from data.io import ConfigError, DataError, check_safe_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_SPEC_DIR = PROJECT_ROOT / "configs" / "datasets"
@@ -195,7 +195,7 @@ class DatasetSpec:
         known = set(self.labels.values()) - {0}
         bad = [i for i in ids if i not in known]
         if bad:
-            raise ValueError(f"{what} {bad} not in the {self.name} label table "
+            raise ConfigError(f"{what} {bad} not in the {self.name} label table "
                              f"({', '.join(f'{v} {k}' for k, v in self.labels.items() if v)})")
         return ids
 
@@ -298,7 +298,10 @@ def _from_mapping(d: dict, source: str) -> DatasetSpec:
     missing = [k for k in required if k not in d]
     if missing:
         raise DataError(f"dataset description {source} lacks {missing}")
+    check_safe_name(str(d["name"]), "dataset name", source)
     labels = {str(k): int(v) for k, v in d["labels"].items()}
+    for label_name in labels:
+        check_safe_name(label_name, "label name", source)
     if 0 not in labels.values():
         raise DataError(f"{source}: the label table must contain background with id 0")
     eval_labels = tuple(int(i) for i in d.get("eval_labels", [v for v in labels.values() if v]))
@@ -337,7 +340,11 @@ def load_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
     if path.is_file():
         return _from_mapping(yaml.safe_load(path.read_text()), str(path))
     if data_dir is not None and (Path(data_dir) / "dataset.json").is_file():
-        return load_generic_spec(data_dir)
+        spec = load_generic_spec(data_dir)
+        if spec.name.upper() != str(name).upper():
+            raise DataError(f"dataset={name} but {Path(data_dir) / 'dataset.json'} describes the dataset "
+                            f"{spec.name!r}: set dataset={spec.name}, or point data_dir at the folder of {name}")
+        return spec
     known = builtin_names()
     close = difflib.get_close_matches(name.upper(), known, n=1)
     hint = f" Did you mean {close[0]}?" if close else ""

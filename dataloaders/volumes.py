@@ -4,15 +4,20 @@ Images are z-scored per volume on load (mean and std over the whole volume, back
 as every reference does for MR; `normalize="dataset"` uses one mean/std for all scans (SSL-ALPNet's
 CT rule). Labels are mapped from raw file values to class ids (CMR 200/500/600 -> 1/2/3) on load,
 so training and evaluation see the same ids.
+
+Every file is read with `data.io.read_volume`, which refuses truncated files and NaN/inf voxels.
+Episodes stack slices of different scans, so a scan whose in-plane size differs from the others is
+refused when it is loaded (the sizes come from the headers, read once).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data.io import DataError, Geometry, read_volume
+from data.io import DataError, Geometry, read_geometry, read_volume
 from dataloaders.specs import DatasetSpec
 
 
@@ -37,13 +42,33 @@ class Scan:
         return np.flatnonzero((self.label == label_id).any(axis=(1, 2)))
 
 
-def zscore(volume: np.ndarray, mean: float | None = None, std: float | None = None) -> np.ndarray:
+def zscore(volume: np.ndarray, mean: float | None = None, std: float | None = None,
+           source: str = "the volume") -> np.ndarray:
+    """(volume - mean) / std, with the volume's own statistics by default; `source` names the scan
+    in the error raised when that is impossible (a constant or non-finite volume)."""
     volume = volume.astype(np.float32, copy=False)
     mean = float(volume.mean(dtype=np.float64)) if mean is None else mean
     std = float(volume.std(dtype=np.float64)) if std is None else std
     if not np.isfinite(std) or std <= 0:
-        raise DataError("cannot z-score a constant or non-finite volume")
+        raise DataError(f"cannot z-score {source}: {_why_no_spread(volume, mean, std)}; re-run the "
+                        f"preprocessing for this scan, or remove it from the dataset")
     return ((volume - mean) / std).astype(np.float32)
+
+
+def _why_no_spread(volume: np.ndarray, mean: float, std: float) -> str:
+    n_bad = int(volume.size - np.isfinite(volume).sum())
+    if n_bad:
+        return f"{n_bad} of its {volume.size} voxels are NaN or infinite"
+    if volume.size and volume.min() == volume.max():
+        return f"it is constant (every voxel {volume.flat[0]:g}), so its standard deviation is 0"
+    return f"the normalisation statistics are unusable (mean {mean:g}, std {std:g})"
+
+
+def pseudolabel_command(data_dir: str | Path, dataset: str, folder: str) -> str:
+    """The command that (re)generates the pseudolabel folder `folder` (supervoxels_N / superpixels_N)."""
+    kind, _, size = folder.partition("_")
+    kind = "superpixels" if kind == "superpixels" else "supervoxels"
+    return f"python -m data.pseudolabels {data_dir} --dataset {dataset} --kind {kind} --min-size {size}"
 
 
 class VolumeStore:
@@ -61,6 +86,7 @@ class VolumeStore:
         self._stats: tuple[float, float] | None = None
         self._scans: dict[int, Scan] = {}
         self._pseudo: dict[tuple, np.ndarray] = {}
+        self._in_plane: dict[int, tuple[int, int]] | None = None
 
     def _require_id(self, scan_id: int) -> None:
         if scan_id not in self.ids:
@@ -69,9 +95,39 @@ class VolumeStore:
 
     def _raw_image(self, scan_id: int) -> tuple[np.ndarray, Geometry, Path]:
         path = self.spec.image_path(self.data_dir, scan_id)
-        # (SimpleITK reads NaN as 0; `python -m data.verify` is the check that finds NaN in a file)
         image, geometry = read_volume(path, what=f"{self.spec.name} image")
         return image, geometry, path
+
+    def _in_plane_sizes(self) -> dict[int, tuple[int, int]]:
+        """(y, x) size of every image from its header (about 1 ms a scan), read once.
+
+        An unreadable header is left out here; loading that scan reports it.
+        """
+        if self._in_plane is None:
+            self._in_plane = {}
+            for i in self.ids:
+                try:
+                    shape, _ = read_geometry(self.spec.image_path(self.data_dir, i))
+                except DataError:
+                    continue
+                self._in_plane[i] = shape[1:]
+        return self._in_plane
+
+    def _check_in_plane(self, scan_id: int) -> None:
+        """Refuse a scan whose in-plane size is rarer among the other scans than another size.
+
+        Episodes and evaluation batches stack slices of different scans; without this check a
+        mismatch surfaces episodes later as numpy's "all input arrays must have the same shape".
+        """
+        sizes = self._in_plane_sizes()
+        others = Counter(size for i, size in sizes.items() if i != scan_id)
+        if scan_id not in sizes or not others or others[sizes[scan_id]] == max(others.values()):
+            return
+        y, x = sizes[scan_id]
+        seen = ", ".join(f"{h}x{w} ({n} scan(s))" for (h, w), n in others.most_common())
+        raise DataError(f"{self.spec.image_path(self.data_dir, scan_id)}: in-plane size {y}x{x} (y x) differs "
+                        f"from the other scans of {self.spec.image_folder(self.data_dir)}: {seen}. Every scan "
+                        f"needs the same in-plane size; re-run the preprocessing so that they all have it.")
 
     def dataset_stats(self) -> tuple[float, float]:
         """Mean and std over every voxel of the statistics scans (dataset normalisation)."""
@@ -91,6 +147,7 @@ class VolumeStore:
         if scan_id in self._scans:
             return self._scans[scan_id]
         self._require_id(scan_id)
+        self._check_in_plane(scan_id)
         image, geometry, path = self._raw_image(scan_id)
         label_path = self.spec.label_path(self.data_dir, scan_id)
         raw_label, label_geometry = read_volume(label_path, what=f"{self.spec.name} label")
@@ -98,10 +155,11 @@ class VolumeStore:
             raise DataError(f"{label_path.name} has shape {raw_label.shape} (z, y, x) but "
                             f"{path.name} has {image.shape}; image and label must be on the same grid")
         label = self.spec.map_labels(raw_label, source=str(label_path))
+        source = f"{self.spec.name} image {path}"
         if self.normalize == "volume":
-            image = zscore(image)
+            image = zscore(image, source=source)
         else:
-            image = zscore(image, *self.dataset_stats())
+            image = zscore(image, *self.dataset_stats(), source=source)
         scan = Scan(scan_id, image, label, geometry, path)
         self._scans[scan_id] = scan
         return scan
@@ -113,11 +171,8 @@ class VolumeStore:
             self._require_id(scan_id)
             path = self.data_dir / folder / f"superpix-MIDDLE_{scan_id}.nii.gz"
             if not path.is_file():
-                kind, _, size = folder.partition("_")
-                how = (f"--kind superpixels --min-size {size}" if kind == "superpixels"
-                       else f"--kind supervoxels --min-size {size}")
                 raise DataError(f"pseudolabel file not found: {path}. Generate it with "
-                                f"`python -m data.pseudolabels {self.data_dir} --dataset {self.spec.name} {how}` "
+                                f"`{pseudolabel_command(self.data_dir, self.spec.name, folder)}` "
                                 f"(see data/README.md).")
             pseudo, _ = read_volume(path, what="pseudolabel volume")
             shape = self.scan(scan_id).image.shape

@@ -38,10 +38,13 @@ def cpu_has_fast_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for the encoder: on CUDA, and on CPUs with native bf16, by default."""
+def autocast_dtype(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
+    """bf16 autocast for the encoder with amp "bf16", or "auto" on CUDA and on CPUs with native bf16.
+
+    Training defaults to "auto" (train.amp); evaluation has its own key, evaluation.amp, "off" by
+    default, because bf16 moves per-patient Dice away from the references' fp32 numbers."""
     if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"train.amp must be auto, bf16 or off, got {amp!r}")
+        raise ValueError(f"{key} must be auto, bf16 or off, got {amp!r}")
     if amp == "off" or (amp == "auto" and device.type != "cuda" and not cpu_has_fast_bf16()):
         return None
     return torch.bfloat16
@@ -68,7 +71,8 @@ def episodes_per_step(cfg: dict, device: torch.device) -> int:
 def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
     encoder = ResNetEncoder(cfg["encoder"]["layout"])
     if load_weights:
-        encoder.load_pretrained(cfg["encoder"]["weights"])
+        encoder.load_pretrained(cfg["encoder"]["weights"],
+                                allow_partial=bool(cfg["encoder"].get("allow_partial", False)))
     stats = cfg["encoder"].get("bn_statistics", "batch")
     if stats == "episode":
         use_episode_batchnorm(encoder)
@@ -90,18 +94,58 @@ def volume_store(cfg: dict, spec: DatasetSpec | None = None, stats_ids=None) -> 
     return VolumeStore(spec, cfg["data_dir"], normalize=cfg["data"]["normalize"], stats_ids=stats_ids)
 
 
+# The data a command's pre-flight check loaded, kept for its run (one entry; see fold_data).
+_loaded_fold_data: list[tuple[tuple, tuple]] = []
+
+
+def _files_signature(folders) -> tuple:
+    """Name, size and modification time of every file in `folders`: a changed file changes it."""
+    files = []
+    for folder in folders:
+        if Path(folder).is_dir():
+            for p in sorted(Path(folder).iterdir()):
+                st = p.stat()
+                files.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(files)
+
+
 def fold_data(cfg: dict):
     """(spec, store, fold) for the configured dataset and eval_fold.
 
     With data.normalize=dataset (SSL-ALPNet's CT rule) the mean and std come from the fold's
     training scans, in training and evaluation alike.
+
+    The last result is reused while the dataset's files are unchanged, so the scans a command's
+    pre-flight check (`check_run_inputs`) read are not read again by its run.
     """
     check_data_dir(cfg)
     spec = dataset_spec(cfg)
+    key = (cfg["dataset"], str(Path(cfg["data_dir"]).resolve()), int(cfg["eval_fold"]),
+           cfg["evaluation"]["fold_scheme"], repr(sorted(cfg["data"].items())),
+           _files_signature([spec.image_folder(cfg["data_dir"]), Path(cfg["data_dir"]) / pseudolabel_folder(cfg)]))
+    if _loaded_fold_data and _loaded_fold_data[0][0] == key:
+        return _loaded_fold_data[0][1]
     ids = spec.scan_ids(cfg["data_dir"])
     fold = spec.fold(ids, int(cfg["eval_fold"]), cfg["evaluation"]["fold_scheme"])
     store = volume_store(cfg, spec, stats_ids=fold.train_ids)
+    _loaded_fold_data[:] = [(key, (spec, store, fold))]
     return spec, store, fold
+
+
+def check_run_inputs(cfg: dict, kind: str) -> None:
+    """Read (and so check) every data file a training ("train") or evaluation ("test") run of this
+    config will read, before the run records anything: a truncated, NaN-holding, constant or
+    misshapen scan or pseudolabel file is refused while the run folder does not exist yet."""
+    spec, store, fold = fold_data(cfg)
+    spec.check_label_ids(cfg["test_labels"], "test_labels")
+    if kind == "train":
+        folder = pseudolabel_folder(cfg)
+        for scan_id in fold.train_ids:
+            store.scan(scan_id)
+            if not cfg["sampler"].get("use_gt"):
+                store.pseudolabels(scan_id, folder)
+    else:
+        store.preload(fold.test_ids)
 
 
 def eval_batch_size(cfg: dict, device: torch.device) -> int:

@@ -18,7 +18,10 @@ COCO), a path to a checkpoint file, or ``none``. Named weights are looked up in 
 ``$TORCH_HOME/hub/checkpoints/``, with TORCH_HOME defaulting to ``./pretrained_model`` as in the
 reference code; nothing is downloaded. Loading reports how many tensors matched, and matching none
 is an error rather than a silent random initialisation (Q-Net's "resnet101" option silently
-matched 0 keys).
+matched 0 keys); so is matching only part of the trunk (e.g. ResNet-50 weights leave layer3.6+
+random) unless ``encoder.allow_partial=True``. Files are read with torch.load(weights_only=True)
+(models.checkpoints.load_checkpoint_file), and a training snapshot of this project is refused
+with the keys that take one.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.io import UserError
+from models.checkpoints import CheckpointError, load_checkpoint_file
 from models.tv import resnet101
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ PRETRAINED_FILES = {
 _BODY = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError):
     """A pretrained-weights file is missing, unreadable or does not fit the encoder."""
 
 
@@ -122,8 +127,9 @@ class ResNetEncoder(nn.Module):
         return out
 
     # ------------------------------------------------------------------ weights
-    def load_pretrained(self, weights: str | os.PathLike | None) -> int:
-        """Load backbone weights; returns the number of tensors loaded (0 only for 'none')."""
+    def load_pretrained(self, weights: str | os.PathLike | None, allow_partial: bool = False) -> int:
+        """Load backbone weights; returns the number of tensors loaded (0 only for 'none').
+        `allow_partial` (encoder.allow_partial) accepts a file that fits only part of the trunk."""
         if weights in (None, "none", "None", ""):
             log.info("encoder: no pretrained weights (random initialisation)")
             return 0
@@ -143,16 +149,20 @@ class ResNetEncoder(nn.Module):
                     f"pretrained weights file not found: {path}. encoder.weights takes "
                     f"{', '.join(PRETRAINED_FILES)}, none, or the path of a checkpoint file.")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-            raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {err}") from None
+            state = load_checkpoint_file(path, what="pretrained weights")
+        except CheckpointError as err:
+            raise PretrainedWeightsError(f"encoder.weights: {err}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        return self._load_backbone_state(state, source=path)
+        _refuse_training_snapshot(state, path)
+        return self._load_backbone_state(state, source=path, allow_partial=allow_partial)
 
-    def _load_backbone_state(self, state: dict, source: Path) -> int:
+    def _load_backbone_state(self, state: dict, source: Path, allow_partial: bool = False) -> int:
         """Copy tensors whose names match the trunk, from torchvision classifier
-        (``layer1.0.conv1.weight``) or segmentation (``backbone.layer1.0.conv1.weight``) checkpoints."""
+        (``layer1.0.conv1.weight``) or segmentation (``backbone.layer1.0.conv1.weight``) checkpoints.
+
+        Trunk tensors the file lacks would silently stay random in a "pretrained" encoder, so that is
+        an error unless `allow_partial` (see _expected_in_weights for the tensors a file may lack)."""
         own = self.backbone.state_dict()
         loaded, mismatched = {}, []
         for key, value in state.items():
@@ -171,6 +181,15 @@ class ResNetEncoder(nn.Module):
                 f"{source}: none of its {len(state)} tensors matches the ResNet-101 encoder "
                 f"(expected names like 'layer1.0.conv1.weight' or 'backbone.layer1.0.conv1.weight'); "
                 f"refusing to continue with a randomly initialised encoder")
+        expected = [k for k in own if _expected_in_weights(k)]
+        left = [k for k in expected if k not in loaded]
+        if left and not allow_partial:
+            raise PretrainedWeightsError(
+                f"encoder.weights: {source} fits only part of the ResNet-101 encoder: {len(expected) - len(left)} "
+                f"of its {len(expected)} backbone tensors matched, and {len(left)} would stay at their random "
+                f"initialisation ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}). Weights of another "
+                f"network do this, e.g. a ResNet-50 (6 blocks in layer3 instead of 23). Use ResNet-101 weights, "
+                f"or set encoder.allow_partial=True to train with the unmatched tensors left at initialisation")
         self.backbone.load_state_dict(loaded, strict=False)
         not_loaded = sorted(set(own) - set(loaded))
         log.info("encoder: loaded %d of %d backbone tensors from %s%s", len(loaded), len(own), source,
@@ -179,7 +198,26 @@ class ResNetEncoder(nn.Module):
         return len(loaded)
 
 
-def build_encoder(layout: str, weights: str | None) -> ResNetEncoder:
+def _expected_in_weights(name: str) -> bool:
+    """Whether a ResNet-101 weights file must hold this trunk tensor. Not the classifier `fc`
+    (segmentation checkpoints such as DeepLabv3's have none; only Q-Net's threshold branch uses it,
+    which then starts from its initialisation as in the reference), nor BatchNorm's
+    `num_batches_tracked` counters (absent from older torchvision files; they change no output)."""
+    return not name.startswith("fc.") and not name.endswith("num_batches_tracked")
+
+
+def _refuse_training_snapshot(state, path: Path) -> None:
+    """A snapshot written by training.py is a whole few-shot model with its config, not encoder
+    weights; passing it as encoder.weights is a mix-up of keys, so say which key takes it."""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
+        run = f" ({path.parent.parent})" if path.parent.name == "snapshots" else ""
+        raise PretrainedWeightsError(
+            f"encoder.weights: {path} is a training snapshot of this project (a whole model with its config), "
+            f"not pretrained encoder weights. To evaluate it, use evaluation.checkpoint={path}; to continue "
+            f"its training, use train.resume=<its run folder>{run}")
+
+
+def build_encoder(layout: str, weights: str | None, allow_partial: bool = False) -> ResNetEncoder:
     encoder = ResNetEncoder(layout)
-    encoder.load_pretrained(weights)
+    encoder.load_pretrained(weights, allow_partial=allow_partial)
     return encoder

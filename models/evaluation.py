@@ -11,7 +11,7 @@ from models.builders import (
     autocast_dtype, build_model, fold_data, protocol_options, resolve_device, use_channels_last,
 )
 from configs.runs import write_provenance
-from models.checkpoints import find_checkpoint, load_checkpoint
+from models.checkpoints import find_checkpoint, load_checkpoint, read_state_dict
 
 log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
@@ -24,6 +24,14 @@ def resolve_checkpoint(cfg: dict) -> str:
     if ckpt in (None, "", "null"):
         return str(find_checkpoint(cfg["log_dir"], cfg["exp_name"]))
     return str(ckpt)
+
+
+def check_checkpoint(cfg: dict) -> None:
+    """Find the checkpoint to evaluate and read it safely, refusing a missing, unfinished,
+    truncated or unsafe file before anything is recorded."""
+    checkpoint = resolve_checkpoint(cfg)
+    if checkpoint != UNTRAINED:
+        read_state_dict(checkpoint)
 
 
 def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None) -> EvaluationResult:
@@ -41,7 +49,7 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None)
     model = model.to(device)
     model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
     evaluator = Evaluator(model, store, spec, fold, options, device=device,
-                          autocast_dtype=autocast_dtype(cfg["train"]["amp"], device), progress=progress)
+                          autocast_dtype=autocast_dtype(cfg["evaluation"]["amp"], device, "evaluation.amp"), progress=progress)
     log.info("evaluating %s on %s fold %d: support scan %d, queries %s, classes %s", checkpoint, spec.name,
              fold.index, evaluator.support_id, list(evaluator.query_ids), list(classes))
     result = evaluator.run(classes)

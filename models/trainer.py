@@ -16,18 +16,23 @@ model's state dict under "model", for evaluation), and `snapshots/last.pth` ever
 `train.checkpoint_every` episodes: everything an exact resume needs (model, optimizer, episodes
 seen, RNG states, config). Both are written to a temporary file and renamed, so a crash or kill
 never leaves a truncated snapshot and the previous resume point stays until the next is complete.
+Snapshots hold only tensors and plain data, and every snapshot is read with
+torch.load(weights_only=True) (models.checkpoints.load_checkpoint_file): a crafted file cannot run code.
 `train.resume=<run folder>` continues that run in its own folder; on CPU the result is
 bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +41,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.io import atomic_path
+from configs.runs import remove_partial_files, restore_metrics
+from data.io import ConfigError, UserError, atomic_path
 from dataloaders.augment import AugmentParams
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
@@ -44,10 +50,13 @@ from models.builders import (
     autocast_dtype, build_episode_dataset, build_model, episodes_per_step, fold_data, resolve_device,
     use_channels_last,
 )
+from models.checkpoints import load_checkpoint_file
 from models.heads.common import episode_nll
 
 log = logging.getLogger(__name__)
-SNAPSHOT_FORMAT = 1
+# 2: RNG states as tensors and plain data (loads with torch.load(weights_only=True));
+# 1: numpy's RNG state as numpy's own tuple with an ndarray (still read, see upgrade_snapshot)
+SNAPSHOT_FORMAT = 2
 RESUME_FILE = "last.pth"
 # keys that may differ between a run and its resumption (they do not change what is computed)
 RESUMABLE_CHANGES = {"train.resume", "train.num_workers", "train.print_every", "log_dir", "device"}
@@ -173,15 +182,76 @@ def episode_indices(start_step: int, n_steps_total: int, per_rank: int, world: i
 
 
 # ----------------------------------------------------------------------------- snapshots
+def _numpy_rng_as_data(state: tuple) -> dict:
+    """numpy's legacy RNG state (np.random.get_state()) without its ndarray, which a weights-only
+    load refuses: the 624 uint32 keys become an int64 tensor (exact), the rest plain numbers."""
+    bit_generator, keys, pos, has_gauss, cached_gaussian = state
+    return {"bit_generator": str(bit_generator), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG an exact resume restores, as tensors and plain data only (random.getstate() is
+    nested tuples of ints, which a weights-only load returns as they were)."""
+    return {"python": random.getstate(), "numpy": _numpy_rng_as_data(np.random.get_state()),
+            "torch": torch.get_rng_state()}
 
 
-def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict) -> Path:
+def _set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+
+
+def upgrade_snapshot(state: dict) -> dict:
+    """A snapshot as the current format lays it out. Format 1 (written before snapshots had to load
+    with weights_only=True) kept numpy's RNG state as numpy's tuple with an ndarray; the loader
+    rebuilds that array through a named numpy allowlist (models.checkpoints), and this converts it."""
+    if isinstance(state.get("rng", {}).get("numpy"), tuple):
+        state = {**state, "rng": {**state["rng"], "numpy": _numpy_rng_as_data(state["rng"]["numpy"])}}
+    return {**state, "format": SNAPSHOT_FORMAT}
+
+
+class SnapshotWriteError(UserError):
+    """A snapshot could not be written (full disk, permissions); the previous file is unchanged."""
+
+
+def snapshot_bytes(model: torch.nn.Module) -> int:
+    """About the size of one snapshot: the weights, plus as much again for SGD's momentum buffers."""
+    return 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def warn_if_low_space(folder: Path, model: torch.nn.Module) -> None:
+    """Warn at the start of training when the snapshot folder cannot hold two more snapshots (one
+    being written next to the resume point it replaces)."""
+    need, free = 2 * snapshot_bytes(model), shutil.disk_usage(folder).free
+    if free < need:
+        log.warning("only %.0f MB free in %s; a snapshot takes about %.0f MB and two must fit while the resume "
+                    "point is replaced: free some space before the first snapshot", free / 2 ** 20, folder,
+                    snapshot_bytes(model) / 2 ** 20)
+
+
+def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metrics: dict | None = None) -> Path:
+    """Write a snapshot atomically: on any failure the previous file at `path` stays as it was.
+
+    `metrics` (Sacred's metrics.json layout) travels with the resume point, so a resumed run gets
+    back every metric logged up to it, also those Sacred had not yet flushed when the run was killed."""
     state = {"format": SNAPSHOT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "episodes": episodes, "config": cfg, "rng": _rng_state()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+             "episodes": episodes, "config": cfg, "rng": _rng_state(), "metrics": metrics or {}}
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:     # torch's zip writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
+        if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < snapshot_bytes(model)):
+            raise SnapshotWriteError(
+                f"no space left on the device writing {path} ({0 if free is None else free / 2 ** 20:.0f} MB "
+                f"free, a snapshot takes about {snapshot_bytes(model) / 2 ** 20:.0f} MB). The previous file there "
+                f"is unchanged; free some space and continue with train.resume=<this run's folder>") from None
+        raise SnapshotWriteError(f"cannot write snapshot {path}: {err}. The previous file there is unchanged") \
+            from None
     return path
 
 
@@ -200,31 +270,78 @@ def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if diff:
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-        raise ValueError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
-                         f"same named configs and updates as the original run.")
+        raise ConfigError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
+                          f"same named configs and updates as the original run; the run was left as it was.")
 
 
-def restore(run_dir: Path, model, optimizer, cfg: dict) -> int:
-    """Load the resume point of run_dir into model and optimizer; returns the episodes already seen."""
+def restore(run_dir: Path, model, optimizer, cfg: dict) -> tuple[int, dict | None]:
+    """Load the resume point of run_dir into model and optimizer; returns the episodes already seen
+    and the metrics logged up to them (None for snapshots written before they carried metrics)."""
     path = Path(run_dir) / "snapshots" / RESUME_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"train.resume: {path} not found (a run writes it every "
-                                f"train.checkpoint_every episodes); nothing to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = upgrade_snapshot(load_checkpoint_file(
+        path, what="resume point", missing_hint="A run writes it every train.checkpoint_every episodes; nothing "
+                                                "to resume from (train.resume takes the run folder)"))
     check_resumable(state["config"], cfg, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _set_rng_state(state["rng"])
     log.info("resuming %s after %d episodes", run_dir, state["episodes"])
-    return int(state["episodes"])
+    return int(state["episodes"]), state.get("metrics")
+
+
+def check_resume(cfg: dict) -> None:
+    """Refuse a `train.resume` that cannot continue, reading only: the run folder must exist and
+    hold a readable resume point written with the same configuration. training.py calls this
+    before Sacred writes anything, so a refused resume leaves the run folder as it was."""
+    run_dir = Path(cfg["train"]["resume"])
+    if not run_dir.is_dir():
+        raise ConfigError(f"train.resume: run folder {run_dir} does not exist (train.resume takes a folder "
+                          f"<log_dir>/train/<exp_name>/<run id>)")
+    path = run_dir / "snapshots" / RESUME_FILE
+    state = load_checkpoint_file(path, what="resume point", missing_hint="A run writes it every "
+                                 "train.checkpoint_every episodes; nothing to resume from")
+    check_resumable(state["config"], cfg, path)
+
+
+# ----------------------------------------------------------------------------- divergence
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss or the weights became NaN or infinite; nothing after the last finite point was saved."""
+
+
+class DivergenceGuard:
+    """Watches every step's loss without a host sync per step.
+
+    Each step's loss is folded into a device-side record of the first episode count at which the
+    loss was NaN or inf; `check` reads it back (the only sync) before anything is written and at
+    logging steps, so a diverged model is never saved and the last finite resume point survives."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, loss: torch.Tensor, episodes_after: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, episodes_after), self.first_bad)
+
+    def check(self, model: torch.nn.Module, saved: dict[str, int], lr: float, weights: bool = False) -> None:
+        """Raise if a loss since the start was non-finite (or, with `weights`, if a parameter is)."""
+        bad = int(self.first_bad)
+        if bad < 0 and weights and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            bad = -2
+        if bad == -1:
+            return
+        where = f"in the step ending at episode {bad}" if bad >= 0 else "in the model's weights"
+        kept = ", ".join(f"{what} at episode {n}" for what, n in saved.items()) or "nothing (no snapshot yet)"
+        raise TrainingDiverged(
+            f"training diverged: the loss became NaN or infinite {where} (lr {lr:.3g}). Nothing was saved "
+            f"after that; kept: {kept}. Lower optim.lr or check the training scans, then train again.")
 
 
 # ----------------------------------------------------------------------------- the loop
-def _metrics_history(run_dir: Path) -> dict:
-    path = Path(run_dir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _record(metrics: dict, name: str, value: float, episodes: int) -> None:
+    entry = metrics.setdefault(name, {"steps": [], "values": [], "timestamps": []})
+    entry["steps"].append(episodes)
+    entry["values"].append(value)
+    entry["timestamps"].append(datetime.now(timezone.utc).replace(tzinfo=None).isoformat())
 
 
 def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None] | None = None,
@@ -241,12 +358,12 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     model = prepare_model(cfg, device)
     optimizer = make_optimizer(model, cfg)
     run_dir = Path(run_dir)
-    episodes = 0
+    episodes, metrics = 0, {}
     if cfg["train"].get("resume"):
-        episodes = restore(run_dir, model, optimizer, cfg)
+        episodes, saved_metrics = restore(run_dir, model, optimizer, cfg)
         if ddp.is_main:
-            from configs.runs import truncate_metrics
-            truncate_metrics(run_dir, episodes)
+            metrics = restore_metrics(run_dir, saved_metrics, episodes)
+            remove_partial_files(run_dir / "snapshots")
     trained = ddp.wrap(model)
     trained.train()
     step = StepRunner(trained, optimizer, cfg, device)
@@ -267,12 +384,14 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     snapshots = run_dir / "snapshots"
     if ddp.is_main:
         snapshots.mkdir(parents=True, exist_ok=True)
+        warn_if_low_space(snapshots, model)
     every = {k: int(tcfg[k]) for k in ("print_every", "snapshot_every", "checkpoint_every")}
     end = min(n_steps, total_steps * per_step)
 
     since, t_last, last_path = 0, time.perf_counter(), None
-    history = {k: (v["steps"], v["values"]) for k, v in _metrics_history(run_dir).items()} if ddp.is_main else {}
     pending = defaultdict(lambda: torch.zeros((), device=device))
+    guard = DivergenceGuard(device)
+    saved = {"resume point": episodes} if episodes else {}
     bar = tqdm(total=end, initial=episodes, desc="training", unit="ep", disable=not (progress and ddp.is_main),
                mininterval=5)
     for batch in loader:
@@ -283,33 +402,38 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
             pending[k] += v.detach() * n
         pending["total"] += total.detach() * n
         before, episodes, since = episodes, episodes + n, since + n
+        guard.observe(total, episodes)
         bar.update(n)
+        due_snapshot = crossed(before, episodes, every["snapshot_every"]) or episodes == end
+        due_resume_point = crossed(before, episodes, every["checkpoint_every"]) or episodes == end
+        if due_snapshot or due_resume_point:      # on every rank: they all stop together
+            guard.check(model, saved, lr, weights=True)
         if crossed(before, episodes, every["print_every"]) or episodes == end:
+            guard.check(model, saved, lr)
             now = time.perf_counter()
             means = {k: float(v) / since for k, v in pending.items()}   # the only host sync of the step
-            if not all(math.isfinite(v) for v in means.values()):
-                raise FloatingPointError(f"loss became non-finite after {episodes} episodes: {means}")
             rate = since / (now - t_last)
             if ddp.is_main:
                 tqdm.write(f"episodes {episodes:>7d}  lr {lr:.2e}  " + "  ".join(
                     f"{k} {v:.4f}" for k, v in sorted(means.items())) + f"  ({rate:.2f} ep/s)")
                 for name, value in [*((f"loss.{k}", v) for k, v in means.items()), ("lr", lr),
                                     ("episodes_per_s", rate)]:
-                    steps, values = history.setdefault(name, ([], []))
-                    steps.append(episodes)
-                    values.append(value)
+                    _record(metrics, name, value, episodes)
                     if log_scalar is not None:
                         log_scalar(name, value, episodes)
             pending.clear()
             since, t_last = 0, now
         if ddp.is_main:
-            if crossed(before, episodes, every["snapshot_every"]) or episodes == end:
-                last_path = save_snapshot(snapshots / f"{episodes}.pth", model, optimizer, episodes, cfg)
-            if crossed(before, episodes, every["checkpoint_every"]) or episodes == end:
-                save_snapshot(snapshots / RESUME_FILE, model, optimizer, episodes, cfg)
+            if due_snapshot:
+                last_path = save_snapshot(snapshots / f"{episodes}.pth", model, optimizer, episodes, cfg, metrics)
+                saved["snapshot"] = episodes
+            if due_resume_point:
+                save_snapshot(snapshots / RESUME_FILE, model, optimizer, episodes, cfg, metrics)
+                saved["resume point"] = episodes
     bar.close()
     if ddp.is_main:
         from dataloaders.reporting import write_training_curves
+        history = {k: (v["steps"], v["values"]) for k, v in metrics.items()}
         write_training_curves(history, run_dir / "curves.png", title=cfg.get("exp_name", ""))
     ddp.close()
     return last_path if last_path is not None else snapshots / f"{episodes}.pth"

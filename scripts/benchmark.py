@@ -29,9 +29,11 @@ from pathlib import Path
 
 MODES = {
     "reference": {"train.batch_episodes": 1, "train.amp": "off", "train.channels_last": False,
-                  "augment.on_device": False, "evaluation.batch_size": 1, "evaluation.cache_features": False},
+                  "augment.on_device": False, "evaluation.batch_size": 1, "evaluation.cache_features": False,
+                  "evaluation.amp": "off"},
     "fast": {"train.batch_episodes": "auto", "train.amp": "auto", "train.channels_last": "auto",
-             "augment.on_device": True, "evaluation.batch_size": "auto", "evaluation.cache_features": True},
+             "augment.on_device": True, "evaluation.batch_size": "auto", "evaluation.cache_features": True,
+             "evaluation.amp": "auto"},
 }
 SUPERPIXEL_METHODS = ("alpnet", "dspnet")
 
@@ -92,7 +94,7 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
     train_rate = steps * B / (time.perf_counter() - start)
 
     evaluator = Evaluator(model, store, spec, fold, protocol_options(cfg, device), device=device,
-                          autocast_dtype=autocast_dtype(cfg["train"]["amp"], device), progress=False)
+                          autocast_dtype=autocast_dtype(cfg["evaluation"]["amp"], device, "evaluation.amp"), progress=False)
     result = evaluator.run(spec.eval_labels)
     _sync(device)
     return {

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import atomic_path
+from data.io import UserError, atomic_path
 from dataloaders.reporting import save_figure
 from dataloaders.specs import load_spec
 
 PROTOCOL_KEYS = ("fold_scheme", "supp_idx", "n_part", "chunking", "scored")
 
 
-class CollectError(RuntimeError):
+class CollectError(UserError):
     pass
 
 
@@ -55,12 +55,25 @@ def read_run(folder: Path) -> EvalRun | None:
     results, config = folder / "results.json", folder / "config.json"
     if not (results.is_file() and config.is_file()):
         return None
-    r, c = json.loads(results.read_text()), json.loads(config.read_text())
-    e = c["evaluation"]
-    return EvalRun(folder, int(folder.name) if folder.name.isdigit() else 0, c["method"], c["dataset"],
-                   int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
-                   tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
-                   {name: v["dice"] for name, v in r["classes"].items()})
+    r, c = _read_json(results), _read_json(config)
+    try:
+        e = c["evaluation"]
+        return EvalRun(folder, int(folder.name) if folder.name.isdigit() else 0, c["method"], c["dataset"],
+                       int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
+                       tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
+                       {name: float(v["dice"]) for name, v in r["classes"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CollectError(f"{folder}: results.json or config.json lacks an entry ({type(err).__name__}: {err}); "
+                           f"it was not written by this version of validation.py. Re-run the evaluation of "
+                           f"this run, or move its folder out of the collected paths") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CollectError(f"cannot read {path}: it is truncated or not valid JSON ({err}). Re-run the "
+                           f"evaluation that wrote it, or move its run folder out of the collected paths") from None
 
 
 def find_runs(paths) -> list[EvalRun]:

@@ -58,3 +58,14 @@ def full_config(method: str, dataset: str, data_dir, log_dir, setting: int = 1, 
     """A complete experiment config on the CPU; `updates` use dotted keys (``**{"train.n_steps": 2}``)."""
     from configs.experiment import build_config
     return build_config(method, dataset, data_dir, log_dir, setting, {"device": "cpu", **updates})
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under `root` by relative path (folders too, as ''): two equal states
+    mean nothing was written, changed or removed in between."""
+    import hashlib
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+            for p in sorted(root.rglob("*"))}

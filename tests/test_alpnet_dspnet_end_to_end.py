@@ -39,7 +39,7 @@ def test_train_two_steps_then_evaluate(superpixel_phantoms, tmp_path, method, se
     torch.manual_seed(0)
     snapshot = train(cfg, tmp_path / "train", progress=False)
     assert snapshot.name == "2.pth" and snapshot.is_file()
-    state = torch.load(snapshot, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(snapshot, map_location="cpu", weights_only=True)["model"]
     assert ("head.cal" in state) == (method == "dspnet")
 
     cfg["evaluation"]["checkpoint"] = str(snapshot)

@@ -16,7 +16,7 @@ COMMON = ["-l", "WARNING", "with", "demo", "train.n_steps=2", "train.print_every
 
 def _final_state(log_dir):
     snap = next((log_dir / "train").glob("*/1/snapshots/2.pth"))
-    return torch.load(snap, map_location="cpu", weights_only=False)["model"]
+    return torch.load(snap, map_location="cpu", weights_only=True)["model"]
 
 
 def test_two_processes_match_one_process(phantom_dir, tmp_path):
@@ -37,5 +37,5 @@ def test_two_processes_match_one_process(phantom_dir, tmp_path):
     params = [k for k in a if "running_" not in k and "num_batches" not in k]
     for key in params:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-    moved = torch.load(next((tmp_path / "one" / "train").glob("*/1/snapshots/2.pth")), weights_only=False)
+    moved = torch.load(next((tmp_path / "one" / "train").glob("*/1/snapshots/2.pth")), weights_only=True)
     assert moved["episodes"] == 2

@@ -153,6 +153,26 @@ def test_fallback_prototype_closed_form():
     torch.testing.assert_close(proto[0, 0, 0], (F_map * mf).sum(1) / (mf.sum() + 1e-5))
 
 
+def test_seeds_without_an_interior_cell_give_the_plain_masked_average():
+    # a striped mask: enough foreground cells for seeds, but after bilinear downsampling no cell is
+    # fully inside it (m~ == 1 nowhere); the reference's centres are then zero and g = MAP(S, m~)
+    head = DSPNetHead(channels=8)
+    g = torch.Generator().manual_seed(2)
+    fs, fq = torch.randn(1, 1, 8, 32, 32, generator=g), torch.randn(1, 1, 8, 32, 32, generator=g)
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 8:248, 8:248] = 1
+    mask[..., :, 3::8] = 0                     # thin stripes through every cell's bilinear sample
+    context = head.support_context(mask, (32, 32))
+    assert (context[1] > 0).all()             # seeds are placed
+    soft = downsample_masks(mask, (32, 32))
+    assert not (soft == 1).any()              # ... but the ROI is empty
+    proto, extras = head.foreground_prototypes(fs, soft, fq, context, alignment=False)
+    assert extras["fspa_roi_empty"].all() and not extras["fspa_clustered"].any()
+    mf = soft.flatten()
+    expected = (fs[0, 0].flatten(1) * mf).sum(1) / (mf.sum() + 1e-5)
+    torch.testing.assert_close(proto[0, 0, 0], expected)
+
+
 def test_clustering_branch_runs_for_large_supports_and_never_in_alignment():
     head = DSPNetHead(channels=8).train()
     g = torch.Generator().manual_seed(0)

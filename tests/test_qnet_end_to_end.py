@@ -52,7 +52,7 @@ def test_train_then_evaluate_with_refinement(phantoms, tmp_path):
     assert list((tmp_path / "test" / "predictions").glob("*.nii.gz"))
 
     # the same weights saved under the reference Q-Net's key names give the same predictions
-    state = torch.load(snapshot, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(snapshot, map_location="cpu", weights_only=True)["model"]
     rename = {"encoder.reduce.layer3.": "encoder.reduce1.", "encoder.reduce.layer4.": "encoder.reduce2.",
               "encoder.threshold.": "encoder.reduce1d."}
     ref = {}

@@ -24,7 +24,7 @@ def _episodes_at_resume_point(run_dir):
     path = run_dir / "snapshots" / "last.pth"
     if not path.is_file():
         return 0
-    return torch.load(path, map_location="cpu", weights_only=False)["episodes"]
+    return torch.load(path, map_location="cpu", weights_only=True)["episodes"]
 
 
 def test_kill_and_resume_is_bit_identical(phantom_dir, tmp_path):
@@ -53,8 +53,8 @@ def test_kill_and_resume_is_bit_identical(phantom_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["1"]       # same run folder
 
-    a = torch.load(next((tmp_path / "a" / "train").glob("*/1")) / "snapshots" / "6.pth", weights_only=False)
-    b = torch.load(run_dir / "snapshots" / "6.pth", weights_only=False)
+    a = torch.load(next((tmp_path / "a" / "train").glob("*/1")) / "snapshots" / "6.pth", weights_only=True)
+    b = torch.load(run_dir / "snapshots" / "6.pth", weights_only=True)
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), f"{key} differs after resuming at episode {killed_at}"
     steps = json.loads((run_dir / "metrics.json").read_text())["loss.total"]["steps"]

@@ -19,8 +19,10 @@ Reference behaviour (../shared/reference/alpnet_dspnet.md §3), on top of models
   (`cross_attention_slip: true`; false aggregates the query, V = Q); clustering of the support
   features + coordinates inside the ROI (m~ == 1) from the seeds, 10 iterations under no_grad,
   distances divided by 100, weights normalised over the pixels of each centre; fusion into one
-  class prototype g = MAP(S + sum_k c_k softmax_p(<S^_p, c_k>), m~). Fallback (no seeds, an
-  empty ROI, and always in the alignment pass): the single centre g0 = MAP(S^, m~).
+  class prototype g = MAP(S + sum_k c_k softmax_p(<S^_p, c_k>), m~). Fallback (no seeds, and
+  always in the alignment pass): the single centre g0 = MAP(S^, m~). Seeds placed but an empty
+  ROI (no cell with m~ == 1: thin or striped masks): the reference's centres are sums over no
+  pixel, i.e. zero, so g = MAP(S, m~), the plain masked average; reproduced.
   The prototype depends on the query (through S^), so it is computed per query image.
 - **BCMA** (§3.3): on the pooled grid P (C x M, all cells of all shots), A = 1 + alpha
   T ⊙ softmax_rows(P P^T) with T the tridiagonal band (end rows: diagonal only), W = A ⊙ cal,
@@ -278,6 +280,9 @@ class DSPNetHead(ALPNetHead):
             clustered = (n_used > 0) & roi_any
             use = clustered[:, None, :, None, None]
             centres = torch.where(use, cluster[:, None].expand(-1, Q, -1, -1, -1), fallback_centres)
+            # seeds placed but no cell fully inside the mask (thin or striped masks): the reference's
+            # clustering sums over an empty ROI, so its centres are zero and g = MAP(S, m~)
+            centres = centres.masked_fill(((n_used > 0) & ~roi_any)[:, None, :, None, None], 0.0)
             seed_valid = torch.arange(K, device=support.device) < n_used[..., None]      # B x S x K
             valid = torch.where(clustered[..., None], seed_valid, slot0.expand(B, S, K))
             extras = {"n_seeds": placed, "fspa_roi_empty": (n_used > 0) & ~roi_any}
