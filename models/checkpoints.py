@@ -142,8 +142,8 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint", missing_hin
 
 def _unreadable(path: Path, what: str, err: Exception) -> str:
     return (f"cannot read {what} {path}: the file is truncated or corrupt ({_short_reason(err)}), for example "
-            f"from an interrupted copy or download. Copy it again from its source, or use an earlier snapshot "
-            f"(resume from or evaluate another file of <run>/snapshots/)")
+            f"from an interrupted copy or download. Copy it again from its source; a snapshot of a training "
+            f"run can also be replaced by an earlier one of <run>/snapshots/ (to evaluate or resume from)")
 
 
 def read_state_dict(path: str | Path) -> dict:

@@ -274,13 +274,19 @@ def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
                           f"same named configs and updates as the original run; the run was left as it was.")
 
 
+def load_resume_point(run_dir: Path) -> tuple[Path, dict]:
+    """The path and content (in the current snapshot format) of run_dir's resume point, read safely."""
+    path = Path(run_dir) / "snapshots" / RESUME_FILE
+    state = load_checkpoint_file(path, what="resume point", missing_hint="A run writes it every "
+                                 "train.checkpoint_every episodes; nothing to resume from (train.resume takes "
+                                 "the run folder)")
+    return path, upgrade_snapshot(state)
+
+
 def restore(run_dir: Path, model, optimizer, cfg: dict) -> tuple[int, dict | None]:
     """Load the resume point of run_dir into model and optimizer; returns the episodes already seen
     and the metrics logged up to them (None for snapshots written before they carried metrics)."""
-    path = Path(run_dir) / "snapshots" / RESUME_FILE
-    state = upgrade_snapshot(load_checkpoint_file(
-        path, what="resume point", missing_hint="A run writes it every train.checkpoint_every episodes; nothing "
-                                                "to resume from (train.resume takes the run folder)"))
+    path, state = load_resume_point(run_dir)
     check_resumable(state["config"], cfg, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -297,9 +303,7 @@ def check_resume(cfg: dict) -> None:
     if not run_dir.is_dir():
         raise ConfigError(f"train.resume: run folder {run_dir} does not exist (train.resume takes a folder "
                           f"<log_dir>/train/<exp_name>/<run id>)")
-    path = run_dir / "snapshots" / RESUME_FILE
-    state = load_checkpoint_file(path, what="resume point", missing_hint="A run writes it every "
-                                 "train.checkpoint_every episodes; nothing to resume from")
+    path, state = load_resume_point(run_dir)
     check_resumable(state["config"], cfg, path)
 
 

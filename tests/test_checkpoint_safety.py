@@ -207,7 +207,7 @@ def test_snapshot_loads_weights_only_and_restores_rng(tmp_path):
     state = torch.load(tmp_path / "snapshots" / "last.pth", weights_only=True)     # no allowlist needed
     assert state["format"] == SNAPSHOT_FORMAT == 2 and state["rng"]["numpy"]["has_gauss"] == 1
     _scramble()
-    assert restore(tmp_path, model, optimizer, CFG) == 2
+    assert restore(tmp_path, model, optimizer, CFG)[0] == 2             # (episodes, metrics)
     assert _draws() == expected
 
 
@@ -230,7 +230,7 @@ def test_format_1_snapshot_still_loads_safely(tmp_path):
     _scramble()
     fresh = torch.nn.Linear(4, 2)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
-    assert restore(tmp_path, fresh, fresh_optimizer, CFG) == 2
+    assert restore(tmp_path, fresh, fresh_optimizer, CFG)[0] == 2
     assert torch.equal(fresh.weight, model.weight)
     assert _draws() == expected
 

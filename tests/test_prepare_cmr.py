@@ -101,7 +101,7 @@ def test_single_folder_layout_and_unlabelled_images(tmp_path, capsys):
     ("shape", "patient1_C0_manual.nii.gz: shape (z, y, x) (12, 256, 250) differs from its image"),
     ("no_image", "label(s) without a bSSFP image in"),
     ("direction", "patient1_C0_manual.nii.gz: spacing (1.25, 1.25, 12) mm"),
-    ("nan", "patient1_C0.nii.gz: image contains 1 NaN and 0 infinite value(s)"),
+    ("nan", "patient1_C0.nii.gz: 1 NaN and 0 infinite value(s) in this CMR image"),
 ])
 def test_bad_input_is_rejected_naming_the_file(raw_cmr, tmp_path, capsys, problem, expected):
     label_path = raw_cmr / "c0gt" / "patient1_C0_manual.nii.gz"
