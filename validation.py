@@ -17,16 +17,21 @@ from configs.experiment import make_experiment
 ex = make_experiment("test", record="test")
 
 
+# the model loaded by the pre-flight check, for the run it was checked for
+_checked_model: dict = {}
+
+
 @ex.config_hook
 def _refuse_bad_inputs(config, command_name, logger):
-    """The checkpoint (found and read safely) and every scan of the fold (read completely) are
-    checked here, before Sacred records the run, so a refused evaluation writes nothing."""
+    """The checkpoint (found, read safely, loaded into the model) and every scan of the fold (read
+    completely) are checked here, before Sacred records the run, so a refused evaluation writes
+    nothing."""
     if command_name == "main":
         from models.builders import check_run_inputs
-        from models.evaluation import check_checkpoint
+        from models.evaluation import load_evaluated_model
         cfg = json.loads(json.dumps(config))
-        check_checkpoint(cfg)
         check_run_inputs(cfg, "test")
+        _checked_model["model"] = load_evaluated_model(cfg)
     return {}
 
 
@@ -35,7 +40,8 @@ def main(_config, _run):
     from models.evaluation import evaluate
     cfg = json.loads(json.dumps(_config))
     run_dir = Path(_run.observers[0].dir) if _run.observers else None
-    result = evaluate(cfg, run_dir)
+    model, checkpoint = _checked_model.pop("model", (None, "in-memory model"))
+    result = evaluate(cfg, run_dir, model=model, checkpoint=checkpoint)
     for c in result.class_ids():
         _run.log_scalar(f"dice.{result.class_scores(c)[0].class_name}", result.class_mean(c))
     _run.log_scalar("dice.mean", result.mean())

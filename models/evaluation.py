@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from dataloaders.protocol import EvaluationResult, Evaluator
 from dataloaders.reporting import format_patient_table, format_table, write_overlays, write_predictions, \
     write_results
@@ -11,7 +13,7 @@ from models.builders import (
     autocast_dtype, build_model, fold_data, protocol_options, resolve_device, use_channels_last,
 )
 from configs.runs import write_provenance
-from models.checkpoints import find_checkpoint, load_checkpoint, read_state_dict
+from models.checkpoints import find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
@@ -26,26 +28,29 @@ def resolve_checkpoint(cfg: dict) -> str:
     return str(ckpt)
 
 
-def check_checkpoint(cfg: dict) -> None:
-    """Find the checkpoint to evaluate and read it safely, refusing a missing, unfinished,
-    truncated or unsafe file before anything is recorded."""
+def load_evaluated_model(cfg: dict) -> tuple[torch.nn.Module, str]:
+    """The model to evaluate and where it came from: the checkpoint found by `resolve_checkpoint`,
+    read safely and loaded strictly, or the untrained model with its pretrained encoder weights.
+    validation.py calls this before Sacred records the run, so a missing, unfinished, truncated,
+    unsafe or misfitting checkpoint is refused with nothing written."""
     checkpoint = resolve_checkpoint(cfg)
+    model = build_model(cfg, load_weights=checkpoint == UNTRAINED)
     if checkpoint != UNTRAINED:
-        read_state_dict(checkpoint)
+        load_checkpoint(model, checkpoint)
+    return model, checkpoint
 
 
-def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None) -> EvaluationResult:
-    """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir."""
+def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None,
+             checkpoint: str = "in-memory model") -> EvaluationResult:
+    """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir.
+
+    `model`: the model to evaluate (its source named by `checkpoint`); None loads it from the config."""
     device = resolve_device(cfg["device"])
     spec, store, fold = fold_data(cfg)
     options = protocol_options(cfg, device)
     classes = spec.check_label_ids(cfg["test_labels"], "test_labels")
-    checkpoint = "in-memory model"
     if model is None:
-        checkpoint = resolve_checkpoint(cfg)
-        model = build_model(cfg, load_weights=checkpoint == UNTRAINED)
-        if checkpoint != UNTRAINED:
-            load_checkpoint(model, checkpoint)
+        model, checkpoint = load_evaluated_model(cfg)
     model = model.to(device)
     model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
     evaluator = Evaluator(model, store, spec, fold, options, device=device,
