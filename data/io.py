@@ -199,11 +199,11 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry 
 
 # ----------------------------------------------------------------------------- names from user data
 # Class and dataset names reach file and folder names (predictions, overlays, run folders), so they
-# are restricted to characters that cannot form a path: letters, digits, '_', '-', '+', '.', and
-# they start with a letter, digit or '_' (so never '.' or '..').
-SAFE_NAME_RULE = ("1-64 characters from letters, digits, '_', '-', '+' and '.', starting with a letter, "
-                  "digit or '_'")
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
+# are restricted to characters that cannot form a path: letters, digits, '_', '-', '+', '.' and
+# inner spaces ("right kidney"), starting with a letter, digit or '_' (so never '.' or '..').
+SAFE_NAME_RULE = ("1-64 characters from letters, digits, spaces, '_', '-', '+' and '.', starting with a "
+                  "letter, digit or '_' and not ending with a space")
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.+ -]{0,62}[A-Za-z0-9_.+-])?$")
 
 
 def is_safe_name(name: str) -> bool:

@@ -14,7 +14,7 @@ Errors (the dataset cannot be used as it is):
 - a file that is unreadable or not 3-D; image and label shapes differ; their spacing, origin or
   direction differ by more than 1e-4 (relative, 1e-4 absolute near zero);
 - in-plane size other than the spec's `preprocessing.size` (256 x 256 for CHAOST2, CMR, SABS);
-  without a preprocessing block, in-plane sizes that differ between scans (a warning);
+  without a preprocessing block, in-plane sizes that differ between scans (the loaders need one size);
 - fewer than 3 slices (the adjacent-slice episode samplers of ADNet / Q-Net and the 3-part support
   protocol need at least 3) or more than 1000 (no abdominal or cardiac scan here comes near; more
   suggests a wrongly stacked series, and a 1000 x 256 x 256 float64 volume already takes 0.5 GB);
@@ -32,8 +32,7 @@ Errors (the dataset cannot be used as it is):
 Warnings (usable, but check):
 - an evaluated class absent from a scan (its Dice is undefined for that scan);
 - no classmap_1.json (evaluation needs it; `python -m data.classmap` writes it);
-- leftover temporary `.partial` files of an interrupted write;
-- in-plane sizes that differ between scans of a dataset without a fixed size.
+- leftover temporary `.partial` files of an interrupted write.
 """
 from __future__ import annotations
 
@@ -335,8 +334,9 @@ def verify_dataset(data_dir: str | Path, spec, ids: Sequence[int] | None = None,
                 report.warn(f"{labels[scan_id]}: evaluated class(es) "
                             f"{', '.join(spec.label_name(c) for c in absent)} absent from this scan")
     if expected_in_plane(spec) is None and len(set(planes.values())) > 1:
-        report.warn(f"{folder}: in-plane sizes differ between scans: "
-                    + ", ".join(f"{i}: {p[0]}x{p[1]}" for i, p in list(planes.items())[:10]))
+        report.error(f"{folder}: in-plane sizes differ between scans ("
+                     + ", ".join(f"{i}: {p[0]}x{p[1]}" for i, p in list(planes.items())[:10])
+                     + "); training and evaluation need one size: re-run the preprocessing so that every scan has it")
     known = set(images) | set(labels) | uncompressed | set(spec.expected_ids or ())
     _check_classmaps(spec, folder, candidates, known, report)
     return report

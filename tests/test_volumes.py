@@ -43,7 +43,6 @@ def test_image_label_shape_mismatch(tmp_path):
 
 
 def test_wrong_label_values_and_corrupt_file(tmp_path):
-    # (NaN in a file is the integrity check's job: SimpleITK's NIfTI reader turns NaN into 0)
     root = write_dataset(tmp_path / "toy")
     write_volume(root / "images" / "label_1.nii.gz", np.full((8, 32, 32), 9.0), GEOMETRY)
     (root / "images" / "image_3.nii.gz").write_bytes(b"not a nifti file")
