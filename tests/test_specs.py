@@ -70,7 +70,7 @@ def test_image_without_label_is_reported(tmp_path):
 
 def test_generic_dataset_json_and_ids_sorted_numerically(tmp_path):
     root = write_dataset(tmp_path / "toy", ids=(10, 2, 1, 33, 4, 5))
-    spec = load_spec("anything", root)
+    spec = load_spec("toy", root)           # the name, in any case, as dataset.json says
     assert spec.name == "TOY" and spec.labels == {"BG": 0, "C1": 1, "C2": 2}
     assert spec.scan_ids(root) == (1, 2, 4, 5, 10, 33)
 
