@@ -6,6 +6,7 @@ entry point builds exactly the same thing from the same config.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -132,6 +133,17 @@ def fold_data(cfg: dict):
     return spec, store, fold
 
 
+def check_encoder_weights(cfg: dict) -> None:
+    """Read and match encoder.weights as training will, on an encoder on the meta device (no
+    memory, no random draws, so the run's RNG stream is untouched): a missing, unsafe, partial or
+    mismatched file is refused before the run records anything."""
+    with torch.device("meta"):
+        encoder = ResNetEncoder(cfg["encoder"]["layout"])
+    with warnings.catch_warnings():     # copying into meta tensors is a no-op, and torch says so
+        warnings.simplefilter("ignore")
+        encoder.load_pretrained(cfg["encoder"]["weights"], bool(cfg["encoder"].get("allow_partial", False)))
+
+
 def check_run_inputs(cfg: dict, kind: str) -> None:
     """Read (and so check) every data file a training ("train") or evaluation ("test") run of this
     config will read, before the run records anything: a truncated, NaN-holding, constant or
@@ -139,6 +151,7 @@ def check_run_inputs(cfg: dict, kind: str) -> None:
     spec, store, fold = fold_data(cfg)
     spec.check_label_ids(cfg["test_labels"], "test_labels")
     if kind == "train":
+        check_encoder_weights(cfg)
         folder = pseudolabel_folder(cfg)
         for scan_id in fold.train_ids:
             store.scan(scan_id)

@@ -12,10 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from data.io import DataError, safe_child_path
+from data.io import DataError, read_volume, safe_child_path, write_volume
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import tree_state, write_dataset
 
@@ -83,6 +84,61 @@ def test_dataset_name_must_match_the_dataset_json(tmp_path):
     before = tree_state(tmp_path)
     refused(run("training.py", "with", "adnet", "dataset=FOO", f"data_dir={root}", f"log_dir={tmp_path / 'runs'}"),
             "dataset=FOO", "describes the dataset 'TOY'", "set dataset=TOY")
+    assert tree_state(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- data files
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_voxel(path):
+    array, geometry = read_volume(path)
+    array = array.astype(np.float32)
+    array[0, 0, 0] = np.nan
+    write_volume(path, array, geometry)
+
+
+def _narrower(path):
+    array, geometry = read_volume(path)
+    write_volume(path, array[:, :, :-4], geometry)
+
+
+def _constant(path):
+    array, geometry = read_volume(path)
+    write_volume(path, np.full_like(array, 3), geometry)
+
+
+# fold 0 of the six phantoms holds scans 1 and 2 (evaluated) and trains on 3-6
+@pytest.mark.parametrize("command, file, corrupt, message", [
+    ("train", "image_4.nii.gz", _truncate, "truncated"),
+    ("test", "image_1.nii.gz", _truncate, "truncated"),
+    ("test", "label_2.nii.gz", _nan_voxel, "1 NaN and 0 infinite value(s)"),
+    ("train", "image_5.nii.gz", _narrower, "in-plane size"),
+    ("test", "image_2.nii.gz", _constant, "constant"),
+])
+def test_a_scan_that_cannot_be_used_is_refused_before_anything_is_written(phantom_dir, tmp_path, command, file,
+                                                                          corrupt, message):
+    data_dir = tmp_path / "SYNTH"
+    shutil.copytree(phantom_dir, data_dir)
+    path = data_dir / "synth_normalized" / file
+    corrupt(path)
+    before = tree_state(tmp_path)
+    if command == "train":
+        result = train(tmp_path / "runs", data_dir, "train.n_steps=2")
+    else:
+        result = validate(tmp_path / "runs", data_dir, "evaluation.checkpoint=untrained")
+    refused(result, str(path), message)
+    assert tree_state(tmp_path) == before
+
+
+def test_pseudolabels_that_cannot_be_read_are_refused_before_training(phantom_dir, tmp_path):
+    data_dir = tmp_path / "SYNTH"
+    shutil.copytree(phantom_dir, data_dir)
+    path = next((data_dir).glob("supervoxels_*")) / "superpix-MIDDLE_3.nii.gz"
+    _truncate(path)
+    before = tree_state(tmp_path)
+    refused(train(tmp_path / "runs", data_dir, "train.n_steps=2"), str(path), "truncated")
     assert tree_state(tmp_path) == before
 
 

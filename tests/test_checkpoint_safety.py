@@ -23,6 +23,7 @@ from models.checkpoints import CheckpointError, load_checkpoint, load_checkpoint
 from models.encoder import PretrainedWeightsError, ResNetEncoder
 from models.trainer import SNAPSHOT_FORMAT, restore, save_snapshot
 from tests.conftest import PROJECT_ROOT
+from tests.helpers import tree_state
 
 REFUSED = "refusing to unpickle"
 
@@ -60,6 +61,15 @@ def _demo(script, phantom_dir, log_dir, *updates):
                     *updates)
 
 
+def _refused_unchanged(tmp_path, command, path, marker):
+    """Run `command` (a callable) and check it refused `path` and wrote or changed nothing under tmp_path."""
+    before = tree_state(tmp_path)
+    out = command()
+    _assert_refused(out, path, marker)
+    assert tree_state(tmp_path) == before
+    return out
+
+
 def _assert_refused(out, path, marker):
     assert out.returncode != 0
     assert REFUSED in out.stderr and "could run arbitrary code" in out.stderr and str(path) in out.stderr, \
@@ -86,8 +96,8 @@ def test_loader_refuses_and_names_the_global(evil):
 
 def test_validation_refuses_evaluation_checkpoint(evil, phantom_dir, tmp_path):
     path, marker = evil
-    _assert_refused(_demo("validation.py", phantom_dir, tmp_path / "runs", f"evaluation.checkpoint={path}"),
-                    path, marker)
+    _refused_unchanged(tmp_path, lambda: _demo("validation.py", phantom_dir, tmp_path / "runs",
+                                               f"evaluation.checkpoint={path}"), path, marker)
 
 
 def test_validation_refuses_the_newest_run_snapshot(phantom_dir, tmp_path):
@@ -95,31 +105,30 @@ def test_validation_refuses_the_newest_run_snapshot(phantom_dir, tmp_path):
     run = tmp_path / "runs" / "train" / "evil_exp" / "1"
     path = malicious_checkpoint(run / "snapshots" / "5.pth", marker)
     (run / "run.json").write_text(json.dumps({"status": "COMPLETED"}))
-    _assert_refused(_demo("validation.py", phantom_dir, tmp_path / "runs", "exp_name=evil_exp"), path, marker)
+    _refused_unchanged(tmp_path, lambda: _demo("validation.py", phantom_dir, tmp_path / "runs", "exp_name=evil_exp"),
+                       path, marker)
 
 
 def test_training_refuses_a_resume_point(phantom_dir, tmp_path):
     marker = tmp_path / "PWNED"
     run = tmp_path / "runs" / "train" / "evil_exp" / "1"
     path = malicious_checkpoint(run / "snapshots" / "last.pth", marker)
-    out = _demo("training.py", phantom_dir, tmp_path / "runs", "exp_name=evil_exp", "train.n_steps=2",
-                f"train.resume={run}")
-    _assert_refused(out, path, marker)
+    _refused_unchanged(tmp_path, lambda: _demo("training.py", phantom_dir, tmp_path / "runs", "exp_name=evil_exp",
+                                               "train.n_steps=2", f"train.resume={run}"), path, marker)
 
 
 def test_training_refuses_encoder_weights(evil, phantom_dir, tmp_path):
     path, marker = evil
-    out = _demo("training.py", phantom_dir, tmp_path / "runs", "train.n_steps=2", f"encoder.weights={path}")
-    _assert_refused(out, path, marker)
+    out = _refused_unchanged(tmp_path, lambda: _demo("training.py", phantom_dir, tmp_path / "runs", "train.n_steps=2",
+                                                     f"encoder.weights={path}"), path, marker)
     assert "encoder.weights" in out.stderr
 
 
 def test_segment_refuses_checkpoint(evil, tmp_path):
     path, marker = evil
-    out = _command("-m", "scripts.segment", "--checkpoint", str(path), "--support-image", "s.nii.gz",
-                   "--support-label", "l.nii.gz", "--class-id", "1", "--query", "q.nii.gz",
-                   "--out", str(tmp_path / "out"))
-    _assert_refused(out, path, marker)
+    _refused_unchanged(tmp_path, lambda: _command(
+        "-m", "scripts.segment", "--checkpoint", str(path), "--support-image", "s.nii.gz", "--support-label",
+        "l.nii.gz", "--class-id", "1", "--query", "q.nii.gz", "--out", str(tmp_path / "out")), path, marker)
     assert not (tmp_path / "out").exists()
 
 

@@ -159,7 +159,14 @@ def _break_ignore_label(root):
     (root / "dataset.json").write_text(json.dumps(description))
 
 
+def _break_label_name(root):
+    description = json.loads((root / "dataset.json").read_text())
+    description["labels"] = {"background": 0, "../../liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
+    (root / "dataset.json").write_text(json.dumps(description))
+
+
 @pytest.mark.parametrize("break_it, message", [
+    (_break_label_name, "label name '../../liver' cannot be used in file names"),
     (_break_no_labels, "labelsTr not found"),
     (_break_two_channels, "2 input channels"),
     (_break_channel_file, "channel 0001; only single-channel datasets"),
