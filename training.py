@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 
 from configs.experiment import make_experiment
+from models.engine.builders import check_run_inputs, resolve_device
+from models.engine.runs import lock_run, unlock_run, write_provenance
+from models.engine.trainer import check_resume, train
 
 ex = make_experiment("train", record="train")
 
@@ -27,9 +30,6 @@ def _refuse_unresumable_run(config, command_name, logger):
     resume leaves the run as it was, and a refused new run leaves no run folder."""
     if command_name != "main" or int(os.environ.get("RANK", "0")) != 0:
         return {}
-    from configs.runs import lock_run
-    from models.builders import check_run_inputs
-    from models.trainer import check_resume
     cfg = json.loads(json.dumps(config))
     resume = cfg["train"].get("resume")
     if resume:
@@ -42,9 +42,6 @@ def _refuse_unresumable_run(config, command_name, logger):
 
 @ex.main
 def main(_config, _run):
-    from configs.runs import lock_run, unlock_run, write_provenance
-    from models.builders import resolve_device
-    from models.trainer import train
     cfg = json.loads(json.dumps(_config))
     if _run.observers:
         run_dir = Path(_run.observers[0].dir)

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from configs.experiment import make_experiment
+from models.engine.builders import check_run_inputs
+from models.engine.evaluation import evaluate, load_evaluated_model
 
 ex = make_experiment("test", record="test")
 
@@ -27,8 +29,6 @@ def _refuse_bad_inputs(config, command_name, logger):
     completely) are checked here, before Sacred records the run, so a refused evaluation writes
     nothing."""
     if command_name == "main":
-        from models.builders import check_run_inputs
-        from models.evaluation import load_evaluated_model
         cfg = json.loads(json.dumps(config))
         check_run_inputs(cfg, "test")
         _checked_model["model"] = load_evaluated_model(cfg)
@@ -37,7 +37,6 @@ def _refuse_bad_inputs(config, command_name, logger):
 
 @ex.main
 def main(_config, _run):
-    from models.evaluation import evaluate
     cfg = json.loads(json.dumps(_config))
     run_dir = Path(_run.observers[0].dir) if _run.observers else None
     model, checkpoint = _checked_model.pop("model", (None, "in-memory model"))

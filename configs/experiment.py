@@ -27,9 +27,15 @@ from pathlib import Path
 
 import yaml
 from sacred import Experiment
+from sacred.config import config_files
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from data.io import ConfigError, UserError
+from configs.runs import ResumableFileStorageObserver
+from data.core.io import ConfigError, UserError
+from data.core.specs import load_spec
+from models.engine.trainer import OPTIMIZERS
+from models.heads import HEADS, head_options
+from models.heads.contract import ENCODER_ARGUMENTS
 
 CONFIG_DIR = Path(__file__).resolve().parent
 METHOD_DIR = CONFIG_DIR / "methods"
@@ -77,7 +83,6 @@ def _matches(when: dict, context: dict) -> bool:
 
 @lru_cache(maxsize=32)
 def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | None) -> dict:
-    from dataloaders.specs import load_spec
     spec = load_spec(dataset, data_dir)
     cfg = _load_yaml(CONFIG_DIR / "base.yaml")
     m = _method_yaml(method)
@@ -196,6 +201,7 @@ AUTO_CHOICES = {
 CHOICES = {
     "evaluation.amp": ("off", "bf16", "auto"),
     "exclude_rule": ("any", "all"),
+    "optim.name": OPTIMIZERS,
 }
 
 
@@ -253,13 +259,16 @@ def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
 
 def check_config(config: dict) -> None:
     """Reject keys no layer defines (typos) and values of the wrong kind, naming the fix."""
-    from models.heads import HEADS, head_options
     tree = known_keys(config)
     head_name = config.get("head", {}).get("name")
     if head_name in HEADS:
         tree["head"] = {"name": None, **head_options(head_name)}
     problems = []
     for key, candidates in unknown_keys(config, tree):
+        if key.startswith("head.") and key[len("head."):] in ENCODER_ARGUMENTS:
+            problems.append(f"'{key}' is not a config key: the head gets it from the encoder "
+                            f"(encoder.layout={config.get('encoder', {}).get('layout')!r})")
+            continue
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     problems += wrong_types(config, tree)
@@ -290,7 +299,7 @@ def _silence_auto_key_type_changes() -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Print an error the user can fix (`data.io.UserError`) as its message alone, without a
+    """Print an error the user can fix (`data.core.io.UserError`) as its message alone, without a
     traceback, and exit with status 1.
 
     SystemExit passes through Sacred's exception printing (Python prints its text to stderr); inside
@@ -317,7 +326,6 @@ def _read_config_files_as_plain_data() -> None:
     entries call any function) and read YAML with FullLoader; here `.pickle` is refused before the
     file is read, JSON is plain json.load and YAML is yaml.safe_load (as configs/*.yaml are read).
     Writing (Sacred's save_config) is unchanged."""
-    from sacred.config import config_files
     handlers = config_files.HANDLER_BY_EXT
     handlers[".pickle"] = config_files.Handler(_refuse_pickle_config, handlers[".pickle"].dump, "b")
     handlers[".json"] = config_files.Handler(json.load, handlers[".json"].dump, "")
@@ -367,7 +375,6 @@ def add_observer(ex: Experiment, config: dict, kind: str) -> Path:
     A training run with train.resume=<run folder> continues in that folder. Under torchrun only
     rank 0 records the run.
     """
-    from configs.runs import ResumableFileStorageObserver
     base = Path(config["log_dir"]) / kind / config["exp_name"]
     if int(os.environ.get("RANK", "0")) != 0:
         return base

@@ -30,7 +30,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from data.io import DataError, atomic_path, read_volume
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, atomic_path, read_volume
+from data.core.specs import load_spec
 
 RULES = ("reference", "sum", "count")
 
@@ -116,8 +118,6 @@ def write_classmaps(data_dir: str | Path, spec, maps: dict[int, dict], only_chan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data.preprocessing import run_cli
-    from dataloaders.specs import load_spec
 
     parser = argparse.ArgumentParser(
         prog="python -m data.classmap",
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-fg", type=int, nargs="+", default=[1], metavar="MIN",
                         help="thresholds; one JSON per value (default: 1)")
     parser.add_argument("--rule", choices=RULES, default="reference", help="inclusion rule (default: reference)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
 
-    return run_cli(body)
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Rules
   cases get 1..N in sorted identifier order. The rule is applied to every case of imagesTr (also
   with `--ids`), so ids never depend on which cases one run converts; a re-run that would
   renumber existing scans (cases added or renamed) is refused.
-- **Intensity**, as the built-in pipelines (data/preprocessing.py): CT (channel name "CT") is
+- **Intensity**, as the built-in datasets (data/pipeline.py): CT (channel name "CT") is
   windowed to [-125, 275] HU and rescaled to [0, 255] (SABS); anything else is MR, whose top 0.5 %
   is clipped (CHAOS, CMR).
 - **Orientation.** `--orientation keep` (default) keeps each scan's axes, as the CMR and SABS
@@ -47,18 +47,20 @@ Rules
 
 The command checks everything it can before writing anything (dataset.json, folders, case
 pairing, channels, dimensions, label values), converts the scans with the prepare-command runner
-of data/preprocessing.py (atomic paired writes, progress bar, existing scans skipped unless
+of data/prepare.py (atomic paired writes, progress bar, existing scans skipped unless
 `--overwrite`, a folder prepared with other options refused), writes dataset.json (keys it does not
 produce, e.g. folds or eval_labels added by hand, are kept), generates the supervoxels
 (data/pseudolabels.py) and ends with the integrity check of data/verify.py: exit code 1 if it fails.
 
-`prepare_scan`, at the top of this module, prepares one raw scan according to a dataset's
-`preprocessing` block (dataloaders/specs.Preprocessing); scripts/segment.py uses it for new scans.
+Each scan goes through the one scan-preparation pipeline, `data.pipeline.prepare_scan`, with the
+`preprocessing` block (data.core.specs.Preprocessing) that the conversion writes into dataset.json,
+so that scripts/segment.py later prepares new scans of this dataset the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +69,24 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import DataError, Geometry, check_safe_name, read_geometry, read_volume
-from data.preprocessing import (COMPAT_MODES, CROP_SIZE, HU_WINDOW, TOP_PERCENTILE, PrepareJob, ProcessedCase,
-                                border_crop, centre_crop_or_pad, check_label_values, clip_top_percentile,
-                                crop_loss_warnings, hu_window, image_from_array, label_output_dtype,
-                                read_nifti_pair, resample_image, resample_label, run_cli, run_prepare,
-                                shift_origin, volume_change_warnings, write_json)
-from dataloaders.specs import Preprocessing, builtin_names, check_orientation, generic_spec
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, Geometry, check_safe_name, read_geometry, read_volume, write_json
+from data.core.specs import Preprocessing, builtin_names, check_orientation, generic_spec
+from data.pipeline import (
+    COMPAT_MODES,
+    CROP_SIZE,
+    HU_WINDOW,
+    TOP_PERCENTILE,
+    ProcessedCase,
+    image_from_array,
+    orientation_of,
+    prepare_scan,
+)
+from data.prepare import PrepareJob, check_label_values, read_nifti_pair, run_prepare
+from data.pseudolabels import generate_pseudolabels
+from data.verify import verify_dataset
+
+log = logging.getLogger(__name__)
 
 IMAGE_DIR = "images"
 CASE_IDS_NAME = "case_ids.json"
@@ -82,119 +95,6 @@ SUPERPIXEL_THRESHOLD = {"MR": 50.0, "CT": 0.0001}    # as CHAOST2 / SABS (body l
 MIN_FGS = (1,)
 REGIONS = ("abdomen", "cardiac", "other")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-# ===================================================================================================
-# Preparing one raw scan as a dataset's pipeline does (the spec's `preprocessing` block)
-# ===================================================================================================
-def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
-    """The image permuted/flipped to a DICOMOrient code (world positions unchanged); None keeps it."""
-    return image if orientation is None else sitk.DICOMOrient(image, orientation)
-
-
-def orientation_of(direction: Sequence[float]) -> str:
-    """The DICOMOrient code closest to a direction matrix (e.g. LAS for diag(1, -1, 1))."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
-
-
-def normalise_intensity(array: np.ndarray, prep: Preprocessing, source: str) -> tuple[np.ndarray, dict]:
-    """Apply the block's intensity rule; returns the array and what was done (for provenance)."""
-    if prep.intensity == "clip_top":
-        clipped, cap = clip_top_percentile(array, prep.clip_percentile)
-        return clipped, {"clip_percentile": prep.clip_percentile, "clip_cap": cap}
-    if prep.intensity == "ct_window":
-        return hu_window(array, prep.window, prep.compat, source=source), {"hu_window": list(prep.window)}
-    return array, {}
-
-
-def _resample_spacing_rule(array, label, geometry: Geometry, prep: Preprocessing, source: str):
-    """CHAOS/CMR grid: resample to the target spacing, centre crop/pad to size x size (origin moved)."""
-    sz = prep.z_spacing if prep.z_spacing is not None else geometry.spacing[2]
-    new_spacing = (prep.spacing[0], prep.spacing[1], sz)
-    resampled = resample_image(image_from_array(array, geometry), new_spacing, prep.compat)
-    res_array = sitk.GetArrayFromImage(resampled)
-    image_dtype = np.float64 if prep.compat == "reference" else np.float32
-    out, (off_y, off_x) = centre_crop_or_pad(res_array, prep.size, pad_value=float(res_array.min()),
-                                             dtype=image_dtype)
-    out_geometry = shift_origin(Geometry.of(resampled), (off_x, off_y, 0))
-    record = {"resampled_spacing_xyz": list(new_spacing), "resampled_size_xyz": list(resampled.GetSize()),
-              "crop_offset_xyz": [off_x, off_y, 0]}
-    if label is None:
-        return out, None, out_geometry, record, []
-    res_label = resample_label(label, geometry, new_spacing, prep.compat)
-    out_label, _ = centre_crop_or_pad(res_label, prep.size, pad_value=0.0,
-                                      dtype=label_output_dtype(res_label, prep.compat))
-    warnings = volume_change_warnings(label, geometry.spacing, res_label, new_spacing, source)
-    # crop_loss_warnings names the built-in crop size in its message; say the real one
-    warnings += [w.replace(f"{CROP_SIZE}x{CROP_SIZE}", f"{prep.size}x{prep.size}")
-                 for w in crop_loss_warnings(res_label, out_label, source)]
-    return out, out_label, out_geometry, record, warnings
-
-
-def _resample_fit_rule(array, label, geometry: Geometry, prep: Preprocessing, source: str):
-    """SABS grid: remove the border, resample so the remaining field of view spans size pixels."""
-    height, width = array.shape[1:]
-    by, bx = int(round(height * prep.border)), int(round(width * prep.border))
-    cropped_geometry = shift_origin(geometry, (bx, by, 0))
-    sx, sy, _ = geometry.spacing
-    new_spacing = (sx * ((width - 2 * bx) / prep.size), sy * ((height - 2 * by) / prep.size), geometry.spacing[2])
-    size, origin = None, None
-    if prep.compat == "clean":      # size pixels tile the cropped field of view exactly (prepare_sabs.py)
-        size = (prep.size, prep.size, array.shape[0])
-        ratios = (new_spacing[0] / sx, new_spacing[1] / sy, 1.0)
-        origin = shift_origin(cropped_geometry, [(r - 1) / 2 for r in ratios]).origin
-    resampled = resample_image(image_from_array(border_crop(array, by, bx), cropped_geometry), new_spacing,
-                               prep.compat, size, origin)
-    res_array = sitk.GetArrayFromImage(resampled)
-    if min(res_array.shape[1:]) < prep.size:
-        raise AssertionError(f"resampled in-plane size {res_array.shape[1:]} < {prep.size}")
-    image_dtype = np.float64 if prep.compat == "reference" else np.float32
-    out = res_array[:, :prep.size, :prep.size].astype(image_dtype)   # reference: drops the zero row/column
-    record = {"border_crop_offset_xyz": [bx, by, 0], "resampled_spacing_xyz": list(new_spacing),
-              "resampled_size_xyz": list(resampled.GetSize())}
-    if label is None:
-        return out, None, Geometry.of(resampled), record, []
-    cropped_label = border_crop(label, by, bx)
-    res_label = resample_label(cropped_label, cropped_geometry, new_spacing, prep.compat, size, origin)
-    out_label = res_label[:, :prep.size, :prep.size]
-    warnings = volume_change_warnings(cropped_label, cropped_geometry.spacing, out_label, new_spacing, source)
-    return out, out_label.astype(label_output_dtype(out_label, prep.compat)), Geometry.of(resampled), record, warnings
-
-
-def prepare_scan(image: sitk.Image, label: np.ndarray | None, prep: Preprocessing,
-                 source: str = "scan") -> ProcessedCase:
-    """Prepare one raw scan as the dataset's pipeline prepared its training scans.
-
-    `image` is the raw scan (any orientation and spacing); `label` an optional (z, y, x) label
-    array on its grid. Steps: orientation, intensity, grid (see `Preprocessing`), built from the
-    primitives of data/preprocessing.py. The result's `geometry` is the exact prepared grid, so a
-    prediction on it maps back to the raw scan's grid in world coordinates. `label` of the result
-    is None when no label was given.
-    """
-    raw_shape = tuple(reversed(image.GetSize()))
-    if label is not None and label.shape != raw_shape:
-        raise DataError(f"{source}: label shape {label.shape} differs from image shape {raw_shape}")
-    raw_geometry = Geometry.of(image)
-    oriented = reorient(image, prep.orientation)
-    geometry = Geometry.of(oriented)
-    if label is not None and prep.orientation is not None:
-        label = sitk.GetArrayFromImage(reorient(image_from_array(label, raw_geometry), prep.orientation))
-    array, intensity_record = normalise_intensity(sitk.GetArrayFromImage(oriented), prep, source)
-    rule = _resample_spacing_rule if prep.in_plane == "spacing" else _resample_fit_rule
-    out, out_label, out_geometry, grid_record, warnings = rule(array, label, geometry, prep, source)
-    record = {
-        "raw_size_xyz": list(image.GetSize()),
-        "raw_spacing_xyz": list(raw_geometry.spacing),
-        "raw_origin_xyz": list(raw_geometry.origin),
-        "raw_direction": list(raw_geometry.direction),
-        "raw_orientation": orientation_of(raw_geometry.direction),
-        "orientation": prep.orientation or "kept",
-        "raw_pixel_type": image.GetPixelIDTypeAsString(),
-        **intensity_record,
-        **grid_record,
-        "output_shape_zyx": list(out.shape),
-    }
-    return ProcessedCase(out, out_label, out_geometry, record, warnings)
 
 
 # ===================================================================================================
@@ -333,7 +233,7 @@ def read_nnunet_dataset(root: str | Path) -> NnUNetDataset:
     cases = _find_cases(root, ending)
     n_training = description.get("numTraining")
     if n_training is not None and int(n_training) != len(cases):
-        print(f"warning: {path} says numTraining={n_training} but imagesTr holds {len(cases)} case(s)")
+        log.warning("%s says numTraining=%s but imagesTr holds %d case(s)", path, n_training, len(cases))
     return NnUNetDataset(root, _default_name(description, root), modality, channel_name, labels, ending, cases)
 
 
@@ -478,8 +378,6 @@ def convert(nnunet_dir: str | Path, out_dir: str | Path, name: str | None = None
 
     Raises `DataError` for bad inputs, before anything is written where they can be found early.
     """
-    from data.pseudolabels import generate_pseudolabels
-    from data.verify import verify_dataset
 
     out_dir = Path(out_dir)
     dataset = read_nnunet_dataset(nnunet_dir)
@@ -504,7 +402,7 @@ def convert(nnunet_dir: str | Path, out_dir: str | Path, name: str | None = None
     headers = read_headers(dataset)
     check_labels(dataset, [by_id[i] for i in selected], headers)
     if orientation is None and (warning := orientation_warning(headers)):
-        print(f"warning: {warning}")
+        log.warning(warning)
     in_plane = float(spacing) if spacing else median_spacing(headers, orientation)
     prep = Preprocessing(orientation=orientation, in_plane="spacing", spacing=(in_plane, in_plane),
                          z_spacing=z_spacing, size=CROP_SIZE,
@@ -545,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "in-plane), with supervoxels and the integrity check.",
         epilog="Scan ids: the trailing number of every case identifier when those are unique (liver_003 -> 3), "
                "else 1..N in sorted order; the mapping is written to OUT_DIR/case_ids.json. Then: python "
-               "training.py with adnet dataset=NAME data_dir=OUT_DIR. See docs/own_data.md.")
+               "training.py with adnet dataset=NAME data_dir=OUT_DIR. See README.md, 'Bring your own data'.")
     parser.add_argument("nnunet_dir", type=Path, metavar="NNUNET_RAW_DATASET_DIR",
                         help="an nnU-Net v2 raw dataset folder, e.g. nnUNet_raw/Dataset003_Liver")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset folder to write, e.g. data/LIVER")
@@ -567,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compat", choices=COMPAT_MODES, default="clean",
                         help="clean (default): float32 interpolation, no empty trailing slice; reference: the "
                              "built-in pipelines' quirks (data/README.md)")
-    parser.add_argument("--quiet", action="store_true", help="no supervoxel progress bar")
+    add_logging_arguments(parser)       # -q also hides the supervoxel progress bar
     return parser
 
 
@@ -578,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().error(f"{option} must be > 0 mm, got {value}")
     return run_cli(lambda: convert(args.nnunet_dir, args.out_dir, args.name, args.n_sv, args.ids, args.overwrite,
                                    args.orientation, args.spacing, args.z_spacing, args.region, args.compat,
-                                   progress=not args.quiet))
+                                   progress=args.log_level != "WARNING"), args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ multiplicative bias field. Spacing is anisotropic (2.5 x 2.5 x 8.0 mm by default
 in the MR data). Organs sit in patient coordinates as in the CHAOS files (LAS: columns towards
 patient left, rows towards anterior, slices towards superior).
 
-The output is exactly the real data's layout (dataloaders/specs.py):
+The output is exactly the real data's layout (data/core/specs.py):
 `<out>/synth_normalized/image_<id>.nii.gz`, `label_<id>.nii.gz` and
 `<out>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz` (3-D Felzenszwalb, data/supervoxels.py).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,12 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from data.io import DataError, Geometry, write_volume
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, Geometry, write_json, write_volume
+from data.core.specs import load_spec
+from data.pseudolabels import generate_pseudolabels
+
+log = logging.getLogger(__name__)
 
 IMAGE_DIR = "synth_normalized"
 # Bump when make_phantom's output changes, so folders written by an older version are regenerated
@@ -146,7 +152,6 @@ def phantom_geometry(spacing=DEFAULT_SPACING, size: int = 128) -> Geometry:
 
 
 def _existing_ids(out_dir: Path) -> set[int]:
-    from dataloaders.specs import load_spec
     try:
         return set(load_spec("SYNTH").scan_ids(out_dir, require_labels=False))
     except DataError:    # no folder, or no image in it
@@ -178,14 +183,13 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
     those above n_scans included, since phantoms of two recipes in one folder would make a
     meaningless dataset.
     """
-    from data.preprocessing import write_json
 
     out_dir = Path(out_dir)
     folder = out_dir / IMAGE_DIR
     recipe = {"generator_version": GENERATOR_VERSION, "size": size, "slices": slices, "seed": seed}
     stale = _stale_reason(out_dir, recipe)
     if stale and not overwrite:
-        print(f"phantoms in {out_dir} are rewritten: {stale}")
+        log.warning("phantoms in %s are rewritten: %s", out_dir, stale)
         overwrite = True
     scan_ids = set(range(1, n_scans + 1)) | (_existing_ids(out_dir) if overwrite else set())
     geometry = phantom_geometry(size=size)
@@ -200,7 +204,6 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
         written.append(image_path)
     write_json(out_dir / MANIFEST, recipe)
     if supervoxels:
-        from data.pseudolabels import generate_pseudolabels
         generate_pseudolabels(out_dir, "SYNTH", kind="supervoxels", min_size=n_sv, overwrite=overwrite or bool(written),
                               ids=None)
     return written
@@ -216,15 +219,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-sv", type=int, default=1000, help="supervoxel minimum size")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing scans")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
     if args.n_scans < 6:
         parser.error("--n-scans must be at least 6 (five folds plus a support scan)")
-    start = time.perf_counter()
-    written = generate_phantoms(args.out_dir, args.n_scans, args.size, args.slices, args.seed, args.n_sv,
-                                args.overwrite)
-    print(f"phantoms: {len(written)} scans written, {args.n_scans - len(written)} kept, in {args.out_dir} "
-          f"({time.perf_counter() - start:.1f} s)")
-    return 0
+
+    def body() -> int:
+        start = time.perf_counter()
+        written = generate_phantoms(args.out_dir, args.n_scans, args.size, args.slices, args.seed, args.n_sv,
+                                    args.overwrite, progress=args.log_level != "WARNING")
+        print(f"phantoms: {len(written)} scans written, {args.n_scans - len(written)} kept, in {args.out_dir} "
+              f"({time.perf_counter() - start:.1f} s)")
+        return 0
+
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,27 @@ image_normalize.ipynb}`):
    sorted file list: headers first, sorted by the projection of ImagePositionPatient on the slice
    normal (inferior to superior for axial slices), after checking that all slices share
    ImageOrientationPatient and size and lie at distinct, uniformly spaced positions (1e-3 relative).
-   The volume is then reoriented with DICOMOrient(..., "LAS"), which flips the rows and reproduces
-   dcm2nii's layout (direction diag(1, -1, 1); columns toward patient left, rows toward anterior,
-   slices toward superior). The integer pixel type is kept (int16, as dcm2nii writes), because the
-   resampling truncates integer images and the published volumes are integer-valued.
+   The integer pixel type is kept (int16, as dcm2nii writes), because the resampling truncates
+   integer images and the published volumes are integer-valued.
 2. PNG -> label. Every DICOM file is paired with the PNG of the same stem (the reference stacks the
    PNGs by instance number and assumes that equals the slice order). Values are mapped by the
    official CHAOS ranges: 0 -> 0, 55-70 -> 1 liver, 110-135 -> 2 right kidney, 175-200 -> 3 left
    kidney, 240-255 -> 4 spleen; any other value is an error. (The reference maps the sorted unique
    values to 0, 1, 2, ... by rank, which shifts ids when an organ is missing.) The stack is placed on
-   the native DICOM grid and reoriented like the image, which for CHAOS's axial slices is exactly the
-   reference's row flip of the PNG stack.
-3. Clip the top 0.5 % of intensities, resample image and label to 1.25 x 1.25 x 7.70 mm, centre
-   crop/pad to 256 x 256 (data/preprocessing.py, including its compat switch and the origin
-   correction the reference omits).
+   the native DICOM grid, so it is reoriented with the image in step 3, which for CHAOS's axial
+   slices is exactly the reference's row flip of the PNG stack.
+3. The scan-preparation pipeline (data/pipeline.py) with CHAOS's `preprocessing` block
+   (configs/datasets/chaost2.yaml) and the command's --compat: reorient to LAS with DICOMOrient,
+   which flips the rows and reproduces dcm2nii's layout (direction diag(1, -1, 1); columns toward
+   patient left, rows toward anterior, slices toward superior); clip the top 0.5 % of intensities;
+   resample image and label to 1.25 x 1.25 x 7.70 mm; centre crop/pad to 256 x 256, with the origin
+   correction the reference omits.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,13 +43,15 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from data.io import DataError, Geometry
-from data.preprocessing import (PrepareJob, ProcessedCase, add_common_arguments, clip_resample_crop,
-                                run_cli, run_prepare)
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, Geometry
+from data.core.specs import Preprocessing, load_spec
+from data.pipeline import ProcessedCase, image_from_array, prepare_scan, reorient
+from data.prepare import PrepareJob, add_common_arguments, run_prepare
+
+log = logging.getLogger(__name__)
 
 DATASET = "CHAOST2"
-TARGET_SPACING = (1.25, 1.25, 7.70)
-ORIENTATION = "LAS"
 MIN_FGS = (1, 100, 400)
 # (low, high, class id) of the official CHAOS ground-truth grey values
 PNG_RANGES = ((0, 0, 0), (55, 70, 1), (110, 135, 2), (175, 200, 3), (240, 255, 4))
@@ -249,10 +254,10 @@ def find_subjects(raw_dir: Path, ids: Sequence[int] | None, expected: Sequence[i
     else:
         ignored = sorted(set(found) - set(expected))
         if ignored:
-            print(f"warning: ignoring subject folder(s) {ignored} in {root}: not CHAOS training ids")
+            log.warning(f"ignoring subject folder(s) {ignored} in {root}: not CHAOS training ids")
         absent = sorted(set(expected) - set(found))
         if absent:
-            print(f"warning: {len(absent)} CHAOS subject(s) absent from {root}: {absent}; the dataset "
+            log.warning(f"{len(absent)} CHAOS subject(s) absent from {root}: {absent}; the dataset "
                   f"will be incomplete")
         chosen = {i: found[i] for i in sorted(found) if i in expected}
     for i, folder in chosen.items():
@@ -264,21 +269,28 @@ def find_subjects(raw_dir: Path, ids: Sequence[int] | None, expected: Sequence[i
     return chosen
 
 
-def load_subject(t2spir: Path) -> tuple[sitk.Image, np.ndarray, list[Path]]:
-    """The LAS-oriented int16 image, its (z, y, x) class-id label and the sorted DICOM files."""
+def read_subject(t2spir: Path) -> tuple[sitk.Image, np.ndarray, list[Path]]:
+    """The native (DICOM-ordered) int16 image, its (z, y, x) class-id label on the same grid, and the
+    DICOM files in slice order."""
     native, paths = read_dicom_series(t2spir / "DICOM_anon")
     native = as_int16(native, str(t2spir / "DICOM_anon"))
     cols, rows = native.GetSize()[:2]
     label = read_ground_truth(t2spir / "Ground", paths, (rows, cols))
-    label_image = Geometry.of(native).apply_to(sitk.GetImageFromArray(label))
-    image = sitk.DICOMOrient(native, ORIENTATION)
-    label_las = sitk.GetArrayFromImage(sitk.DICOMOrient(label_image, ORIENTATION))
-    return image, label_las, paths
+    return native, label, paths
 
 
-def process_subject(t2spir: Path, compat: str) -> ProcessedCase:
-    image, label, paths = load_subject(t2spir)
-    case = clip_resample_crop(image, label, TARGET_SPACING, compat, source=str(t2spir))
+def load_subject(t2spir: Path) -> tuple[sitk.Image, np.ndarray, list[Path]]:
+    """`read_subject` in the dataset's orientation (LAS), i.e. laid out as dcm2nii wrote it; for
+    inspection (`process_subject` leaves the reorientation to the pipeline)."""
+    native, label, paths = read_subject(t2spir)
+    orientation = load_spec(DATASET).preprocessing.orientation
+    label = sitk.GetArrayFromImage(reorient(image_from_array(label, Geometry.of(native)), orientation))
+    return reorient(native, orientation), label, paths
+
+
+def process_subject(t2spir: Path, prep: Preprocessing) -> ProcessedCase:
+    image, label, paths = read_subject(t2spir)
+    case = prepare_scan(image, label, prep, source=str(t2spir))
     sources = {"dicom_dir": str(t2spir / "DICOM_anon"), "ground_dir": str(t2spir / "Ground"),
                "dicom_files_in_slice_order": [p.name for p in paths],
                "label_files": "the PNG of each DICOM file's stem in ground_dir"}
@@ -286,8 +298,16 @@ def process_subject(t2spir: Path, compat: str) -> ProcessedCase:
     return case
 
 
+def sidecar_parameters(prep: Preprocessing) -> dict:
+    """The options recorded in preprocessing.json (their names predate the `preprocessing` block; kept
+    so that a folder prepared earlier is still recognised as prepared with the same options)."""
+    return {"compat": prep.compat, "orientation": prep.orientation,
+            "target_spacing": [*prep.spacing, prep.z_spacing], "clip_percentile": prep.clip_percentile,
+            "crop_size": prep.size, "png_ranges": [list(r) for r in PNG_RANGES],
+            "classmap_rule": "reference", "min_fg": list(MIN_FGS)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from dataloaders.specs import load_spec
 
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare_chaos",
@@ -298,22 +318,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="CHAOS 'CHAOS_Train_Sets/Train_Sets/MR' folder (or a folder above it)")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset folder, e.g. data/CHAOST2")
     add_common_arguments(parser, "CHAOS subject ids to prepare (default: every training subject found)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
         spec = load_spec(DATASET)
+        prep = dataclasses.replace(spec.preprocessing, compat=args.compat)
         subjects = find_subjects(args.raw_dir, args.ids, spec.expected_ids)
-        parameters = {"compat": args.compat, "orientation": ORIENTATION, "target_spacing": list(TARGET_SPACING),
-                      "clip_percentile": 99.5, "crop_size": 256, "png_ranges": [list(r) for r in PNG_RANGES],
-                      "classmap_rule": "reference", "min_fg": list(MIN_FGS)}
         job = PrepareJob(spec=spec, out_dir=args.out_dir, sources=subjects,
-                         process=lambda _id, folder: process_subject(folder, args.compat),
-                         tool="data.prepare_chaos", parameters=parameters,
+                         process=lambda _id, folder: process_subject(folder, prep),
+                         tool="data.prepare_chaos", parameters=sidecar_parameters(prep),
                          min_fgs=MIN_FGS, overwrite=args.overwrite, verify=args.verify,
                          verify_ids=tuple(sorted(subjects)) if args.ids else None)
         return run_prepare(job)
 
-    return run_cli(body)
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -16,24 +16,30 @@ assumed to be a plain rename):
 1. Labels are validated to hold only {0, 200 LV myocardium, 500 LV blood pool, 600 RV} and are
    kept as these raw values in the output files, as in the published Q-Net data; the loaders map
    them to 1/2/3 (configs/datasets/cmr.yaml, raw_label_values).
-2. Clip the top 0.5 % of intensities (in the image's own dtype), resample image and label to
-   1.25 x 1.25 x 7.99 mm (oblique short-axis directions are kept), centre crop/pad to 256 x 256
-   (data/preprocessing.py, including its compat switch and the origin correction the reference
-   omits).
+2. The scan-preparation pipeline (data/pipeline.py) with CMR's `preprocessing` block
+   (configs/datasets/cmr.yaml) and the command's --compat: clip the top 0.5 % of intensities (in
+   the image's own dtype), resample image and label to 1.25 x 1.25 x 7.99 mm (oblique short-axis
+   directions are kept), centre crop/pad to 256 x 256, with the origin correction the reference
+   omits.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
-from data.io import DataError
-from data.preprocessing import (PrepareJob, ProcessedCase, add_common_arguments, check_label_values,
-                                clip_resample_crop, image_from_array, read_nifti_pair, run_cli, run_prepare)
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError
+from data.core.specs import Preprocessing, load_spec
+from data.pipeline import ProcessedCase, image_from_array, prepare_scan
+from data.prepare import PrepareJob, add_common_arguments, check_label_values, read_nifti_pair, run_prepare
+
+log = logging.getLogger(__name__)
 
 DATASET = "CMR"
-TARGET_SPACING = (1.25, 1.25, 7.99)
 LABEL_VALUES = (0, 200, 500, 600)
 MIN_FGS = (1, 200)
 RELEASE_FOLDER = "C0LET2_nii45_for_challenge19"
@@ -80,7 +86,7 @@ def find_cases(raw_dir: Path, ids: Sequence[int] | None, expected: Sequence[int]
                         + ", ".join(str(labels[n]) for n in no_image[:5]))
     unlabelled = sorted(set(images) - set(labels))
     if unlabelled and not ids:
-        print(f"note: skipping {len(unlabelled)} bSSFP image(s) without a manual label: patients {unlabelled}")
+        log.info("skipping %d bSSFP image(s) without a manual label: patients %s", len(unlabelled), unlabelled)
     cases = {n: (images[n], labels[n]) for n in sorted(labels)}
     if ids:
         missing = [n for n in ids if n not in cases]
@@ -90,22 +96,28 @@ def find_cases(raw_dir: Path, ids: Sequence[int] | None, expected: Sequence[int]
         return {n: cases[n] for n in ids}
     absent = [n for n in expected if n not in cases]
     if absent:
-        print(f"warning: {len(absent)} labelled patient(s) absent: {absent}; the dataset will be incomplete")
+        log.warning("%d labelled patient(s) absent: %s; the dataset will be incomplete", len(absent), absent)
     return cases
 
 
-def process_case(image_path: Path, label_path: Path, compat: str) -> ProcessedCase:
+def process_case(image_path: Path, label_path: Path, prep: Preprocessing) -> ProcessedCase:
     image, label, geometry, warnings = read_nifti_pair(image_path, label_path, DATASET)
     check_label_values(label, LABEL_VALUES, label_path)
-    case = clip_resample_crop(image_from_array(image, geometry), label, TARGET_SPACING, compat,
-                              source=str(image_path))
+    case = prepare_scan(image_from_array(image, geometry), label, prep, source=str(image_path))
     case.record = {"sources": {"image": str(image_path), "label": str(label_path)}, **case.record}
     case.warnings = warnings + case.warnings
     return case
 
 
+def sidecar_parameters(prep: Preprocessing) -> dict:
+    """The options recorded in preprocessing.json (their names predate the `preprocessing` block; kept
+    so that a folder prepared earlier is still recognised as prepared with the same options)."""
+    return {"compat": prep.compat, "target_spacing": [*prep.spacing, prep.z_spacing],
+            "clip_percentile": prep.clip_percentile, "crop_size": prep.size, "label_values": list(LABEL_VALUES),
+            "classmap_rule": "reference", "min_fg": list(MIN_FGS)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from dataloaders.specs import load_spec
 
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare_cmr",
@@ -116,22 +128,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"holding patient<N>_C0.nii.gz and patient<N>_C0_manual.nii.gz")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset folder, e.g. data/CMR")
     add_common_arguments(parser, "patient numbers N to prepare (default: every labelled patient found)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
         spec = load_spec(DATASET)
+        prep = dataclasses.replace(spec.preprocessing, compat=args.compat)
         cases = find_cases(args.raw_dir, args.ids, spec.expected_ids)
-        parameters = {"compat": args.compat, "target_spacing": list(TARGET_SPACING), "clip_percentile": 99.5,
-                      "crop_size": 256, "label_values": list(LABEL_VALUES), "classmap_rule": "reference",
-                      "min_fg": list(MIN_FGS)}
         job = PrepareJob(spec=spec, out_dir=args.out_dir, sources=cases,
-                         process=lambda _id, src: process_case(*src, args.compat),
-                         tool="data.prepare_cmr", parameters=parameters, min_fgs=MIN_FGS,
+                         process=lambda _id, src: process_case(*src, prep),
+                         tool="data.prepare_cmr", parameters=sidecar_parameters(prep), min_fgs=MIN_FGS,
                          overwrite=args.overwrite, verify=args.verify,
                          verify_ids=tuple(sorted(cases)) if args.ids else None)
         return run_prepare(job)
 
-    return run_cli(body)
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

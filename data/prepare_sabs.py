@@ -13,7 +13,10 @@ Ids: the 30 training cases 0001-0010, 0021-0040 become 0-29 in case order (img00
 never renumbers the others (the reference counts files, so a missing file shifts every later id).
 `--ids` takes these output ids.
 
-Steps (reference: SSL-ALPNet `data/SABS/{intensity_normalization, resampling_and_roi}.ipynb`):
+Steps (reference: SSL-ALPNet `data/SABS/{intensity_normalization, resampling_and_roi}.ipynb`), the
+scan-preparation pipeline (data/pipeline.py) with SABS's `preprocessing` block
+(configs/datasets/sabs.yaml: ct_window, in_plane fit, border 0.0625, size 256) and the command's
+--compat:
 1. Clip to [-125, 275] HU and min-max rescale to [0, 255] (float64). `--compat reference` uses the
    clipped volume's actual minimum and maximum, as the reference; `clean` maps -125 and 275 HU.
 2. Remove a 32-pixel border in-plane (512 -> 448), origin shifted accordingly (the reference does
@@ -40,24 +43,24 @@ are always **256 x 256**, so every loader can read them unchanged:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import SimpleITK as sitk
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError
+from data.core.specs import Preprocessing, load_spec
+from data.pipeline import ProcessedCase, border_pixels, image_from_array, prepare_scan
+from data.prepare import PrepareJob, add_common_arguments, check_label_values, read_nifti_pair, run_prepare
 
-from data.io import DataError, Geometry
-from data.preprocessing import (CROP_SIZE, HU_WINDOW, PrepareJob, ProcessedCase, add_common_arguments,
-                                border_crop, check_label_values, hu_window, image_from_array,
-                                label_output_dtype, read_nifti_pair, resample_image, resample_label,
-                                run_cli, run_prepare, shift_origin, volume_change_warnings)
+log = logging.getLogger(__name__)
 
 DATASET = "SABS"
 TRAINING_CASES = tuple(range(1, 11)) + tuple(range(21, 41))
 CASE_TO_ID = {case: i for i, case in enumerate(TRAINING_CASES)}
-REFERENCE_SIZE = 512
-REFERENCE_BORDER = 32
+REFERENCE_SIZE = 512                # Synapse's in-plane size, which the 32-pixel border assumes
 LABEL_VALUES = tuple(range(14))
 MIN_FGS = (1,)
 
@@ -65,11 +68,10 @@ _IMAGE_RE = re.compile(r"^img(\d+)\.nii(\.gz)?$")
 _LABEL_RE = re.compile(r"^label(\d+)\.nii(\.gz)?$")
 
 
-def border_for(length: int) -> int:
-    """Border removed from each side of an in-plane axis: 32 px of 512, the same fraction otherwise."""
-    if length == REFERENCE_SIZE:
-        return REFERENCE_BORDER
-    return int(round(length * REFERENCE_BORDER / REFERENCE_SIZE))
+def border_for(length: int, prep: Preprocessing | None = None) -> int:
+    """Pixels the pipeline removes from each side of an in-plane axis of `length` with SABS's block
+    (default) or `prep`: 32 of Synapse's 512, the same share of the field of view otherwise."""
+    return border_pixels(length, (prep or load_spec(DATASET).preprocessing).border)
 
 
 def find_raw_dirs(raw_dir: Path) -> tuple[Path, Path]:
@@ -123,66 +125,36 @@ def find_cases(raw_dir: Path, ids: Sequence[int] | None) -> dict[int, tuple[int,
         return {i: cases[i] for i in ids}
     absent = [c for c in TRAINING_CASES if c not in images]
     if absent:
-        print(f"warning: {len(absent)} Synapse training case(s) absent from {img_dir}: {absent}; "
+        log.warning(f"{len(absent)} Synapse training case(s) absent from {img_dir}: {absent}; "
               f"the dataset will be incomplete")
     return cases
 
 
-def process_case(case: int, image_path: Path, label_path: Path, compat: str) -> ProcessedCase:
+def process_case(case: int, image_path: Path, label_path: Path, prep: Preprocessing) -> ProcessedCase:
     image, label, geometry, warnings = read_nifti_pair(image_path, label_path, DATASET)
     check_label_values(label, LABEL_VALUES, label_path)
-    windowed = hu_window(image, HU_WINDOW, compat, source=str(image_path))
+    result = prepare_scan(image_from_array(image, geometry), label, prep, source=str(image_path))
     height, width = image.shape[1:]
-    by, bx = border_for(height), border_for(width)
     if (height, width) != (REFERENCE_SIZE, REFERENCE_SIZE):
+        bx, by, _ = result.record["border_crop_offset_xyz"]
         warnings.append(f"{image_path}: in-plane size {height}x{width} is not Synapse's 512x512; removed "
                         f"a {by}/{bx}-pixel border (the reference's 32/512 of the field of view) before "
-                        f"resampling to {CROP_SIZE}x{CROP_SIZE}")
-    cropped_geometry = shift_origin(geometry, (bx, by, 0))
-    cropped_label = border_crop(label, by, bx)
-    sx, sy, sz = geometry.spacing
-    # (512 - 2*32) / 256 = 1.75 for Synapse, computed in the reference's order
-    new_spacing = (sx * ((width - 2 * bx) / CROP_SIZE), sy * ((height - 2 * by) / CROP_SIZE), sz)
-    size, origin = None, None
-    if compat == "clean":
-        # 256 output pixels tile the cropped field of view exactly: pixel centres at (i + 0.5) * r - 0.5
-        # in input pixels (r = 1.75 for Synapse), all inside the input; z keeps its slices.
-        size = (CROP_SIZE, CROP_SIZE, image.shape[0])
-        ratios = (new_spacing[0] / sx, new_spacing[1] / sy, 1.0)
-        origin = shift_origin(cropped_geometry, [(r - 1) / 2 for r in ratios]).origin
-    resampled = resample_image(image_from_array(border_crop(windowed, by, bx), cropped_geometry),
-                               new_spacing, compat, size, origin)
-    out_image = sitk.GetArrayFromImage(resampled)
-    out_label = resample_label(cropped_label, cropped_geometry, new_spacing, compat, size, origin)
-    full_size = list(resampled.GetSize())
-    if min(out_image.shape[1:]) < CROP_SIZE:
-        raise AssertionError(f"{image_path}: resampled in-plane size {out_image.shape[1:]} < {CROP_SIZE}")
-    # reference: the SSL-ALPNet loader's [:256, :256]; it drops only the zero row/column past the extent
-    out_image = out_image[:, :CROP_SIZE, :CROP_SIZE]
-    out_label = out_label[:, :CROP_SIZE, :CROP_SIZE]
-    warnings += volume_change_warnings(cropped_label, cropped_geometry.spacing, out_label,
-                                       resampled.GetSpacing(), str(label_path))
-    record = {
-        "sources": {"image": str(image_path), "label": str(label_path), "synapse_case": case},
-        "raw_size_xyz": [width, height, image.shape[0]],
-        "raw_spacing_xyz": list(geometry.spacing),
-        "raw_origin_xyz": list(geometry.origin),
-        "direction": list(geometry.direction),
-        "hu_window": list(HU_WINDOW),
-        "clipped_min_max_hu": [float(max(image.min(), HU_WINDOW[0])), float(min(image.max(), HU_WINDOW[1]))],
-        "border_crop_offset_xyz": [bx, by, 0],
-        "resampled_spacing_xyz": list(resampled.GetSpacing()),
-        "resampled_size_xyz": full_size,
-        "kept_size_xyz": [CROP_SIZE, CROP_SIZE, out_image.shape[0]],
-        "output_shape_zyx": list(out_image.shape),
-    }
-    image_dtype = np.float64 if compat == "reference" else np.float32
-    return ProcessedCase(out_image.astype(image_dtype), out_label.astype(label_output_dtype(out_label, compat)),
-                         Geometry.of(resampled), record, warnings)
+                        f"resampling to {prep.size}x{prep.size}")
+    result.record = {"sources": {"image": str(image_path), "label": str(label_path), "synapse_case": case},
+                     **result.record}
+    result.warnings = warnings + result.warnings
+    return result
+
+
+def sidecar_parameters(prep: Preprocessing) -> dict:
+    """The options recorded in preprocessing.json (their names predate the `preprocessing` block; kept
+    so that a folder prepared earlier is still recognised as prepared with the same options)."""
+    return {"compat": prep.compat, "hu_window": list(prep.window), "border": border_for(REFERENCE_SIZE, prep),
+            "reference_size": REFERENCE_SIZE, "out_size": prep.size, "classmap_rule": "reference",
+            "min_fg": list(MIN_FGS)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dataloaders.specs import load_spec
 
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare_sabs",
@@ -194,22 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset folder, e.g. data/SABS")
     add_common_arguments(parser, "output ids 0-29 to prepare (case 0001 -> 0, ..., 0010 -> 9, 0021 -> 10, "
                                  "..., 0040 -> 29; default: every case found)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
         spec = load_spec(DATASET)
+        prep = dataclasses.replace(spec.preprocessing, compat=args.compat)
         cases = find_cases(args.raw_dir, args.ids)
-        parameters = {"compat": args.compat, "hu_window": list(HU_WINDOW), "border": REFERENCE_BORDER,
-                      "reference_size": REFERENCE_SIZE, "out_size": CROP_SIZE,
-                      "classmap_rule": "reference", "min_fg": list(MIN_FGS)}
         job = PrepareJob(spec=spec, out_dir=args.out_dir, sources=cases,
-                         process=lambda _id, src: process_case(*src, args.compat),
-                         tool="data.prepare_sabs", parameters=parameters, min_fgs=MIN_FGS,
+                         process=lambda _id, src: process_case(*src, prep),
+                         tool="data.prepare_sabs", parameters=sidecar_parameters(prep), min_fgs=MIN_FGS,
                          overwrite=args.overwrite, verify=args.verify,
                          verify_ids=tuple(sorted(cases)) if args.ids else None)
         return run_prepare(job)
 
-    return run_cli(body)
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """2-D superpixels of SSL-ALPNet (`data/pseudolabel_gen.ipynb`, "MIDDLE" mode), slice by slice.
 
-For each axial slice of a (Z, Y, X) image, as specified in `shared/reference/preprocessing.md` §6.1:
+For each axial slice of a (Z, Y, X) image, as the reference notebook does it:
 
 1. scikit-image `felzenszwalb(slice, scale=1, sigma=1, min_size=400)` on the raw float slice
    (no rescaling: scikit-image divides the scale by 255, so the result depends on the absolute

@@ -1,8 +1,7 @@
 """3-D supervoxels of ADNet / Q-Net: Felzenszwalb's graph segmentation on the 26-neighbourhood.
 
 This re-implements the supervoxel generator of the references (ADNet / Q-Net
-`supervoxels/felzenszwalb_3d*.py|pyx`, `generate_supervoxels.py`) from the specification in
-`shared/reference/adnet_qnet.md` §4:
+`supervoxels/felzenszwalb_3d*.py|pyx`, `generate_supervoxels.py`), step by step:
 
 1. `felzenszwalb_3d`: every voxel is a node, joined to its 13 "forward" neighbours of the
    26-neighbourhood (`EDGE_BLOCKS`). The cost of an edge is sqrt(w * (I_q - I_p)^2), where w

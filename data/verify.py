@@ -19,7 +19,7 @@ Errors (the dataset cannot be used as it is):
   protocol need at least 3) or more than 1000 (no abdominal or cardiac scan here comes near; more
   suggests a wrongly stacked series, and a 1000 x 256 x 256 float64 volume already takes 0.5 GB);
 - a truncated file, or NaN or infinite values in image or label (every file is read with
-  `data.io.read_volume`, which checks both: SimpleITK alone zero-fills a short file and turns NaN
+  `data.core.io.read_volume`, which checks both: SimpleITK alone zero-fills a short file and turns NaN
   into 0); a constant image (the per-volume z-score divides by its standard deviation);
 - label values that are not integers or not among the dataset's raw label values;
 - pseudolabel files, when present (`<DATA_DIR>/supervoxels_*/` and `superpixels_*/`, one
@@ -45,8 +45,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data.io import DataError, Geometry, read_geometry, read_volume
-from dataloaders.volumes import pseudolabel_command
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, Geometry, read_geometry, read_volume
+from data.core.specs import load_spec, pseudolabel_command
 
 MIN_SLICES = 3
 MAX_SLICES = 1000
@@ -343,8 +344,6 @@ def verify_dataset(data_dir: str | Path, spec, ids: Sequence[int] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data.preprocessing import run_cli
-    from dataloaders.specs import load_spec
 
     parser = argparse.ArgumentParser(
         prog="python -m data.verify",
@@ -358,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="check only these scan ids (default: the dataset's expected ids)")
     parser.add_argument("--headers-only", action="store_true",
                         help="read headers only: skip value, truncation, NaN and class-presence checks")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report.format())
         return 0 if report.ok else 1
 
-    return run_cli(body)
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Episode augmentation as the references do it (ADNet, Q-Net, SSL-ALPNet), with explicit RNGs.
 
-Reference behaviour (../shared/reference/adnet_qnet.md §3.7, alpnet_dspnet.md §6.4):
+Reference behaviour (the `sabs_aug` transforms of the released SSL-ALPNet / ADNet / Q-Net code):
 
 - gamma: gamma ~ U(lo, hi); X' = r ((X - c + 1e-5) / r)^gamma + c with c = min X, r = max X - c + 1e-5;
 - affine: draws in this order: rotation theta ~ U(-rot, rot) degrees, translation tx, ty ~ U(-shift, shift)

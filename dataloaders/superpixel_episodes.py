@@ -37,7 +37,7 @@ import logging
 import numpy as np
 import torch
 
-from data.io import DataError
+from data.core.io import DataError
 from dataloaders.augment import AugmentParams, apply_draw, draw_alpnet_copy
 from dataloaders.episodes import make_episode_arrays
 from dataloaders.supervoxel_episodes import excluded_slices, slice_counts
@@ -129,18 +129,6 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
         self.offsets = np.asarray(offsets, dtype=np.int64)
         log.info("superpixel episodes: %d slices of %d scans (%d excluded in setting 2), id draw %s",
                  len(zs), len(self.images), n_excluded, id_draw)
-
-    @classmethod
-    def from_config(cls, cfg: dict, store: VolumeStore, train_ids, seed: int) -> "SuperpixelEpisodes":
-        """Build from the experiment config (sampler, augment, setting, test_labels, exclude_rule)."""
-        from models.builders import pseudolabel_folder   # models.builders imports the dataloaders
-        s = cfg["sampler"]
-        augment = AugmentParams.from_config(cfg["augment"]) if cfg["augment"]["enabled"] else None
-        test_labels = store.spec.check_label_ids(cfg["test_labels"], "test_labels")
-        return cls(store, train_ids, pseudolabel_folder(cfg), id_draw=s.get("id_draw", "present"),
-                   min_size=int(s.get("min_size", 1)), test_labels=test_labels,
-                   exclude_rule=cfg["exclude_rule"], setting=int(cfg["setting"]), augment=augment,
-                   augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
 
     @property
     def n_slices(self) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.io import DataError
+from data.core.io import DataError
 from dataloaders.augment import AugmentParams, apply_draw, draw_reference_pair
 from dataloaders.episodes import make_episode_arrays
 from dataloaders.volumes import VolumeStore

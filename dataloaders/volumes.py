@@ -5,7 +5,7 @@ as every reference does for MR; `normalize="dataset"` uses one mean/std for all 
 CT rule). Labels are mapped from raw file values to class ids (CMR 200/500/600 -> 1/2/3) on load,
 so training and evaluation see the same ids.
 
-Every file is read with `data.io.read_volume`, which refuses truncated files and NaN/inf voxels.
+Every file is read with `data.core.io.read_volume`, which refuses truncated files and NaN/inf voxels.
 Episodes stack slices of different scans, so a scan whose in-plane size differs from the others is
 refused when it is loaded (the sizes come from the headers, read once).
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import DataError, Geometry, read_geometry, read_volume
-from dataloaders.specs import DatasetSpec
+from data.core.io import DataError, Geometry, read_geometry, read_volume
+from data.core.specs import DatasetSpec, pseudolabel_command
 
 
 @dataclass
@@ -64,13 +64,6 @@ def _why_no_spread(volume: np.ndarray, mean: float, std: float) -> str:
     return f"the normalisation statistics are unusable (mean {mean:g}, std {std:g})"
 
 
-def pseudolabel_command(data_dir: str | Path, dataset: str, folder: str) -> str:
-    """The command that (re)generates the pseudolabel folder `folder` (supervoxels_N / superpixels_N)."""
-    kind, _, size = folder.partition("_")
-    kind = "superpixels" if kind == "superpixels" else "supervoxels"
-    return f"python -m data.pseudolabels {data_dir} --dataset {dataset} --kind {kind} --min-size {size}"
-
-
 class VolumeStore:
     """Reads, validates and caches the scans of one dataset folder."""
 
@@ -99,7 +92,7 @@ class VolumeStore:
         return image, geometry, path
 
     def _in_plane_sizes(self) -> dict[int, tuple[int, int]]:
-        """(y, x) size of every image from its header (about 1 ms a scan), read once.
+        """(y, x) size of every image from its header (cheap: no voxels are read), read once.
 
         An unreadable header is left out here; loading that scan reports it.
         """

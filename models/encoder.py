@@ -12,6 +12,9 @@ Layouts (for a 256 x 256 input):
   ``t = Linear(1000 -> 1)(fc(GAP(layer4)))`` (ResNet's own fc 2048 -> 1000, no nonlinearity).
   Returns ``{"layer3": N x 512 x 64 x 64, "layer4": N x 512 x 32 x 32, "threshold": N x 1}``.
 
+``ResNetEncoder.channels`` gives the channels of each map (``{"out": 256}``, ...): heads get their
+channel counts from it (models.engine.builders.build_model), never from their config.
+
 Pretrained weights (``weights``): ``imagenet`` (torchvision ``resnet101-63fe2227.pth``),
 ``deeplabv3_coco`` (``deeplabv3_resnet101_coco-586e9e4e.pth``, the DeepLabv3 backbone trained on
 COCO), a path to a checkpoint file, or ``none``. Named weights are looked up in the torch hub cache,
@@ -20,7 +23,7 @@ reference code; nothing is downloaded. Loading reports how many tensors matched,
 is an error rather than a silent random initialisation (Q-Net's "resnet101" option silently
 matched 0 keys); so is matching only part of the trunk (e.g. ResNet-50 weights leave layer3.6+
 random) unless ``encoder.allow_partial=True``. Files are read with torch.load(weights_only=True)
-(models.checkpoints.load_checkpoint_file), and a training snapshot of this project is refused
+(models.engine.checkpoints.load_checkpoint_file), and a training snapshot of this project is refused
 with the keys that take one.
 """
 from __future__ import annotations
@@ -34,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.io import UserError
-from models.checkpoints import CheckpointError, load_checkpoint_file
+from data.core.errors import CheckpointError, UserError
+from models.checkpoint_files import load_checkpoint_file
 from models.tv import resnet101
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,16 @@ class ResNetEncoder(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        names = tuple(_OUTPUT_NAMES[self.layout_name].values())
-        return names + (("threshold",) if self.layout.threshold_branch else ())
+        return tuple(self.channels)
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Output channels per map, in output order: {"out": 256} (deeplab_r101); {"layer3": 512,
+        "layer4": 512, "threshold": 1} (qnet_r101; the threshold is one value per image, N x 1).
+        build_model gives these to the head (its `channels` argument), so no config repeats them."""
+        names = _OUTPUT_NAMES[self.layout_name]
+        out = {names[layer]: ch for layer, ch in self.layout.reduce.items()}
+        return out | ({"threshold": 1} if self.layout.threshold_branch else {})
 
     def _init_like_qnet(self) -> None:
         for m in self.modules():
@@ -215,9 +226,3 @@ def _refuse_training_snapshot(state, path: Path) -> None:
             f"encoder.weights: {path} is a training snapshot of this project (a whole model with its config), "
             f"not pretrained encoder weights. To evaluate it, use evaluation.checkpoint={path}; to continue "
             f"its training, use train.resume=<its run folder>{run}")
-
-
-def build_encoder(layout: str, weights: str | None, allow_partial: bool = False) -> ResNetEncoder:
-    encoder = ResNetEncoder(layout)
-    encoder.load_pretrained(weights, allow_partial=allow_partial)
-    return encoder

@@ -13,9 +13,10 @@ import torch.nn as nn
 from models.encoder import ResNetEncoder
 from models.episode_norm import episodes_of
 from models.heads.common import HeadOutput
+from models.heads.contract import Head, check_head
 
 
-def _head_in_fp32(head, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+def _head_in_fp32(head: Head, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
     """Heads run in float32 even under autocast: cosines, thresholds, soft clustering and Q-Net's
     refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa."""
     device_type = support_masks.device.type
@@ -34,8 +35,11 @@ def split_features(features: dict[str, torch.Tensor], B: int, S: int) -> tuple[d
 
 
 class FewShotSegmenter(nn.Module):
-    def __init__(self, encoder: ResNetEncoder, head: nn.Module):
+    """Encoder + head. The head keeps the contract of models/heads/contract.py (checked here)."""
+
+    def __init__(self, encoder: ResNetEncoder, head: Head):
         super().__init__()
+        check_head(head)
         missing = [m for m in head.feature_maps if m not in encoder.output_names]
         if missing:
             raise ValueError(f"head {type(head).__name__} reads feature maps {missing} that the "

@@ -27,6 +27,21 @@ import sys
 import time
 from pathlib import Path
 
+from configs.experiment import build_config
+from data.phantoms import generate_phantoms
+from data.pseudolabels import generate_pseudolabels
+from dataloaders.episodes import collate_episodes
+from models.engine.builders import (
+    autocast_dtype,
+    build_episode_dataset,
+    episodes_per_step,
+    fold_data,
+    protocol_options,
+    resolve_device,
+)
+from models.engine.evaluation import Evaluator, evaluate
+from models.engine.trainer import StepRunner, lr_at, make_optimizer, prepare_model, seed_everything, train
+
 MODES = {
     "reference": {"train.batch_episodes": 1, "train.amp": "off", "train.channels_last": False,
                   "augment.on_device": False, "evaluation.batch_size": 1, "evaluation.cache_features": False,
@@ -39,8 +54,6 @@ SUPERPIXEL_METHODS = ("alpnet", "dspnet")
 
 
 def prepare_data(data_dir: Path, size: int, slices: int, methods, n_scans: int = 10) -> Path:
-    from data.phantoms import generate_phantoms
-    from data.pseudolabels import generate_pseudolabels
     generate_phantoms(data_dir, n_scans=n_scans, size=size, slices=slices, progress=False)
     if any(m in SUPERPIXEL_METHODS for m in methods):
         generate_pseudolabels(data_dir, "SYNTH", kind="superpixels", progress=False, summary=False)
@@ -49,7 +62,6 @@ def prepare_data(data_dir: Path, size: int, slices: int, methods, n_scans: int =
 
 def mode_config(method: str, mode: str, device: str, data_dir: Path, log_dir: Path, batch_episodes: int,
                 extra: dict | None = None) -> dict:
-    from configs.experiment import build_config
     updates = {"device": device, "encoder.weights": "none", "train.num_workers": 0, **MODES[mode]}
     if mode == "fast" and batch_episodes:
         updates["train.batch_episodes"] = batch_episodes
@@ -66,12 +78,6 @@ def _sync(device) -> None:
 def measure(cfg: dict, steps: int, warmup: int) -> dict:
     """Training episodes/s and evaluation slices/s of one configuration (run in a child process)."""
     import torch
-    from dataloaders.episodes import collate_episodes
-    from dataloaders.protocol import Evaluator
-    from models.builders import (
-        autocast_dtype, build_episode_dataset, episodes_per_step, fold_data, protocol_options, resolve_device,
-    )
-    from models.trainer import StepRunner, lr_at, make_optimizer, prepare_model, seed_everything
 
     device = resolve_device(cfg["device"])
     seed_everything(int(cfg["seed"]))
@@ -110,8 +116,6 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
 
 def quality(cfg: dict, log_dir: Path) -> dict:
     """Train cfg's n_steps episodes with the real trainer, then evaluate fold 0: mean Dice."""
-    from models.evaluation import evaluate
-    from models.trainer import train
     snapshot = train(cfg, log_dir / "run", progress=False)
     cfg = {**cfg, "evaluation": {**cfg["evaluation"], "checkpoint": str(snapshot), "n_overlays": 0,
                                  "save_predictions": False}}

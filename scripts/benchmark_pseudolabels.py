@@ -34,6 +34,11 @@ from pathlib import Path  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from data.core.io import read_volume  # noqa: E402
+from data.core.specs import load_spec  # noqa: E402
+from data.pseudolabels import header_spacing_zyx, pixdim_spacing_zyx  # noqa: E402
+from data.supervoxels import edge_blocks, supervoxels_3d  # noqa: E402
+
 DATASETS = {"CHAOST2": 5000, "CMR": 1000}  # name -> published min size (n_sv)
 DEFAULT_IDS = {"CHAOST2": (1, 2, 32), "CMR": (1, 2, 26)}
 
@@ -47,7 +52,6 @@ def _warm_up(sort: str) -> float:
     import numpy as np
 
     start = time.perf_counter()
-    from data.supervoxels import supervoxels_3d
     tiny = np.random.default_rng(0).integers(0, 50, (3, 24, 24)).astype(np.float64)
     supervoxels_3d(tiny, (3.0, 1.0, 1.0), 20, sort=sort)
     return time.perf_counter() - start
@@ -61,11 +65,6 @@ def _first_call_child(cache_dir: str, sort: str) -> float:
 def _measure_child(data_root: str, dataset: str, scan_id: int, sort: str, spacing: str) -> dict:
     """Runs in a fresh process: warm up, then measure one volume."""
     import numpy as np
-
-    from data.io import read_volume
-    from data.pseudolabels import header_spacing_zyx, pixdim_spacing_zyx
-    from data.supervoxels import edge_blocks, supervoxels_3d
-    from dataloaders.specs import load_spec
 
     _warm_up(sort)
     spec = load_spec(dataset)
@@ -135,8 +134,6 @@ def main(argv=None) -> int:
     parser.add_argument("--sort", choices=("legacy", "stable", "quicksort"), default="legacy")
     parser.add_argument("--spacing", choices=("pixdim", "header"), default="pixdim")
     args = parser.parse_args(argv)
-
-    from dataloaders.specs import load_spec
 
     selection = {"CHAOST2": args.chaos_ids, "CMR": args.cmr_ids}
     for dataset in DATASETS:

@@ -20,15 +20,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data.io import UserError, atomic_path
-from dataloaders.reporting import save_figure
-from dataloaders.specs import load_spec
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import UserError, atomic_path
+from data.core.specs import load_spec
+from dataloaders.evaluation.reporting import save_figure
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_KEYS = ("fold_scheme", "supp_idx", "n_part", "chunking", "scored")
 
@@ -220,21 +223,22 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", help="only this dataset")
     parser.add_argument("--setting", type=int, choices=(1, 2), help="only this setting")
     parser.add_argument("--out", type=Path, help="output folder (default: results/<dataset>_setting<s>)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         runs = select(find_runs(args.paths), args.method, args.dataset, args.setting)
         table = build_table(runs)
-    except CollectError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = args.out or Path("results") / f"{table.dataset}_setting{table.setting}"
-    write_outputs(table, out)
-    print(markdown(table))
-    for method in sorted(table.dice):
-        for organ, folds in table.missing_folds(method).items():
-            print(f"warning: {method} {organ}: folds {folds} missing", file=sys.stderr)
-    print(f"written: {out}/folds.csv, summary.csv, table.md, dice.png")
-    return 0
+        out = args.out or Path("results") / f"{table.dataset}_setting{table.setting}"
+        write_outputs(table, out)
+        print(markdown(table))
+        for method in sorted(table.dice):
+            for organ, folds in table.missing_folds(method).items():
+                log.warning("%s %s: folds %s missing", method, organ, folds)
+        print(f"written: {out}/folds.csv, summary.csv, table.md, dice.png")
+        return 0
+
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -8,28 +8,32 @@ for example while the run is still going.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from dataloaders.reporting import curves_from_metrics, write_training_curves
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.errors import DataError
+from dataloaders.evaluation.reporting import curves_from_metrics, write_training_curves
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="PNG path (default: <run_dir>/curves.png)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    if not (args.run_dir / "metrics.json").is_file():
-        print(f"error: {args.run_dir}/metrics.json not found: not a training run folder, or no metrics "
-              f"logged yet (they are written every train.print_every episodes)", file=sys.stderr)
-        return 2
-    path = write_training_curves(curves_from_metrics(args.run_dir), args.out or args.run_dir / "curves.png",
-                                 title=args.run_dir.parent.name)
-    if path is None:
-        print("error: no loss metrics in metrics.json yet", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+
+    def body() -> int:
+        if not (args.run_dir / "metrics.json").is_file():
+            raise DataError(f"{args.run_dir}/metrics.json not found: not a training run folder, or no metrics "
+                            f"logged yet (they are written every train.print_every episodes)")
+        path = write_training_curves(curves_from_metrics(args.run_dir), args.out or args.run_dir / "curves.png",
+                                     title=args.run_dir.parent.name)
+        if path is None:
+            raise DataError(f"{args.run_dir}/metrics.json holds no loss metrics yet")
+        print(path)
+        return 0
+
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-import numpy as np
-
-from data.io import DataError, read_volume
-from dataloaders.reporting import render_prediction
-from dataloaders.specs import load_spec
+from data.core.cli import add_logging_arguments, run_cli
+from data.core.io import DataError, read_volume, safe_child_path
+from data.core.specs import load_spec
+from dataloaders.evaluation.reporting import pick_slices, render_prediction
 from dataloaders.volumes import VolumeStore
 
 _NAME = re.compile(r"^scan_(\d+)_(.+)\.nii(\.gz)?$")
-
-
-def pick_slices(prediction: np.ndarray, truth: np.ndarray | None, n: int) -> list[int]:
-    present = prediction.any(axis=(1, 2)) | (truth.any(axis=(1, 2)) if truth is not None else False)
-    zs = np.flatnonzero(present)
-    if len(zs) == 0:
-        zs = np.arange(prediction.shape[0])
-    return sorted({int(z) for z in zs[np.linspace(0, len(zs) - 1, min(n, len(zs))).round().astype(int)]})
 
 
 def render(pred_path: Path, store: VolumeStore, out_dir: Path, slices=None, n: int = 4) -> Path:
@@ -48,7 +38,7 @@ def render(pred_path: Path, store: VolumeStore, out_dir: Path, slices=None, n: i
     truth = scan.label == class_id
     zs = slices if slices else pick_slices(prediction, truth, n)
     return render_prediction(scan.image, prediction, truth, zs, f"scan {scan_id}: {class_name}",
-                             out_dir / f"{pred_path.name.split('.')[0]}.png")
+                             safe_child_path(out_dir, f"{pred_path.name.split('.')[0]}.png"))
 
 
 def main(argv=None) -> int:
@@ -59,15 +49,16 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", nargs="*", type=int, help="slice indices to draw")
     parser.add_argument("--n", type=int, default=4, help="number of slices when --slices is not given")
     parser.add_argument("--out", type=Path, help="output folder (default: next to each prediction)")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         store = VolumeStore(load_spec(args.dataset, args.data_dir), args.data_dir)
         for pred in args.predictions:
             print(render(pred, store, args.out or pred.parent, args.slices, args.n))
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body, args)
 
 
 if __name__ == "__main__":

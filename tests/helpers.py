@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import Geometry, write_volume
+from data.core.io import Geometry, write_volume
 
 GEOMETRY = Geometry((1.25, 1.25, 7.7), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
 

@@ -32,8 +32,8 @@ def _config(method, data_dir, log_dir, setting=1):
 
 @pytest.mark.parametrize("method, setting", [("alpnet", 2), ("dspnet", 1)])
 def test_train_two_steps_then_evaluate(superpixel_phantoms, tmp_path, method, setting):
-    from models.evaluation import evaluate
-    from models.trainer import train
+    from models.engine.evaluation import evaluate
+    from models.engine.trainer import train
     cfg = _config(method, superpixel_phantoms, tmp_path / "runs", setting)
     assert (superpixel_phantoms / "superpixels_400").is_dir()
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ def test_output_distributions_of_both_paths_agree(draw_fn):
 
 
 def test_device_mode_episode_carries_the_same_draws_as_the_cpu_mode(tmp_path):
-    from dataloaders.specs import load_spec
+    from data.core.specs import load_spec
     from dataloaders.supervoxel_episodes import SupervoxelEpisodes
     from dataloaders.volumes import VolumeStore
     from tests.helpers import write_dataset

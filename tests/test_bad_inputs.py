@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.io import DataError, read_volume, safe_child_path, write_volume
+from data.core.io import DataError, read_volume, safe_child_path, write_volume
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import tree_state, write_dataset
 
@@ -169,7 +169,7 @@ def test_resume_of_a_missing_folder_is_refused(phantom_dir, tmp_path):
 
 
 def test_a_second_resume_of_a_busy_folder_is_refused(phantom_dir, run_copy):
-    from configs.runs import lock_run, unlock_run
+    from models.engine.runs import lock_run, unlock_run
     log_dir, run_dir = run_copy
     lock_run(run_dir)                       # this process trains into it
     try:
@@ -232,7 +232,7 @@ def test_the_default_checkpoint_is_never_from_a_killed_run(phantom_dir, run_copy
 
 # ----------------------------------------------------------------------------- full disk
 def test_a_full_disk_while_writing_a_snapshot_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    from models import trainer
+    from models.engine import trainer
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "snapshots" / "last.pth"

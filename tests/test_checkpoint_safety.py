@@ -1,7 +1,7 @@
 """No code runs from a checkpoint or config file a user receives.
 
 Every command that takes a checkpoint or weights path reads it with torch.load(weights_only=True)
-(models.checkpoints.load_checkpoint_file); a crafted .pth whose pickle would run code is refused
+(models.engine.checkpoints.load_checkpoint_file); a crafted .pth whose pickle would run code is refused
 with a message, and its payload never runs (a marker file it would create never appears). Also:
 truncated files, partial encoder weights, a snapshot given as encoder weights, snapshots of format
 1 (numpy's RNG state as an ndarray), and Sacred's `with <file>.pickle` / jsonpickle configs.
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_file, read_state_dict
+from models.engine.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_file, read_state_dict
 from models.encoder import PretrainedWeightsError, ResNetEncoder
-from models.trainer import SNAPSHOT_FORMAT, restore, save_snapshot
+from models.engine.trainer import SNAPSHOT_FORMAT, restore, save_snapshot
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import tree_state
 
@@ -270,7 +270,7 @@ def test_partial_encoder_weights_are_an_error(resnet50_like):
 
 
 def test_partial_encoder_weights_with_allow_partial(resnet50_like, tmp_path):
-    from models.builders import build_model
+    from models.engine.builders import build_model
     from tests.helpers import full_config
     cfg = full_config("adnet", "SYNTH", tmp_path / "SYNTH", tmp_path / "runs",
                       **{"encoder.weights": str(resnet50_like), "encoder.allow_partial": True})

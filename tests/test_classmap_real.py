@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data import classmap as cm
-from dataloaders.specs import load_spec
+from data.core.specs import load_spec
 
 GOLDEN = [("CHAOST2", "chaos_dir", (1, 100, 400)), ("CMR", "cmr_dir", (1, 200))]
 
@@ -42,7 +42,7 @@ def test_classmap_command_writes_the_shipped_files(chaos_dir, tmp_path):
 
 
 def test_count_rule_differs_on_real_data_and_counts_voxels(cmr_dir):
-    from data.io import read_volume
+    from data.core.io import read_volume
 
     spec = load_spec("CMR")
     summed = cm.build_classmaps(cmr_dir, spec, [200], rule="sum")[200]

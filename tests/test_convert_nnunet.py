@@ -1,4 +1,6 @@
-"""nnU-Net v2 raw dataset -> our layout (data/convert_nnunet.py): conversion, integrity, clear errors."""
+"""nnU-Net v2 raw dataset -> our layout (data/convert_nnunet.py): conversion, integrity, clear errors; and the
+scan-preparation pipeline it shares with the built-in datasets (data/pipeline.py)."""
+import dataclasses
 import json
 import shutil
 
@@ -7,10 +9,11 @@ import pytest
 import SimpleITK as sitk
 
 from data import convert_nnunet as cn
-from data.io import read_volume
+from data import pipeline as pl
+from data.core.io import Geometry, read_volume
+from data.core.specs import load_spec
 from data.phantoms import make_phantom
 from data.verify import verify_dataset
-from dataloaders.specs import load_spec
 
 LABELS = {"background": 0, "liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
 LAS = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -88,7 +91,7 @@ def test_mr_dataset_converts_and_passes_the_integrity_check(mr_cases, tmp_path, 
     assert "OK" in capsys.readouterr().out
 
     assert cn.main([str(raw), str(out), "--n-sv", "2000", "--quiet"]) == 0          # idempotent
-    assert "2 of 2 scans already prepared" in capsys.readouterr().out
+    assert "0 scan(s) written, 2 skipped" in capsys.readouterr().out   # -q hides the info line
 
 
 def test_ct_case_is_windowed_and_reoriented(tmp_path):
@@ -187,42 +190,92 @@ def test_bad_inputs_are_clear_errors_with_no_output(tmp_path, capsys, break_it, 
     assert not out.exists()
 
 
-# ------------------------------------------------------------------ prepare_scan = the built-in pipelines
+# ------------------------------------------------------------------ prepare_scan = the reference recipes
+# data.pipeline.prepare_scan prepares the built-in datasets (data/prepare_*.py), converted datasets and
+# new scans (scripts/segment.py) alike. These tests spell out the reference notebooks' steps with the
+# pipeline's building blocks (each unit-tested in test_preprocessing.py) and check that prepare_scan,
+# driven by a dataset's preprocessing block, composes exactly those steps.
+def _dtypes(compat):
+    return (np.float64, np.float64) if compat == "reference" else (np.float32, np.uint8)
+
+
+def _chaos_recipe(las_image, las_label, compat):
+    """image_normalize.ipynb: clip the top 0.5 %, resample to 1.25 x 1.25 x 7.70 mm, centre crop/pad to
+    256 x 256 (the image padded with its minimum); the origin follows the crop."""
+    geometry = Geometry.of(las_image)
+    clipped, _ = pl.clip_top_percentile(sitk.GetArrayFromImage(las_image), 99.5)
+    resampled = pl.resample_image(pl.image_from_array(clipped, geometry), (1.25, 1.25, 7.70), compat)
+    array = sitk.GetArrayFromImage(resampled)
+    label = pl.resample_label(las_label, geometry, (1.25, 1.25, 7.70), compat)
+    image_dtype, label_dtype = _dtypes(compat)
+    image, (off_y, off_x) = pl.centre_crop_or_pad(array, 256, float(array.min()), image_dtype)
+    label, _ = pl.centre_crop_or_pad(label, 256, 0.0, label_dtype)
+    return image, label, pl.shift_origin(Geometry.of(resampled), (off_x, off_y, 0))
+
+
+def _sabs_recipe(hu_image, label, compat):
+    """intensity_normalization + resampling_and_roi.ipynb: window [-125, 275] HU -> [0, 255], remove a
+    32/512 border, resample in-plane so the rest spans 256 pixels; reference: the 257 x 257 x (Z + 1)
+    grid cut to [:256, :256], clean: 256 x 256 x Z pixels centred on the field of view."""
+    geometry = Geometry.of(hu_image)
+    windowed = pl.hu_window(sitk.GetArrayFromImage(hu_image), (-125.0, 275.0), compat)
+    nz, height, width = windowed.shape
+    by, bx = round(height * 32 / 512), round(width * 32 / 512)
+    cropped = pl.shift_origin(geometry, (bx, by, 0))
+    sx, sy, sz = geometry.spacing
+    spacing = (sx * ((width - 2 * bx) / 256), sy * ((height - 2 * by) / 256), sz)
+    size = origin = None
+    if compat == "clean":
+        size = (256, 256, nz)
+        origin = pl.shift_origin(cropped, ((spacing[0] / sx - 1) / 2, (spacing[1] / sy - 1) / 2, 0.0)).origin
+    resampled = pl.resample_image(pl.image_from_array(pl.border_crop(windowed, by, bx), cropped), spacing, compat,
+                                  size, origin)
+    label = pl.resample_label(pl.border_crop(label, by, bx), cropped, spacing, compat, size, origin)
+    image_dtype, label_dtype = _dtypes(compat)
+    return (sitk.GetArrayFromImage(resampled)[:, :256, :256].astype(image_dtype),
+            label[:, :256, :256].astype(label_dtype), Geometry.of(resampled))
+
+
 @pytest.mark.parametrize("compat", ["reference", "clean"])
-def test_prepare_scan_with_the_chaos_block_is_the_chaos_pipeline(compat):
-    """CHAOS: LAS reorientation, then the CMR/CHAOS step (clip, resample, crop/pad) of data/preprocessing.py."""
-    import dataclasses
-    from data.preprocessing import clip_resample_crop
+def test_prepare_scan_with_the_chaos_block_is_the_chaos_recipe(compat):
+    """CHAOS: LAS reorientation, then the reference's clip, resample, crop/pad."""
     image, label = make_phantom(5, size=40, slices=6)
     raw = _image((image * 3).astype(np.int16), (1.5, 1.6, 9.0), LPS)
-    expected = clip_resample_crop(sitk.DICOMOrient(raw, "LAS"),
-                                  np.flip(label, axis=1), (1.25, 1.25, 7.70), compat)   # LPS -> LAS flips rows
+    expected = _chaos_recipe(sitk.DICOMOrient(raw, "LAS"), np.flip(label, axis=1), compat)   # LPS -> LAS flips rows
     prep = dataclasses.replace(load_spec("CHAOST2").preprocessing, compat=compat)
-    got = cn.prepare_scan(raw, label, prep)
-    assert np.array_equal(got.image, expected.image) and np.array_equal(got.label, expected.label)
-    assert got.geometry == expected.geometry
+    got = pl.prepare_scan(raw, label, prep)
+    assert got.image.dtype == expected[0].dtype and got.label.dtype == expected[1].dtype
+    assert np.array_equal(got.image, expected[0]) and np.array_equal(got.label, expected[1])
+    assert got.geometry == expected[2]
+    assert got.record["crop_offset_xyz"][2] == 0 and got.record["orientation"] == "LAS"
 
 
 @pytest.mark.parametrize("compat", ["reference", "clean"])
-def test_prepare_scan_with_the_sabs_block_is_the_sabs_pipeline(tmp_path, compat):
-    import dataclasses
-    from data import prepare_sabs
+def test_prepare_scan_with_the_sabs_block_is_the_sabs_recipe(compat):
     image, label = make_phantom(6, size=48, slices=5)
     hu = np.where(image < 30, -1000.0, image * 2 - 150).astype(np.int16)
     raw = _image(hu, (0.8, 0.8, 2.5), LPS)
-    sitk.WriteImage(raw, str(tmp_path / "img0001.nii.gz"))
-    sitk.WriteImage(_image(label, (0.8, 0.8, 2.5), LPS), str(tmp_path / "label0001.nii.gz"))
-    expected = prepare_sabs.process_case(1, tmp_path / "img0001.nii.gz", tmp_path / "label0001.nii.gz", compat)
-    raw = sitk.ReadImage(str(tmp_path / "img0001.nii.gz"))        # the spacing as stored (float32 in NIfTI)
-    got = cn.prepare_scan(raw, label, dataclasses.replace(load_spec("SABS").preprocessing, compat=compat))
-    assert np.array_equal(got.image, expected.image) and np.array_equal(got.label, expected.label)
-    assert got.geometry.matches(expected.geometry, rtol=1e-9, atol=1e-9)
+    expected = _sabs_recipe(raw, label, compat)
+    got = pl.prepare_scan(raw, label, dataclasses.replace(load_spec("SABS").preprocessing, compat=compat))
+    assert got.image.dtype == expected[0].dtype and got.label.dtype == expected[1].dtype
+    assert np.array_equal(got.image, expected[0]) and np.array_equal(got.label, expected[1])
+    assert got.geometry.matches(expected[2], rtol=1e-12, atol=1e-12)
+    assert got.record["border_crop_offset_xyz"] == [3, 3, 0]
+
+
+def test_prepare_scan_without_a_label_prepares_the_same_image():
+    image, label = make_phantom(8, size=36, slices=4)
+    raw = _image((image * 3).astype(np.int16), (1.5, 1.6, 9.0), LPS)
+    prep = load_spec("CMR").preprocessing
+    with_label, without = pl.prepare_scan(raw, label, prep), pl.prepare_scan(raw, None, prep)
+    assert without.label is None and np.array_equal(without.image, with_label.image)
+    assert without.geometry == with_label.geometry
 
 
 def test_prepare_scan_leaves_a_synth_scan_on_its_grid():
     from data.phantoms import phantom_geometry
     image, label = make_phantom(7, size=128, slices=6)
     raw = phantom_geometry(size=128).apply_to(sitk.GetImageFromArray(image))
-    got = cn.prepare_scan(raw, label, load_spec("SYNTH").preprocessing)
+    got = pl.prepare_scan(raw, label, load_spec("SYNTH").preprocessing)
     assert np.array_equal(got.image, image) and np.array_equal(got.label, label)
     assert got.geometry.matches(phantom_geometry(size=128), rtol=1e-9, atol=1e-9)

@@ -231,7 +231,7 @@ def test_options_and_lr_multiplier():
 @pytest.fixture(scope="module")
 def dspnet_models():
     from configs.experiment import method_defaults
-    from models.builders import build_model
+    from models.engine.builders import build_model
     cfg = method_defaults("dspnet", "SYNTH")
     cfg["encoder"]["weights"] = "none"
     torch.manual_seed(0)
@@ -239,8 +239,8 @@ def dspnet_models():
 
 
 def test_cal_is_saved_loaded_and_trained_at_a_reduced_lr(dspnet_models):
-    from models.checkpoints import load_model_state
-    from models.trainer import make_optimizer
+    from models.engine.checkpoints import load_model_state
+    from models.engine.trainer import make_optimizer
     cfg, model, fresh = dspnet_models
     with torch.no_grad():
         model.head.cal.add_(0.01 * torch.randn(256, 256))

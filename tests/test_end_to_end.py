@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from data.io import read_volume
+from data.core.io import read_volume
 from tests.conftest import PROJECT_ROOT
 
 

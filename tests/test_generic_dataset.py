@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from data.io import read_volume
-from dataloaders.specs import load_spec
+from data.core.io import read_volume
+from data.core.specs import load_spec
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import full_config
 
@@ -63,8 +63,8 @@ def test_own_dataset_trains_and_validates_like_a_built_in_one(own_dataset, tmp_p
 
 def test_class_id_missing_from_dataset_json_is_a_clear_error(own_dataset, tmp_path):
     """What validation.py and training.py run, in-process (the commands themselves are tested above)."""
-    from models.evaluation import evaluate
-    from models.trainer import train
+    from models.engine.evaluation import evaluate
+    from models.engine.trainer import train
     cfg = full_config("adnet", NAME, own_dataset, tmp_path, test_labels=[2, 7],
                       **{"evaluation.checkpoint": "untrained", "encoder.weights": "none"})
     with pytest.raises(ValueError, match=rf"test_labels \[7\] not in the {NAME} label table \(1 liver, "):
@@ -79,6 +79,6 @@ def test_bad_preprocessing_block_names_the_file(own_dataset, tmp_path):
     description = json.loads((broken / "dataset.json").read_text())
     description["preprocessing"]["orientation"] = "LLS"
     (broken / "dataset.json").write_text(json.dumps(description))
-    from data.io import DataError
+    from data.core.io import DataError
     with pytest.raises(DataError, match=r"dataset.json: orientation 'LLS' is not a DICOMOrient code"):
         load_spec(NAME, broken)

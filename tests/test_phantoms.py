@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data.io import read_volume
+from data.core.io import read_volume
 from data.phantoms import GENERATOR_VERSION, MANIFEST, generate_phantoms, make_phantom
 
 
@@ -51,7 +51,7 @@ def test_generation_writes_the_real_layout_and_keeps_matching_scans(tmp_path):
 
 
 @pytest.mark.parametrize("spoil", ["other size", "no manifest", "corrupt manifest", "old version"])
-def test_phantoms_of_another_recipe_are_rewritten_not_mixed(tmp_path, capsys, spoil):
+def test_phantoms_of_another_recipe_are_rewritten_not_mixed(tmp_path, caplog, spoil):
     root = tmp_path / "SYNTH"
     generate_phantoms(root, n_scans=6, size=32, slices=6, progress=False, supervoxels=False)
     size = 32
@@ -64,12 +64,12 @@ def test_phantoms_of_another_recipe_are_rewritten_not_mixed(tmp_path, capsys, sp
     else:
         recipe = json.loads((root / MANIFEST).read_text())
         (root / MANIFEST).write_text(json.dumps({**recipe, "generator_version": GENERATOR_VERSION - 1}))
-    capsys.readouterr()
+    caplog.clear()
 
     written = generate_phantoms(root, n_scans=6, size=size, slices=6, progress=False, supervoxels=False)
 
     assert len(written) == 6
-    assert "rewritten" in capsys.readouterr().out
+    assert "rewritten" in caplog.text
     image, _ = read_volume(root / "synth_normalized" / "image_1.nii.gz")
     assert image.shape == (6, size, size)
     assert json.loads((root / MANIFEST).read_text())["size"] == size

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from data import prepare_chaos as pc
-from data.io import DataError, read_volume
+from data.core.io import DataError, read_volume
 
 ROWS, COLS, NZ = 48, 64, 6
 ROW_SPACING, COL_SPACING, SLICE_GAP = 1.6, 1.4, 7.0
@@ -179,7 +179,7 @@ def test_rerun_skips_existing_and_overwrite_is_deterministic(raw_mr, tmp_path, c
     classmap_mtime = classmap_path.stat().st_mtime_ns
     capsys.readouterr()
     assert pc.main(args) == 0
-    assert "1 of 1 scans already prepared" in capsys.readouterr().out
+    assert "1 of 1 scans already prepared" in capsys.readouterr().err
     assert image_path.stat().st_mtime_ns == first_mtime
     assert classmap_path.stat().st_mtime_ns == classmap_mtime, "an unchanged index is not rewritten"
     classmap_path.unlink()                          # e.g. a run interrupted before the index
@@ -298,5 +298,5 @@ def test_a_failing_subject_leaves_the_finished_ones_complete(raw_mr, tmp_path, c
     cv2.imwrite(str(raw_mr / "2" / "T2SPIR" / "Ground" / f"{_stem(2)}.png"), np.zeros((ROWS, COLS), np.uint8))
     capsys.readouterr()
     assert pc.main([str(raw_mr), str(out), "--ids", "1", "2"]) == 0
-    assert "1 of 2 scans already prepared" in capsys.readouterr().out
+    assert "1 of 2 scans already prepared" in capsys.readouterr().err
     assert f"{folder}/image_2.nii.gz" in out_files(out)

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from data import prepare_cmr as pcmr
-from data.io import Geometry, read_volume, write_volume
+from data.core.io import Geometry, read_volume, write_volume
 
 # an oblique short-axis orientation, as in the challenge data
 OBLIQUE = tuple(np.linalg.qr(np.array([[0.63, 0.51, -0.59], [0.2, 0.6, 0.7], [0.75, -0.6, 0.3]]))[0].ravel())
@@ -86,7 +86,7 @@ def test_single_folder_layout_and_unlabelled_images(tmp_path, capsys):
     make_pair(raw, None, 41, (6, 80, 96), (1.5, 1.5, 10.0))
     out = tmp_path / "CMR"
     assert pcmr.main([str(raw), str(out)]) == 0
-    assert "skipping 1 bSSFP image(s) without a manual label: patients [41]" in capsys.readouterr().out
+    assert "skipping 1 bSSFP image(s) without a manual label: patients [41]" in capsys.readouterr().err
     image, _ = read_volume(out / "cmr_MR_normalized" / "image_3.nii.gz")
     assert image.shape == (8, 256, 256)                       # int(6 * 10 / 7.99 + 1); 97 x 116 px padded
     assert not (image == np.round(image)).all(), "float input is not truncated"

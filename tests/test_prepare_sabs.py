@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from data import prepare_sabs as ps
-from data.io import Geometry, read_volume, write_volume
+from data.core.io import Geometry, read_volume, write_volume
 
 SPACING = (0.8, 0.8, 3.0)
 ORIGIN = (-200.0, -210.0, -300.0)

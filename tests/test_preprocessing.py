@@ -1,12 +1,14 @@
-"""Preprocessing primitives (data/preprocessing.py) on small synthetic volumes."""
+"""The building blocks of the scan-preparation pipeline (data/pipeline.py) and the paired writer of the
+prepare commands (data/prepare.py), on small synthetic volumes."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from data.io import DataError, Geometry, read_volume
-from data import preprocessing as pp
+from data import pipeline as pp
+from data import prepare
+from data.core.io import DataError, Geometry, read_volume
 
 OBLIQUE = tuple(np.linalg.qr(np.array([[0.63, 0.51, -0.59], [0.2, 0.6, 0.7], [0.75, -0.6, 0.3]]))[0].ravel())
 
@@ -159,7 +161,7 @@ def test_write_pair_writes_identical_geometry(tmp_path):
     geometry = Geometry((1.25, 1.25, 7.7), (1.0, 2.0, 3.0), OBLIQUE)
     image = np.random.default_rng(0).random((3, 8, 8))
     label = (image > 0.5).astype(np.float64)
-    pp.write_pair(tmp_path / "image_1.nii.gz", tmp_path / "label_1.nii.gz", image, label, geometry)
+    prepare.write_pair(tmp_path / "image_1.nii.gz", tmp_path / "label_1.nii.gz", image, label, geometry)
     img, g1 = read_volume(tmp_path / "image_1.nii.gz")
     lab, g2 = read_volume(tmp_path / "label_1.nii.gz")
     assert g1 == g2 and g1.matches(geometry)
@@ -176,9 +178,9 @@ def test_write_pair_leaves_nothing_when_a_write_fails(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_write(path, array, geometry)
 
-    real_write = pp.write_volume
-    monkeypatch.setattr(pp, "write_volume", failing_write)
+    real_write = prepare.write_volume
+    monkeypatch.setattr(prepare, "write_volume", failing_write)
     with pytest.raises(OSError):
-        pp.write_pair(tmp_path / "image_1.nii.gz", tmp_path / "label_1.nii.gz",
+        prepare.write_pair(tmp_path / "image_1.nii.gz", tmp_path / "label_1.nii.gz",
                       np.zeros((3, 4, 4)), np.zeros((3, 4, 4)), Geometry((1.0, 1.0, 1.0)))
     assert list(tmp_path.iterdir()) == []

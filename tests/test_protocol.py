@@ -2,11 +2,12 @@
 import numpy as np
 import torch
 
-from dataloaders.protocol import (
-    EvaluationResult, Evaluator, ProtocolOptions, ScanScore, chunk_of_slices, scored_slices, support_slices,
+from data.core.specs import load_spec
+from dataloaders.evaluation.protocol import (
+    EvaluationResult, ProtocolOptions, ScanScore, chunk_of_slices, plan_query, scored_slices, support_slices,
 )
-from dataloaders.specs import load_spec
 from dataloaders.volumes import VolumeStore
+from models.engine.evaluation import Evaluator
 from models.heads.common import HeadOutput, two_class_log_probs
 from tests.helpers import write_dataset
 
@@ -32,6 +33,15 @@ def test_zrange_chunks_follow_the_organ_extent():
 def test_scored_range_fills_gaps():
     assert scored_slices(np.array([3, 4, 7]), "range").tolist() == [3, 4, 5, 6, 7]
     assert scored_slices(np.array([3, 4, 7]), "labelled").tolist() == [3, 4, 7]
+
+
+def test_query_plan_cuts_the_scored_slices_into_the_chunks_of_each_support_slice():
+    plan = plan_query(np.arange(10, 20), 3, "zrange")
+    assert plan.parts == (0, 1, 2)
+    assert [c.tolist() for c in plan.chunks] == [[10, 11, 12], [13, 14, 15], [16, 17, 18, 19]]
+    gappy = plan_query(np.array([0, 1, 9]), 3, "zrange")         # the middle third holds no scored slice
+    assert gappy.parts == (0, 2) and [c.tolist() for c in gappy.chunks] == [[0, 1], [9]]
+    assert np.concatenate(gappy.chunks).tolist() == gappy.scored.tolist()
 
 
 def test_dice_is_per_scan_then_mean():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from data.io import DataError, Geometry, read_volume, write_volume
+from data.core.io import DataError, Geometry, read_volume, write_volume
 from data.pseudolabels import generate_pseudolabels, header_spacing_zyx, main, pixdim_spacing_zyx
 from data.supervoxels import foreground_mask, rescale_0_255
 
@@ -131,28 +131,28 @@ def test_header_spacing_option_keeps_the_foreground(dataset, capsys):
 # ------------------------------------------------------------------------------------ errors
 def test_missing_folder(tmp_path, capsys):
     rc, _, err = run(capsys, tmp_path / "nowhere", "--dataset", "CHAOST2")
-    assert rc == 2 and "data directory not found" in err and "nowhere" in err
+    assert rc == 1 and "data directory not found" in err and "nowhere" in err
 
 
 def test_unknown_dataset(tmp_path, capsys):
     rc, _, err = run(capsys, tmp_path, "--dataset", "CHAOS3")
-    assert rc == 2 and "unknown dataset 'CHAOS3'" in err
+    assert rc == 1 and "unknown dataset 'CHAOS3'" in err
 
 
 def test_unknown_scan_id(dataset, capsys):
     rc, _, err = run(capsys, dataset, "--dataset", "TINY", "--ids", "2")
-    assert rc == 2 and "scan id(s) [2] not found" in err
+    assert rc == 1 and "scan id(s) [2] not found" in err
 
 
 def test_reference_ids_rejected_for_supervoxels(dataset, capsys):
     rc, _, err = run(capsys, dataset, "--dataset", "TINY", "--reference-ids")
-    assert rc == 2 and "superpixels only" in err
+    assert rc == 1 and "superpixels only" in err
 
 
 def test_2d_image_fails_before_any_work(dataset, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((24, 28))), str(dataset / "imgs" / "image_5.nii.gz"))
     rc, _, err = run(capsys, dataset, "--dataset", "TINY")
-    assert rc == 2 and "image_5.nii.gz" in err and "2-D" in err
+    assert rc == 1 and "image_5.nii.gz" in err and "2-D" in err
     assert not (dataset / "supervoxels_50").exists()
     assert partial_files(dataset) == []
 
@@ -160,7 +160,7 @@ def test_2d_image_fails_before_any_work(dataset, capsys):
 def test_all_background_volume_names_the_scan_and_leaves_no_partial_file(dataset, capsys):
     write_volume(dataset / "imgs" / "image_7.nii.gz", np.full((5, 24, 28), 3.0), GEOMETRY)
     rc, _, err = run(capsys, dataset, "--dataset", "TINY")
-    assert rc == 2 and "scan 7" in err and "no foreground" in err
+    assert rc == 1 and "scan 7" in err and "no foreground" in err
     folder = dataset / "supervoxels_50"
     assert sorted(p.name for p in folder.iterdir()) == [f"superpix-MIDDLE_{i}.nii.gz" for i in (1, 3)]
     assert read_volume(folder / "superpix-MIDDLE_3.nii.gz")[0].any()   # finished files are complete

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from configs.experiment import check_config, method_defaults
-from models.builders import build_model
-from models.evaluation import evaluate
-from models.trainer import train
+from models.engine.builders import build_model
+from models.engine.evaluation import evaluate
+from models.engine.trainer import train
 
 
 def _config(data_dir, log_dir, dataset="SYNTH", **sections):
@@ -83,9 +83,10 @@ def test_real_chaos_scan_with_refinement(chaos_dir, tmp_path):
     """Real data at full size (256 x 256 slices; 512 x 64 x 64 and 512 x 32 x 32 features), with an
     untrained encoder: the pipeline, not the accuracy. One support and one query scan of fold 0
     (the whole fold takes minutes on 2 CPU cores), spleen only; refinement on."""
-    from dataloaders.protocol import Evaluator, ProtocolOptions
-    from dataloaders.specs import Fold
-    from models.builders import dataset_spec, volume_store
+    from data.core.specs import Fold
+    from dataloaders.evaluation.protocol import ProtocolOptions
+    from models.engine.builders import dataset_spec, volume_store
+    from models.engine.evaluation import Evaluator
 
     cfg = _config(chaos_dir, tmp_path, dataset="CHAOST2", test_labels=[4])
     spec = dataset_spec(cfg)

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from dataloaders.protocol import support_slices
-from dataloaders.specs import load_spec
+from dataloaders.evaluation.protocol import support_slices
+from data.core.specs import load_spec
 from dataloaders.volumes import VolumeStore
 from tests.conftest import PROJECT_ROOT, requires_chaos, requires_cmr, CHAOS_DIR, CMR_DIR
 

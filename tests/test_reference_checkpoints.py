@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.checkpoints import CheckpointError, load_checkpoint
+from models.engine.checkpoints import CheckpointError, load_checkpoint
 from models.encoder import ResNetEncoder
 from models.fewshot import FewShotSegmenter, split_features
 from models.heads.adnet import ADNetHead
 from models.heads.qnet import QNetHead
-from models.reference_checkpoints import detect_format, load_reference_state
+from models.engine.reference_checkpoints import detect_format, load_reference_state
 from models.tv import torchvision  # noqa: F401  (torchvision importable on CPU-only torch)
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead  # noqa: E402
 

@@ -62,7 +62,7 @@ def test_kill_and_resume_is_bit_identical(phantom_dir, tmp_path):
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
-    from models.trainer import check_resumable
+    from models.engine.trainer import check_resumable
     saved = {"optim": {"lr": 0.001}, "train": {"resume": None, "num_workers": 0}}
     check_resumable(saved, {"optim": {"lr": 0.001}, "train": {"resume": "x", "num_workers": 4}}, tmp_path)
     with pytest.raises(ValueError, match=r"optim.lr: 0.001 -> 0.5"):

@@ -1,4 +1,5 @@
-"""One-shot segmentation of new scans (scripts/segment.py): geometry round trip, extent, real model, bad inputs."""
+"""One-shot segmentation of new scans (scripts/segment.py on models/engine/segmentation.py): geometry round
+trip, extent, real model, bad inputs."""
 import json
 
 import numpy as np
@@ -6,11 +7,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from data.convert_nnunet import prepare_scan
-from data.io import Geometry, read_volume
+from data.core.io import Geometry, read_volume
+from data.core.specs import load_spec
 from data.phantoms import make_phantom, phantom_geometry
-from data.preprocessing import image_from_array, resample_image, resample_label
-from dataloaders.specs import load_spec
+from data.pipeline import image_from_array, prepare_scan, resample_image, resample_label
+from models.engine import segmentation
+from models.engine.builders import build_model
+from models.engine.predictor import Predictor
 from scripts import segment
 from tests.helpers import full_config
 
@@ -112,9 +115,9 @@ def test_without_a_query_label_the_extent_is_estimated(scans, tmp_path, capsys):
 
 def test_extent_rule():
     areas = np.array([0, 0, 5, 50, 100, 60, 3, 0, 40])
-    assert segment.estimate_extent(areas, 0.1) == (3, 5)
-    assert segment.estimate_extent(areas, 0.01) == (2, 6)    # 40 at z8 is cut off by the empty z7
-    assert segment.estimate_extent(np.zeros(5), 0.1) is None
+    assert segmentation.estimate_extent(areas, 0.1) == (3, 5)
+    assert segmentation.estimate_extent(areas, 0.01) == (2, 6)    # 40 at z8 is cut off by the empty z7
+    assert segmentation.estimate_extent(np.zeros(5), 0.1) is None
 
 
 def test_untrained_model_through_the_cli(scans, tmp_path, capsys):
@@ -128,7 +131,6 @@ def test_untrained_model_through_the_cli(scans, tmp_path, capsys):
         "preprocessing": {**spec.preprocessing.to_mapping(), "spacing": [5.0, 5.0], "size": 32}}))
     cfg = full_config("adnet", "SYNTH", data_dir, tmp_path / "runs", **{"encoder.weights": "none"})
     cfg["dataset"] = "MINE"
-    from models.builders import build_model
     torch.manual_seed(0)
     model = build_model(cfg, load_weights=False)
     checkpoint = tmp_path / "100.pth"
@@ -198,7 +200,6 @@ def test_own_dataset_folder_gone_needs_dataset_json(scans, tmp_path, capsys):
 
 def test_model_predictor_is_the_model_on_the_same_slices(tmp_path):
     """Cached, batched encoding and chunked head calls give what one forward pass of the model gives."""
-    from models.builders import build_model
     cfg = full_config("adnet", "SYNTH", tmp_path, tmp_path, **{"encoder.weights": "none"})
     torch.manual_seed(0)
     model = build_model(cfg, load_weights=False).eval()
@@ -206,9 +207,9 @@ def test_model_predictor_is_the_model_on_the_same_slices(tmp_path):
     support_image, query_image = rng.normal(size=(2, 6, 32, 32)).astype(np.float32)
     mask = np.zeros((6, 32, 32), bool)
     mask[:, 8:20, 10:22] = True
-    support = segment.PreparedScan("s", None, support_image, Geometry((1.0, 1.0, 1.0)), mask)
-    query = segment.PreparedScan("q", None, query_image, Geometry((1.0, 1.0, 1.0)), None)
-    predictor = segment.ModelPredictor(model, torch.device("cpu"), batch_size=2)
+    support = segmentation.PreparedScan("s", None, support_image, Geometry((1.0, 1.0, 1.0)), mask)
+    query = segmentation.PreparedScan("q", None, query_image, Geometry((1.0, 1.0, 1.0)), None)
+    predictor = segmentation.ModelChunkPredictor(Predictor(model, torch.device("cpu"), batch_size=2))
     chunks = [np.array([0, 1, 2]), np.array([4])]          # batch_size 2: the first chunk takes two head calls
     probs = predictor(support, [1, 3], query, chunks)
 

@@ -1,6 +1,6 @@
 """A file that cannot be read completely is an error: truncated files, NaN/inf voxels, scans that do not
 fit the others. SimpleITK alone zero-fills a short NIfTI file and reads NaN as 0, silently; every
-reader goes through `data.io.read_volume`, which refuses both. Each test corrupts its own files."""
+reader goes through `data.core.io.read_volume`, which refuses both. Each test corrupts its own files."""
 from __future__ import annotations
 
 import gzip
@@ -15,9 +15,9 @@ import SimpleITK as sitk
 from data import classmap as cm
 from data import pseudolabels as pl
 from data import verify as vf
-from data.io import DataError, Geometry, read_volume, write_volume
-from data.preprocessing import read_nifti_pair
-from dataloaders.specs import load_spec
+from data.core.io import DataError, Geometry, read_volume, write_volume
+from data.core.specs import load_spec
+from data.prepare import read_nifti_pair
 from dataloaders.volumes import VolumeStore
 from tests.helpers import GEOMETRY, write_dataset
 
@@ -198,7 +198,7 @@ def test_pseudolabels_command_fails_on_a_truncated_image_and_writes_nothing(tmp_
     root = write_dataset(tmp_path / "toy", ids=IDS, shape=SHAPE, with_supervoxels=False)
     path = truncate(root / "images" / "image_3.nii.gz")           # not the first scan: nothing is written
     before = snapshot(root)
-    assert pl.main([str(root), "--dataset", "TOY", "--quiet"]) == 2
+    assert pl.main([str(root), "--dataset", "TOY", "--quiet"]) == 1
     assert f"{path}: the file is truncated" in capsys.readouterr().err
     assert snapshot(root) == before
 

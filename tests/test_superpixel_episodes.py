@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from data.io import DataError, write_volume
+from data.core.io import DataError, write_volume
 from dataloaders.augment import AugmentParams
 from dataloaders.episodes import collate_episodes
-from dataloaders.specs import load_spec
+from data.core.specs import load_spec
 from dataloaders.superpixel_episodes import SuperpixelEpisodes
 from dataloaders.supervoxel_episodes import excluded_slices
 from dataloaders.volumes import VolumeStore
@@ -120,7 +120,7 @@ def test_no_slice_to_draw_is_a_clear_error(store):
 
 def test_built_from_the_config(store):
     from configs.experiment import method_defaults
-    from models.builders import build_episode_dataset
+    from models.engine.builders import build_episode_dataset
     cfg = method_defaults("alpnet", "CHAOST2")
     cfg.update(setting=1, exclude_rule="any", test_labels=[1])
     cfg["sampler"]["id_draw"] = "reference"

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from data.io import DataError
+from data.core.io import DataError
 from dataloaders.episodes import collate_episodes
-from dataloaders.specs import load_spec
+from data.core.specs import load_spec
 from dataloaders.supervoxel_episodes import SupervoxelEpisodes, build_pair_table, excluded_slices, slice_counts
 from dataloaders.volumes import VolumeStore
 from tests.helpers import write_dataset

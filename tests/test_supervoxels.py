@@ -12,7 +12,7 @@ import pytest
 from skimage.measure import label as sk_label
 from skimage.segmentation import felzenszwalb
 
-from data.io import read_volume
+from data.core.io import read_volume
 from data.supervoxels import (EDGE_BLOCKS, _edge_costs, edge_blocks, edge_weights, felzenszwalb_3d,
                               foreground_mask, legacy_argsort, mask_supervoxels, rescale_0_255,
                               sort_edges, supervoxels_3d)

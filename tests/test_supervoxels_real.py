@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.io import read_volume
+from data.core.io import read_volume
 from data.pseudolabels import Job, compute_pseudolabels
-from dataloaders.specs import DatasetSpec, load_spec
+from data.core.specs import DatasetSpec, load_spec
 
 CHAOS = load_spec("CHAOST2")
 CMR = load_spec("CMR")

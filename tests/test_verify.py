@@ -10,8 +10,8 @@ import pytest
 
 from data import verify as vf
 from data.classmap import build_classmaps, write_classmaps
-from data.io import Geometry, write_volume
-from dataloaders.specs import load_spec
+from data.core.io import Geometry, write_volume
+from data.core.specs import load_spec
 
 GEOMETRY = Geometry((1.25, 1.25, 7.7), (-150.0, 170.0, -80.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
 
@@ -149,7 +149,7 @@ def test_each_corruption_is_reported_precisely(dataset, spec, problem):
 @pytest.mark.parametrize("problem", ["missing label", "wrong label values", "NaN"])
 def test_command_prints_the_problem_and_exits_1(dataset, spec, problem, monkeypatch, capsys):
     expected = _corrupt(dataset, spec, problem)
-    monkeypatch.setattr("dataloaders.specs.load_spec", lambda name, data_dir=None: spec)
+    monkeypatch.setattr(vf, "load_spec", lambda name, data_dir=None: spec)      # the name main() calls
     assert vf.main([str(dataset), "--dataset", "CHAOST2"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("ERROR: ") and expected in line for line in out)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from data.io import DataError, write_volume
-from dataloaders.specs import load_spec
+from data.core.io import DataError, write_volume
+from data.core.specs import load_spec
 from dataloaders.volumes import VolumeStore
 from tests.conftest import requires_cmr, CMR_DIR
 from tests.helpers import GEOMETRY, write_dataset

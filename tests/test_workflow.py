@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.io import write_volume
-from dataloaders.reporting import write_training_curves
+from data.core.io import write_volume
+from dataloaders.evaluation.reporting import write_training_curves
 from scripts import collect_results, plot_curves, render_overlays
 from tests.helpers import GEOMETRY, write_dataset
 
@@ -67,16 +67,16 @@ def test_missing_folds_are_reported(tmp_path, capsys):
 def test_refuses_to_mix_settings_datasets_and_protocols(tmp_path, capsys):
     fake_run(tmp_path / "a", setting=1)
     fake_run(tmp_path / "a", setting=2, labels=(2, 3))
-    assert collect_results.main([str(tmp_path / "a")]) == 2
+    assert collect_results.main([str(tmp_path / "a")]) == 1
     assert "mix settings" in capsys.readouterr().err
     assert collect_results.main([str(tmp_path / "a"), "--setting", "2", "--out", str(tmp_path / "o")]) == 0
     fake_run(tmp_path / "b", dataset="CHAOST2")
     fake_run(tmp_path / "b", dataset="CMR", labels=(1, 2, 3), dice={"LV-MYO": 0.5})
-    assert collect_results.main([str(tmp_path / "b")]) == 2
+    assert collect_results.main([str(tmp_path / "b")]) == 1
     assert "mix datasets" in capsys.readouterr().err
     fake_run(tmp_path / "c", fold=0)
     fake_run(tmp_path / "c", fold=1, supp_idx=2, chunking="count")
-    assert collect_results.main([str(tmp_path / "c")]) == 2
+    assert collect_results.main([str(tmp_path / "c")]) == 1
     assert "different protocols" in capsys.readouterr().err
 
 
@@ -97,7 +97,7 @@ def test_training_curves_png(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert plot_curves.main([str(tmp_path), "--out", str(tmp_path / "again.png")]) == 0
     assert _panels(tmp_path / "again.png") == 2
-    assert plot_curves.main([str(tmp_path / "nothing")]) == 2
+    assert plot_curves.main([str(tmp_path / "nothing")]) == 1
 
 
 def test_render_overlays_for_a_saved_prediction(tmp_path):
@@ -108,4 +108,4 @@ def test_render_overlays_for_a_saved_prediction(tmp_path):
     assert render_overlays.main([str(pred_path), "--data-dir", str(root), "--dataset", "TOY", "--n", "3"]) == 0
     assert _panels(tmp_path / "preds" / "scan_2_C1.png") == 3
     bad = write_volume(tmp_path / "preds" / "scan_2_NOPE.nii.gz", label, GEOMETRY)
-    assert render_overlays.main([str(bad), "--data-dir", str(root), "--dataset", "TOY"]) == 2
+    assert render_overlays.main([str(bad), "--data-dir", str(root), "--dataset", "TOY"]) == 1

@@ -1,18 +1,23 @@
 """Prototype heads, one file each. A head is built by name from the `head` section of the config.
 
-Every head has the same interface (see models/heads/common.py: HeadOutput):
+Every head keeps the contract written in models/heads/contract.py (`Head`, a typing.Protocol):
 
     head(support: {map name: B x S x C x h x w}, support_masks: B x S x H x W,
          query: {map name: B x Q x C x h x w}) -> HeadOutput(log_probs B x Q x 2 x H x W, aux_losses)
 
-and declares the encoder maps it reads in `feature_maps`. Adding a method means one head file,
-one entry in HEADS below and one YAML file in configs/methods/.
+declares the encoder maps it reads in `feature_maps`, and may have `lr_multipliers` and
+`branch_counts`. Its constructor arguments are its config options (`head.<option>`), except those
+the encoder supplies (contract.ENCODER_ARGUMENTS: `channels`), which `build_head` receives from
+build_model. Adding a method means one head file, one entry in HEADS below and one YAML file in
+configs/methods/.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
+from collections.abc import Mapping
+
+from models.heads.contract import check_head, config_options, constructor_parameters
 
 # head name -> "module:Class"; imported lazily so that one head's dependencies never burden another
 HEADS = {
@@ -33,12 +38,18 @@ def head_class(name: str):
 
 
 def head_options(name: str) -> dict:
-    """The options a head takes, with their defaults."""
-    params = inspect.signature(head_class(name).__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
+    """The options a head takes from the config (`head.<option>`), with their defaults; the
+    arguments the encoder supplies (`channels`) are not among them."""
+    return config_options(head_class(name))
 
 
-def build_head(name: str, **options):
+def build_head(name: str, channels: Mapping[str, int] | int | None = None, **options):
+    """Build a head from its config options.
+
+    `channels`: the encoder's channels per map ({map: C}, ResNetEncoder.channels), given to heads
+    whose constructor takes `channels` (restricted to the maps the head reads); an int is passed as
+    it is (a head built by hand). Heads that do not take it ignore it."""
+    cls = head_class(name)
     known = head_options(name)
     unknown = [k for k in options if k not in known]
     if unknown:
@@ -46,4 +57,10 @@ def build_head(name: str, **options):
                  for k in unknown]
         raise ValueError(f"head '{name}' has no option(s) {', '.join(hints)}; its options are "
                          f"{', '.join(known)}")
-    return head_class(name)(**options)
+    if channels is not None and "channels" in constructor_parameters(cls):
+        if isinstance(channels, Mapping):
+            channels = {m: int(channels[m]) for m in cls.feature_maps if m in channels}
+        options["channels"] = channels
+    head = cls(**options)
+    check_head(head)
+    return head

@@ -17,7 +17,11 @@ import torch
 import torch.nn as nn
 
 from models.heads.common import (
-    HeadOutput, cosine_to_prototype, episode_nll, masked_average_pool, two_class_log_probs,
+    HeadOutput,
+    cosine_to_prototype,
+    episode_nll,
+    masked_average_pool,
+    two_class_log_probs,
     upsample_bilinear,
 )
 

@@ -45,7 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads.common import (
-    HeadOutput, cosine_to_prototype, episode_nll, masked_average_pool_lowres, upsample_bilinear,
+    HeadOutput,
+    cosine_to_prototype,
+    episode_nll,
+    masked_average_pool_lowres,
+    upsample_bilinear,
 )
 
 

@@ -46,6 +46,8 @@ the reference's un-averaged 'mask' prototype only works for S = 1, where both ag
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -132,7 +134,8 @@ class DSPNetHead(ALPNetHead):
         alpha_fg: BCMA alpha of the foreground local prototypes (README: 0.3 setting 1, 0.2 setting 2).
         alpha_bg: BCMA alpha of the background local prototypes (0.2, hard-coded in the reference).
         w: (w1, w2, w3), the initial band of `cal`.
-        channels: feature channels C (the size of `cal`; 256).
+        channels: feature channels C (the size of `cal`): filled by build_model from the encoder
+            ({"out": 256} for deeplab_r101), not a config key; an int when built by hand.
         learn_cal: train `cal` (the reference does, at lr x 1e-4).
         cal_lr_multiplier: learning-rate factor of `cal` (1e-4).
         reset_cal_at_eval: evaluate with the initial band (the reference's load-order bug).
@@ -147,7 +150,8 @@ class DSPNetHead(ALPNetHead):
     def __init__(self, scaler: float = 20.0, window: int = 4, val_window: int = 2, mode_window: int = 4,
                  fg_thresh: float = 0.95, bg_thresh: float = 0.95, norm_eps: float = 1e-4,
                  cos_eps: float = 1e-4, map_eps: float = 1e-5, align: bool = True,
-                 alpha_fg: float = 0.3, alpha_bg: float = 0.2, w=(0.2, 0.8, 0.2), channels: int = 256,
+                 alpha_fg: float = 0.3, alpha_bg: float = 0.2, w=(0.2, 0.8, 0.2),
+                 channels: int | Mapping[str, int] = 256,
                  learn_cal: bool = True, cal_lr_multiplier: float = 1e-4, reset_cal_at_eval: bool = True,
                  cross_attention_slip: bool = True, attention_eps: float = 1e-5, cluster_iters: int = 10,
                  cluster_feature_scale: float = 100.0, cluster_spatial_scale: float = 100.0,
@@ -158,6 +162,8 @@ class DSPNetHead(ALPNetHead):
         w = tuple(float(v) for v in w)
         if len(w) != 3:
             raise ValueError(f"head.w must be three numbers (w1, w2, w3), got {w}")
+        if isinstance(channels, Mapping):     # the encoder's {map: C} (build_model)
+            channels = channels[self.feature_maps[0]]
         if int(channels) < 3:
             raise ValueError(f"head.channels must be >= 3, got {channels}")
         self.alpha_fg, self.alpha_bg, self.w = float(alpha_fg), float(alpha_bg), w
@@ -175,7 +181,7 @@ class DSPNetHead(ALPNetHead):
         # buffers, not state: both follow from the options (non-persistent keeps checkpoints to `cal`)
         self.register_buffer("cal_init", initial, persistent=False)
         self.register_buffer("band", band_matrix(self.channels, 1.0, 1.0, 1.0), persistent=False)
-        # parameter-name fragment -> lr factor (models/trainer.make_optimizer); "head.cal" rather
+        # parameter-name fragment -> lr factor (contract.HasLrMultipliers, make_optimizer); "head.cal" rather
         # than "cal", which the encoder's names could contain (e.g. a "localconv")
         self.lr_multipliers = {"head.cal": float(cal_lr_multiplier)}
 
@@ -186,7 +192,8 @@ class DSPNetHead(ALPNetHead):
     def refine_cells(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BCMA on the pooled grid: B x M x C -> (fg cells with alpha_fg, bg cells with alpha_bg)."""
         if cells.shape[-1] != self.channels:
-            raise ValueError(f"the features have {cells.shape[-1]} channels but head.channels is {self.channels}")
+            raise ValueError(f"the features have {cells.shape[-1]} channels but head.channels is {self.channels} "
+                             f"(build_model takes it from the encoder)")
         P = cells.transpose(1, 2)                                                   # B x C x M
         attention = self.band * torch.softmax(P @ P.transpose(1, 2), dim=-1)        # T ⊙ softmax_rows(P P^T)
         cal = self.current_cal()

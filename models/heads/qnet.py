@@ -28,7 +28,12 @@ import torch.nn.functional as F
 
 from models.heads.adnet import anomaly_fg_probability
 from models.heads.common import (
-    HeadOutput, episode_nll, feature_norms, masked_average_pool, two_class_log_probs, upsample_bilinear,
+    HeadOutput,
+    episode_nll,
+    feature_norms,
+    masked_average_pool,
+    two_class_log_probs,
+    upsample_bilinear,
 )
 
 SCALES = ("layer3", "layer4")       # scale index 0 (fine, weight a_0) and 1 (coarse, weight a_1)

@@ -14,6 +14,7 @@ NIfTI files are also read with nibabel, which raises on a short file and returns
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -27,22 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
-
-class UserError(RuntimeError):
-    """An error the user can fix: a bad file, key or value. Its message names the file or key, says
-    what is wrong and how to fix it; commands print it without a traceback and exit with status 1
-    (`configs.experiment.user_errors`)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration that cannot work: unknown key, method or value. The message names the key."""
-
-
-class DataError(UserError):
-    """A problem with the user's data: a missing, unreadable or inconsistent file.
-
-    The message always names the file and says how to fix the problem.
-    """
+from data.core.errors import ConfigError, DataError, UserError  # noqa: F401 - callers take the errors with the I/O
 
 
 @dataclass(frozen=True)
@@ -235,3 +221,21 @@ def safe_child_path(folder: str | os.PathLike, filename: str) -> Path:
                         f"(a class or file name with '/', '..' or an absolute path). Names of classes "
                         f"and datasets must be {SAFE_NAME_RULE}.")
     return candidate
+
+
+# ----------------------------------------------------------------------------- JSON
+def _json_text(obj, level: int = 0) -> str:
+    """JSON with one key per line, but lists of numbers and strings kept on one line."""
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {_json_text(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(inner + _json_text(v, level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write a human-readable JSON file atomically (provenance sidecars, manifests, dataset.json)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(_json_text(obj) + "\n")

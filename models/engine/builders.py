@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from data.io import DataError
+from data.core.io import ConfigError, DataError
+from data.core.specs import DatasetSpec, load_spec
 from dataloaders.augment import AugmentParams
-from dataloaders.protocol import ProtocolOptions
-from dataloaders.specs import DatasetSpec, load_spec
+from dataloaders.evaluation.protocol import ProtocolOptions
+from dataloaders.superpixel_episodes import SuperpixelEpisodes
+from dataloaders.supervoxel_episodes import SupervoxelEpisodes
 from dataloaders.volumes import VolumeStore
 from models.encoder import ResNetEncoder
 from models.episode_norm import use_episode_batchnorm
@@ -65,7 +67,7 @@ def resolve_auto(value, device: torch.device, cuda: int, cpu: int) -> int:
 
 def episodes_per_step(cfg: dict, device: torch.device) -> int:
     """train.batch_episodes; "auto" is 8 on CUDA and 1 on the CPU, where larger batches of 256 x 256
-    images are slower per image (measured: 1.3 s per image at 8 episodes against 0.8 s at 1)."""
+    images are slower per image (README, Performance: "Choosing B")."""
     return resolve_auto(cfg["train"]["batch_episodes"], device, cuda=8, cpu=1)
 
 
@@ -83,7 +85,16 @@ def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
     name = head_cfg.pop("name", None)
     if name is None:
         raise ValueError("head.name is not set; the method's YAML must name its head")
-    return FewShotSegmenter(encoder, build_head(name, **head_cfg))
+    if "channels" in head_cfg:
+        # configs saved before channels came from the encoder (DSPNet snapshots) hold head.channels:
+        # accepted when it says what the encoder says. A user's head.channels never gets here
+        # (check_config refuses it: not a head option).
+        given = head_cfg.pop("channels")
+        if sorted(set(encoder.channels.values()) - {1}) != [given]:
+            raise ConfigError(f"head.channels={given!r} is not a config key: a head's channels come from the "
+                              f"encoder ('{encoder.layout_name}': {encoder.channels}); remove it")
+    # channel counts come from the encoder (the head contract's `channels` argument)
+    return FewShotSegmenter(encoder, build_head(name, channels=encoder.channels, **head_cfg))
 
 
 def dataset_spec(cfg: dict) -> DatasetSpec:
@@ -162,10 +173,8 @@ def check_run_inputs(cfg: dict, kind: str) -> None:
 
 
 def eval_batch_size(cfg: dict, device: torch.device) -> int:
-    """evaluation.batch_size; "auto" is 16 query slices on CUDA and 1 on the CPU. Measured on 2 cores
-    at 256 x 256: batches of 4 are no faster for ADNet (13.1-13.5 against 12.4-13.0 slices/s) and
-    slower for Q-Net (1.4-1.6 against 2.4-2.6 slices/s; likely its 512 x 64 x 64 maps outgrowing the
-    caches, not profiled). Each slice is still encoded once for all classes."""
+    """evaluation.batch_size; "auto" is 16 query slices on CUDA and 1 on the CPU, where larger
+    batches were no faster (README, Performance). Each slice is still encoded once for all classes."""
     return resolve_auto(cfg["evaluation"]["batch_size"], device, cuda=16, cpu=1)
 
 
@@ -191,15 +200,16 @@ def build_episode_dataset(cfg: dict, store: VolumeStore, train_ids, seed: int):
     augment = AugmentParams.from_config(cfg["augment"]) if cfg["augment"]["enabled"] else None
     test_labels = store.spec.check_label_ids(cfg["test_labels"], "test_labels")
     if s["name"] == "supervoxel":
-        from dataloaders.supervoxel_episodes import SupervoxelEpisodes
         return SupervoxelEpisodes(
             store, train_ids, pseudolabel_folder(cfg), pair_rule=s["pair_rule"], min_size=int(s["min_size"]),
             reverse_p=float(s["reverse_p"]), test_labels=test_labels, exclude_rule=cfg["exclude_rule"],
             setting=int(cfg["setting"]), use_gt=bool(s["use_gt"]), qnet_set_order=bool(s["qnet_set_order"]),
             augment=augment, augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
     if s["name"] == "superpixel":
-        from dataloaders.superpixel_episodes import SuperpixelEpisodes
-        return SuperpixelEpisodes.from_config(cfg, store, train_ids, seed)
+        return SuperpixelEpisodes(store, train_ids, pseudolabel_folder(cfg), id_draw=s.get("id_draw", "present"),
+                                  min_size=int(s.get("min_size", 1)), test_labels=test_labels,
+                                  exclude_rule=cfg["exclude_rule"], setting=int(cfg["setting"]), augment=augment,
+                                  augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
     raise ValueError(f"unknown sampler {s['name']!r}")
 
 

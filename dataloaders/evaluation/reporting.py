@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import atomic_path, safe_child_path, write_volume
-from dataloaders.protocol import EvaluationResult
+from data.core.io import atomic_path, safe_child_path, write_volume
+from dataloaders.evaluation.protocol import EvaluationResult
 from dataloaders.volumes import VolumeStore
 
 
@@ -174,6 +174,16 @@ def curves_from_metrics(run_dir: Path) -> dict:
     """{name: (steps, values)} from a run folder's metrics.json."""
     data = json.loads((Path(run_dir) / "metrics.json").read_text())
     return {k: (v["steps"], v["values"]) for k, v in data.items()}
+
+
+def pick_slices(prediction: np.ndarray, truth: np.ndarray | None, n: int) -> list[int]:
+    """Up to n slices spread evenly over those holding the prediction or the truth (all slices if
+    neither holds anything): the slices a picture of one prediction shows."""
+    present = prediction.any(axis=(1, 2)) | (truth.any(axis=(1, 2)) if truth is not None else False)
+    zs = np.flatnonzero(present)
+    if len(zs) == 0:
+        zs = np.arange(prediction.shape[0])
+    return sorted({int(z) for z in zs[np.linspace(0, len(zs) - 1, min(n, len(zs))).round().astype(int)]})
 
 
 def render_prediction(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None, slices, title: str,

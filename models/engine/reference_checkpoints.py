@@ -22,7 +22,7 @@ design. Anything else raises `CheckpointError` naming the keys.
 never used in ADNet's forward pass (use_aspp=False), so these 38 tensors are the only ones dropped.
 
 The format is detected from keys only one format has (`FORMATS[...].signature`); a file that
-matches none is treated as one of our own state dicts (models/checkpoints.py).
+matches none is treated as one of our own state dicts (models/engine/checkpoints.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoints import CheckpointError
+from data.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def convert_state(state: dict, fmt: str) -> tuple[dict, list[str]]:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{len(unknown)} key(s) of this {f.title} checkpoint are not in the reference key "
-                              f"table (models/reference_checkpoints.py): {_listing(sorted(unknown))}")
+                              f"table (models/engine/reference_checkpoints.py): {_listing(sorted(unknown))}")
     return converted, sorted(ignored)
 
 

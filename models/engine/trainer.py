@@ -17,14 +17,13 @@ model's state dict under "model", for evaluation), and `snapshots/last.pth` ever
 seen, RNG states, config). Both are written to a temporary file and renamed, so a crash or kill
 never leaves a truncated snapshot and the previous resume point stays until the next is complete.
 Snapshots hold only tensors and plain data, and every snapshot is read with
-torch.load(weights_only=True) (models.checkpoints.load_checkpoint_file): a crafted file cannot run code.
+torch.load(weights_only=True) (models.engine.checkpoints.load_checkpoint_file): a crafted file cannot run code.
 `train.resume=<run folder>` continues that run in its own folder; on CPU the result is
 bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -41,17 +40,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from configs.runs import remove_partial_files, restore_metrics
-from data.io import ConfigError, UserError, atomic_path
+from data.core.io import ConfigError, UserError, atomic_path
 from dataloaders.augment import AugmentParams
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
-from models.builders import (
-    autocast_dtype, build_episode_dataset, build_model, episodes_per_step, fold_data, resolve_device,
+from dataloaders.evaluation.reporting import write_training_curves
+from models.engine.builders import (
+    autocast_dtype,
+    build_episode_dataset,
+    build_model,
+    episodes_per_step,
+    fold_data,
+    resolve_device,
     use_channels_last,
 )
-from models.checkpoints import load_checkpoint_file
+from models.engine.checkpoints import load_checkpoint_file
+from models.engine.runs import remove_partial_files, restore_metrics
 from models.heads.common import episode_nll
+from models.heads.contract import lr_multipliers
 
 log = logging.getLogger(__name__)
 # 2: RNG states as tensors and plain data (loads with torch.load(weights_only=True));
@@ -68,12 +74,20 @@ def lr_at(episodes: int, cfg: dict, episodes_per_step: int = 1) -> float:
 
     With optim.scale_lr_with_batch, the base lr is multiplied by the episodes per step (linear
     scaling): the step's loss is a mean over its episodes, so this keeps the update per episode of
-    one-episode steps."""
+    one-episode steps. With optim.warmup_episodes = W > 0 the lr rises linearly over the first W
+    episodes: the step ending at episode e (= episodes + episodes_per_step) gets min(1, e / W) of it
+    (W = 0, the default: no warm-up, as the references)."""
     o, n_steps = cfg["optim"], int(cfg["train"]["n_steps"])
     every = int(o["lr_step_every"])
     decays = min(episodes // every, max(n_steps // every - 1, 0))
     scale = episodes_per_step if o.get("scale_lr_with_batch", False) else 1
-    return float(o["lr"]) * scale * float(o["lr_step_gamma"]) ** decays
+    lr = float(o["lr"]) * scale * float(o["lr_step_gamma"]) ** decays
+    warmup = int(o.get("warmup_episodes", 0) or 0)
+    if warmup < 0:
+        raise ValueError(f"optim.warmup_episodes must be >= 0, got {warmup}")
+    if warmup and episodes < warmup:
+        lr *= min(1.0, (episodes + episodes_per_step) / warmup)
+    return lr
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -87,21 +101,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    """SGD over all parameters; a head may scale the lr of some of its parameters
-    (`lr_multipliers`: {parameter-name fragment: factor}, e.g. DSPNet's `cal`)."""
+    """The optimizer named by optim.name over all parameters: `sgd` (lr, momentum, weight_decay; the
+    references') or `adamw` (lr, betas, eps, weight_decay decoupled). A head may scale the lr of some
+    of its parameters with either (the head contract's `lr_multipliers`: {parameter-name fragment:
+    factor}, e.g. DSPNet's `cal`); each group keeps its factor as `lr_factor` for set_lr."""
     o = cfg["optim"]
-    multipliers = getattr(model.head, "lr_multipliers", {}) or {}
+    multipliers = lr_multipliers(model.head)
     groups = defaultdict(list)
     for name, param in model.named_parameters():
         factor = next((f for frag, f in multipliers.items() if frag in name), 1.0)
         groups[factor].append(param)
-    param_groups = [{"params": ps, "lr_factor": f, "lr": float(o["lr"]) * f} for f, ps in groups.items()]
-    return torch.optim.SGD(param_groups, lr=float(o["lr"]), momentum=float(o["momentum"]),
-                           weight_decay=float(o["weight_decay"]))
+    lr = float(o["lr"])
+    param_groups = [{"params": ps, "lr_factor": f, "lr": lr * f} for f, ps in groups.items()]
+    name = o.get("name", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=float(o["momentum"]),
+                               weight_decay=float(o["weight_decay"]))
+    if name == "adamw":
+        betas = tuple(float(b) for b in o.get("betas", (0.9, 0.999)))
+        if len(betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers [beta1, beta2], got {list(betas)}")
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=float(o.get("eps", 1e-8)),
+                                 weight_decay=float(o["weight_decay"]))
+    raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.get('name')!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the step's lr on every group, times the group's `lr_factor` (any optimizer)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_factor", 1.0)
 
@@ -208,7 +238,7 @@ def _set_rng_state(rng: dict) -> None:
 def upgrade_snapshot(state: dict) -> dict:
     """A snapshot as the current format lays it out. Format 1 (written before snapshots had to load
     with weights_only=True) kept numpy's RNG state as numpy's tuple with an ndarray; the loader
-    rebuilds that array through a named numpy allowlist (models.checkpoints), and this converts it."""
+    rebuilds that array through a named numpy allowlist (models.engine.checkpoints), and this converts it."""
     if isinstance(state.get("rng", {}).get("numpy"), tuple):
         state = {**state, "rng": {**state["rng"], "numpy": _numpy_rng_as_data(state["rng"]["numpy"])}}
     return {**state, "format": SNAPSHOT_FORMAT}
@@ -436,7 +466,6 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
                 saved["resume point"] = episodes
     bar.close()
     if ddp.is_main:
-        from dataloaders.reporting import write_training_curves
         history = {k: (v["steps"], v["values"]) for k, v in metrics.items()}
         write_training_curves(history, run_dir / "curves.png", title=cfg.get("exp_name", ""))
     ddp.close()

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data.io import ConfigError, DataError, check_safe_name
+from data.core.io import ConfigError, DataError, check_safe_name
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_SPEC_DIR = PROJECT_ROOT / "configs" / "datasets"
 
 _IMAGE_RE = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
@@ -367,3 +367,10 @@ def load_generic_spec(data_dir: str | Path) -> DatasetSpec:
 def generic_spec(description: dict, source: str = "dataset.json") -> DatasetSpec:
     """Spec from the content of a dataset.json (`image_dir` defaults to the dataset folder itself)."""
     return _from_mapping({"image_dir": ".", **description}, source)
+
+
+def pseudolabel_command(data_dir: str | Path, dataset: str, folder: str) -> str:
+    """The command that (re)generates the pseudolabel folder `folder` (supervoxels_N / superpixels_N)."""
+    kind, _, size = folder.partition("_")
+    kind = "superpixels" if kind == "superpixels" else "supervoxels"
+    return f"python -m data.pseudolabels {data_dir} --dataset {dataset} --kind {kind} --min-size {size}"

@@ -1,0 +1,1 @@
+"""The engine: builds experiments from configs, trains, predicts, evaluates, reads and writes checkpoints."""

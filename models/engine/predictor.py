@@ -1,0 +1,165 @@
+"""Few-shot inference, once: the predictor behind the evaluator (models/engine/evaluation.py) and
+one-shot segmentation of new scans (models/engine/segmentation.py, scripts/segment.py).
+
+A scan is read as a stack of z-scored slices, `image` Z x H x W float32; a slice enters the encoder
+as its grey value repeated into 3 channels (3 x H x W). The model (models/fewshot.py) provides
+    encode(images N x 3 x H x W) -> {name: N x C x h x w}
+    segment(support {name: 1 x S x C x h x w}, support masks 1 x S x H x W,
+            query {name: 1 x Q x C x h x w}) -> HeadOutput, log_probs 1 x Q x 2 x H x W ([bg, fg]).
+Every prediction is 1-way 1-shot: one support slice and its mask against query slices. Q-Net's
+test-time prototype refinement runs inside the head's `segment` call (in eval mode), per query slice.
+
+Speed without changing the numbers. With `cache_features` (the default) each slice is encoded once
+per scan and kept under the caller's key until `forget`: the support slices once for all classes
+and parts, each query slice once for all classes; the slices a caller `warm`s together are encoded
+in ascending z, `batch_size` per encoder call. The query slices of a chunk then go through the head
+`batch_size` at a time. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
+sizes and caching change no prediction. `cache_features=False` runs the references' loop instead:
+for every query slice, its support slice and it are encoded together (a batch of 2) and segmented
+alone; the benchmark's reference mode times it.
+
+Precision. With `autocast_dtype` (bf16) the encoder runs under torch.autocast and its features are
+cast back to float32; the head always runs in float32 (models/fewshot.py). Without it, autocast is
+explicitly off, so the references' fp32 arithmetic holds even inside a caller's autocast region.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class ScanImage:
+    """The slices of one scan as the predictor reads them."""
+
+    key: Hashable           # names the scan in the feature cache: unique among the scans cached at one time
+    image: np.ndarray       # Z x H x W float32, z-scored
+
+
+def slice_batch(image: np.ndarray, zs: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Slices zs of a Z x H x W volume -> N x 3 x H x W on the device (grey repeated into 3 channels)."""
+    x = torch.from_numpy(np.ascontiguousarray(image[np.asarray(zs)])).to(device)
+    return x[:, None].expand(-1, 3, -1, -1)
+
+
+def foreground_mask(log_probs: torch.Tensor) -> torch.Tensor:
+    """N x 2 x H x W log-probabilities -> N x H x W bool: the argmax of [bg, fg], a tie going to
+    background as in the references."""
+    return log_probs[:, 1] > log_probs[:, 0]
+
+
+def foreground_probability(log_probs: torch.Tensor) -> torch.Tensor:
+    """N x 2 x H x W log-probabilities -> N x H x W float32 foreground probability."""
+    return torch.softmax(log_probs.float(), dim=1)[:, 1]
+
+
+class Predictor:
+    """Runs a few-shot model (in eval mode: the caller's job) on slices of scans.
+
+    Args:
+        model: `encode` and `segment` as in the module docstring, already on `device`.
+        device: where slices and masks are sent.
+        batch_size: slices per encoder call and query slices per head call.
+        autocast_dtype: the encoder's autocast dtype (e.g. torch.bfloat16); None: float32.
+        cache_features: False runs the references' uncached loop (see the module docstring).
+    """
+
+    def __init__(self, model, device: torch.device | str = "cpu", batch_size: int = 16,
+                 autocast_dtype: torch.dtype | None = None, cache_features: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.autocast_dtype = autocast_dtype
+        self.cache_features = bool(cache_features)
+        self._cache: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}   # key -> z -> {name: C x h x w}
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ encoder
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One encoder call: N x 3 x H x W -> {name: N x C x h x w} float32."""
+        with self.autocast():
+            features = self.model.encode(images)
+        return {k: v.float() for k, v in features.items()}
+
+    def warm(self, scan: ScanImage, zs: Sequence[int]) -> None:
+        """Encode the slices zs of `scan` that are not cached yet, in ascending z, `batch_size` per
+        encoder call. Slices warmed together share full batches. Without the cache: nothing."""
+        if not self.cache_features:
+            return
+        cached = self._cache.setdefault(scan.key, {})
+        missing = [int(z) for z in np.unique(np.asarray(zs, dtype=int)) if int(z) not in cached]
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start:start + self.batch_size]
+            features = self.encode(slice_batch(scan.image, batch, self.device))
+            for i, z in enumerate(batch):
+                cached[z] = {k: v[i] for k, v in features.items()}
+
+    def features(self, scan: ScanImage, zs: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Features of slices zs (N) of `scan`, from the cache (encoded first if missing):
+        {name: N x C x h x w}."""
+        self.warm(scan, zs)
+        rows = [self._cache[scan.key][int(z)] for z in zs]
+        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def forget(self, key: Hashable) -> None:
+        """Drop the cached features of the scan named `key` (a query that is done)."""
+        self._cache.pop(key, None)
+
+    # ------------------------------------------------------------------ head
+    @torch.no_grad()
+    def segment(self, support: dict[str, torch.Tensor], support_mask: torch.Tensor,
+                query: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One support slice against N query slices, `batch_size` query slices per head call.
+
+        support {name: C x h x w}, support_mask H x W float32, query {name: N x C x h x w}
+        -> log-probabilities N x 2 x H x W. (Q-Net's refinement enables gradients itself.)"""
+        s = {k: v[None, None] for k, v in support.items()}                      # 1 x 1 x C x h x w
+        mask = support_mask[None, None]                                        # 1 x 1 x H x W
+        n = next(iter(query.values())).shape[0]
+        out = []
+        for start in range(0, n, self.batch_size):
+            q = {k: v[start:start + self.batch_size][None] for k, v in query.items()}   # 1 x n x C x h x w
+            with self.autocast():
+                out.append(self.model.segment(s, mask, q).log_probs[0])
+        return torch.cat(out)
+
+    def segment_uncached(self, support_image: np.ndarray, support_z: int, support_mask: torch.Tensor,
+                         query_image: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
+        """The references' loop: for each query slice z, encode [support slice, slice z] together
+        and segment z alone. Images Z x H x W, support_mask H x W -> log-probabilities N x 2 x H x W."""
+        out = []
+        for z in zs:
+            both = self.encode(torch.cat([slice_batch(support_image, [support_z], self.device),
+                                          slice_batch(query_image, [z], self.device)]))
+            out.append(self.segment({k: v[0] for k, v in both.items()}, support_mask,
+                                    {k: v[1:] for k, v in both.items()}))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ chunks
+    def predict_chunks(self, support: ScanImage, support_zs: Sequence[int], support_masks: np.ndarray,
+                       query: ScanImage, chunks: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Chunk i of the query (its slice indices) segmented with support slice support_zs[i] and
+        its mask support_masks[i] (P x H x W, foreground nonzero) -> [log-probabilities
+        len(chunks[i]) x 2 x H x W]. With the cache, all the support and query slices named are
+        encoded first, so they share full batches."""
+        masks = torch.from_numpy(np.asarray(support_masks).astype(np.float32)).to(self.device)   # P x H x W
+        if not chunks:
+            return []
+        if not self.cache_features:
+            return [self.segment_uncached(support.image, z, mask, query.image, zs)
+                    for z, mask, zs in zip(support_zs, masks, chunks)]
+        self.warm(support, support_zs)
+        self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]))
+        return [self.segment({k: v[0] for k, v in self.features(support, [z]).items()}, mask,
+                             self.features(query, zs))
+                for z, mask, zs in zip(support_zs, masks, chunks)]

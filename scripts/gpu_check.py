@@ -1,0 +1,151 @@
+"""Check this code base on a CUDA machine in a few minutes, and print one table.
+
+    python -m scripts.gpu_check [--budget 420] [--size 256] [--qnet-episodes 500] [--out results/gpu_check.md]
+
+On a machine with CUDA it installs nothing and downloads nothing (random encoder weights, synthetic
+phantoms written under --work) and runs, on `cuda`:
+
+1. Q-Net trained --qnet-episodes (500) episodes on the phantoms at --size (256) x --size with the
+   defaults (fast mode: 8 episodes per step, bf16, channels_last, augmentation on the device), then
+   evaluated on fold 0 with the defaults (fp32 encoder): episodes/s, query slices/s, peak device
+   memory and mean Dice;
+2. scripts.benchmark (its mode_config / spawn / measure, one process per run) for every method in its
+   reference-like and fast modes: training episodes/s, evaluation slices/s, peak device memory.
+
+It keeps to --budget seconds (default 420, so the whole command fits in 8 minutes with the data
+preparation): a run that would start after the budget is spent is listed as skipped. On a machine
+without CUDA it says so and exits with status 0 without running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.engine.builders import episodes_per_step, resolve_device
+from models.engine.evaluation import evaluate
+from models.engine.trainer import train
+from scripts.benchmark import MODES, mode_config, prepare_data, spawn
+
+METHODS = ("adnet", "qnet", "alpnet", "dspnet")
+COLUMNS = ("run", "method", "mode", "episodes/step", "train episodes/s", "eval slices/s", "peak device MB",
+           "mean Dice")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def no_cuda_message() -> str:
+    return (f"gpu_check: no CUDA device here (torch {torch.__version__}, built with CUDA "
+            f"{torch.version.cuda or 'none'}); nothing was run. Run it on a machine with a GPU.")
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[dict], title: str = "") -> str:
+    """One markdown table. Each row: run, method, mode, and any of batch, train_episodes_per_s,
+    eval_slices_per_s, device_peak_mb, dice (missing or None prints '-'); a row with `skipped`
+    prints its reason in the run column."""
+    lines = ([title, ""] if title else []) + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        run = r["run"] + (f" (skipped: {r['skipped']})" if r.get("skipped") else "")
+        cells = [run, r["method"], r["mode"], "-" if r.get("batch") is None else str(r["batch"]),
+                 _fmt(r.get("train_episodes_per_s"), 3), _fmt(r.get("eval_slices_per_s"), 2),
+                 _fmt(r.get("device_peak_mb"), 0), _fmt(r.get("dice"), 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def train_and_evaluate_qnet(data_dir: Path, work: Path, episodes: int) -> dict:
+    """Q-Net with the defaults on cuda: train `episodes` episodes, evaluate fold 0 (in this process)."""
+
+    cfg = mode_config("qnet", "fast", "cuda", data_dir, work, 0,
+                      {"train.n_steps": episodes, "train.snapshot_every": episodes, "train.checkpoint_every": episodes,
+                       "train.print_every": max(episodes // 5, 1), "evaluation.amp": "off",
+                       "evaluation.n_overlays": 0, "evaluation.save_predictions": False})
+    device = resolve_device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    snapshot = train(cfg, work / "qnet_train", progress=False)
+    torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
+    train_peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    torch.cuda.reset_peak_memory_stats(device)
+    cfg["evaluation"]["checkpoint"] = str(snapshot)
+    result = evaluate(cfg, None, progress=False)
+    return {"batch": episodes_per_step(cfg, device), "train_episodes_per_s": episodes / train_seconds,
+            "eval_slices_per_s": result.n_query_slices / max(result.seconds, 1e-9),
+            "device_peak_mb": max(train_peak, torch.cuda.max_memory_allocated(device) / 2 ** 20),
+            "dice": result.mean()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds after which no further run starts (default 420)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--scans", type=int, default=10)
+    parser.add_argument("--qnet-episodes", type=int, default=500)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=10, help="timed benchmark steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed benchmark steps first")
+    parser.add_argument("--work", type=Path, default=Path("runs/gpu_check"))
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_check.md"))
+    args = parser.parse_args(argv)
+
+    if not cuda_available():
+        print(no_cuda_message())
+        return 0
+
+
+    start = time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - start)    # noqa: E731
+    name = torch.cuda.get_device_name(0)
+    print(f"gpu_check on {name} (torch {torch.__version__}, CUDA {torch.version.cuda}); budget {args.budget:.0f} s",
+          flush=True)
+    data_dir = prepare_data(args.work / f"SYNTH_{args.size}_{args.slices}x{args.scans}", args.size, args.slices,
+                            args.methods, args.scans)
+    print(f"phantoms ready in {time.perf_counter() - start:.0f} s", flush=True)
+    rows = []
+
+    row = {"run": f"train {args.qnet_episodes} ep + evaluate fold 0", "method": "qnet", "mode": "defaults"}
+    print(f"training Q-Net {args.qnet_episodes} episodes, then evaluating fold 0 ...", flush=True)
+    try:
+        row.update(train_and_evaluate_qnet(data_dir, args.work / "qnet", args.qnet_episodes))
+    except Exception as err:                    # report, and go on with the benchmark
+        row["skipped"] = f"failed: {type(err).__name__}: {err}"[:200]
+    rows.append(row)
+
+    for method in args.methods:
+        for mode in MODES:
+            row = {"run": "benchmark", "method": method, "mode": mode}
+            rows.append(row)
+            if left() <= 0:
+                row["skipped"] = "time budget spent"
+                continue
+            print(f"benchmark {method} {mode} on cuda ({left():.0f} s of the budget left) ...", flush=True)
+            cfg = mode_config(method, mode, "cuda", data_dir, args.work / "benchmark", 0)
+            try:
+                row.update(spawn(cfg, args.work / "benchmark" / f"{method}_{mode}", args))
+            except Exception as err:
+                row["skipped"] = f"failed: {type(err).__name__}: {str(err)[-160:]}"
+
+    title = (f"gpu_check on {name}, phantoms {args.size}x{args.size} ({args.scans} scans x {args.slices} slices), "
+             f"fold 0, random encoder weights; {time.perf_counter() - start:.0f} s")
+    text = format_table(rows, title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    print(f"written: {args.out}")
+    return 1 if any(str(r.get("skipped", "")).startswith("failed") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The head contract (models/heads/contract.py): every registered head keeps it, channels come from the
+encoder, and a head that breaks it is refused with a message naming the breach."""
+import pytest
+import torch
+import torch.nn as nn
+
+from configs.experiment import METHOD_DIR, _load_yaml, method_defaults, method_names
+from models.encoder import ResNetEncoder
+from models.engine.builders import build_model
+from models.fewshot import FewShotSegmenter
+from models.heads import HEADS, build_head, head_class, head_options
+from models.heads.common import HeadOutput
+from models.heads.contract import (
+    ENCODER_ARGUMENTS,
+    Head,
+    branch_counts,
+    check_head,
+    check_head_class,
+    check_output,
+    lr_multipliers,
+)
+
+
+def _method_of(head_name: str) -> str:
+    """A method whose YAML uses this head (every registered head has one)."""
+    for method in method_names():
+        if method_defaults(method, "SYNTH")["head"]["name"] == head_name:
+            return method
+    raise AssertionError(f"no configs/methods/*.yaml uses head {head_name!r}")
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_registered_head_keeps_the_contract(name):
+    cls = head_class(name)
+    check_head_class(cls)
+    cfg = method_defaults(_method_of(name), "SYNTH")
+    torch.manual_seed(0)
+    model = build_model(cfg, load_weights=False)
+    head = model.head
+    assert isinstance(head, Head) and isinstance(head, nn.Module)
+    check_head(head)
+    assert set(head.feature_maps) <= set(model.encoder.output_names)
+    assert all(isinstance(v, float) for v in lr_multipliers(head).values())
+    # the forward signature with the documented shapes, in training and evaluation
+    B, S, Q, H = 2, 1, 2, 64
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(B, S + Q, 3, H, H, generator=g)
+    masks = torch.zeros(B, S, H, H)
+    masks[..., 16:48, 20:44] = 1
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            features = model.encode_grouped(images)
+        assert set(features) == set(head.feature_maps)
+        support = {k: v[:, :S] for k, v in features.items()}
+        query = {k: v[:, S:] for k, v in features.items()}
+        for k, v in query.items():
+            assert v.shape[:2] == (B, Q) and v.shape[2] == model.encoder.channels[k]
+        with torch.enable_grad():
+            out = head(support, masks, query)
+        check_output(out, B, Q, (H, H))
+        assert torch.isfinite(out.log_probs).all()
+        assert bool(out.aux_losses) == training         # auxiliary losses in training only (all align there)
+
+
+def test_method_yamls_set_only_head_options():
+    """No method YAML repeats what the encoder knows (channels) or sets an option the head lacks."""
+    for method in method_names():
+        head = _load_yaml(METHOD_DIR / f"{method}.yaml")["head"]
+        options = set(head_options(head["name"]))
+        assert set(head) - {"name"} <= options, method
+        assert not set(head) & set(ENCODER_ARGUMENTS), method
+        for rule in _load_yaml(METHOD_DIR / f"{method}.yaml").get("overrides", []):
+            assert set(rule.get("set", {}).get("head", {})) <= options, (method, rule)
+
+
+def test_channels_come_from_the_encoder():
+    assert "channels" not in head_options("dspnet")
+    assert ResNetEncoder("deeplab_r101").channels == {"out": 256}
+    assert ResNetEncoder("qnet_r101").channels == {"layer3": 512, "layer4": 512, "threshold": 1}
+    head = build_head("dspnet", channels={"out": 16, "layer3": 512})
+    assert head.channels == 16 and head.cal.shape == (16, 16)
+    assert not hasattr(build_head("adnet", channels={"out": 256}), "channels")   # heads that do not take it
+
+
+def test_head_channels_in_a_config():
+    """A user's head.channels is refused by the config check; a snapshot's config written before channels came
+    from the encoder (DSPNet's head.channels: 256) still builds, unless it contradicts the encoder."""
+    from configs.experiment import build_config
+    from data.core.io import ConfigError
+    with pytest.raises(ConfigError, match="'head.channels' is not a config key: the head gets it from the encoder"):
+        build_config("dspnet", "SYNTH", "data/SYNTH", updates={"head.channels": 256})
+    cfg = method_defaults("dspnet", "SYNTH")
+    cfg["head"]["channels"] = 256
+    assert build_model(cfg, load_weights=False).head.cal.shape == (256, 256)
+    cfg["head"]["channels"] = 128
+    with pytest.raises(ConfigError, match="head.channels=128 is not a config key"):
+        build_model(cfg, load_weights=False)
+
+
+def test_optional_members_have_defaults():
+    adnet, alp, dsp = build_head("adnet"), build_head("alpnet"), build_head("dspnet", channels=8)
+    assert lr_multipliers(adnet) == {} and lr_multipliers(dsp) == {"head.cal": 1e-4}
+    assert branch_counts(adnet) == {} and branch_counts(alp) == {}
+
+
+class _Good(nn.Module):
+    feature_maps = ("out",)
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, support, support_masks, query):
+        q = query["out"]
+        fg = torch.sigmoid(self.scale * q.mean(2))
+        p = nn.functional.interpolate(fg, size=support_masks.shape[-2:])
+        return HeadOutput(torch.log(torch.stack([1 - p, p], 2).clamp_min(1e-6)))
+
+
+def test_a_head_that_breaks_the_contract_is_refused():
+    check_head(_Good())
+    FewShotSegmenter(ResNetEncoder("deeplab_r101"), _Good())
+
+    class NoMaps(_Good):
+        feature_maps = "out"
+
+    class WrongForward(_Good):
+        def forward(self, features, masks):
+            return None
+
+    class NoDefault(_Good):
+        def __init__(self, scale):
+            super().__init__(scale)
+
+    class BadMultipliers(_Good):
+        lr_multipliers = {"head.x": "fast"}
+
+    for cls, message in ((NoMaps, "feature_maps must be a non-empty tuple"),
+                         (WrongForward, "forward must take support, support_masks, query"),
+                         (NoDefault, "option 'scale' has no default")):
+        with pytest.raises(TypeError, match=message):
+            check_head_class(cls)
+    with pytest.raises(TypeError, match="lr_multipliers must map"):
+        FewShotSegmenter(ResNetEncoder("deeplab_r101"), BadMultipliers())
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        check_head_class(object)
+    with pytest.raises(ValueError, match="log_probs must be B x Q x 2 x H x W"):
+        check_output(HeadOutput(torch.zeros(1, 1, 2, 8, 8)), 1, 2, (8, 8))
