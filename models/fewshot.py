@@ -13,16 +13,19 @@ import torch.nn as nn
 from models.encoder import ResNetEncoder
 from models.episode_norm import episodes_of
 from models.heads.common import HeadOutput
-from models.heads.contract import Head, check_head
+from models.heads.contract import QUERY_LABELS_ARGUMENT, Head, check_head, takes_query_labels
 
 
-def _head_in_fp32(head: Head, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+def _head_in_fp32(head: Head, support: dict, support_masks: torch.Tensor, query: dict,
+                  query_labels: torch.Tensor | None = None) -> HeadOutput:
     """Heads run in float32 even under autocast: cosines, thresholds, soft clustering and Q-Net's
-    refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa."""
+    refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa.
+    `query_labels` reach only heads whose forward takes them (the contract's optional argument)."""
     device_type = support_masks.device.type
+    extra = {QUERY_LABELS_ARGUMENT: query_labels} if query_labels is not None and takes_query_labels(head) else {}
     with torch.autocast(device_type, enabled=False):
         return head({k: v.float() for k, v in support.items()}, support_masks.float(),
-                    {k: v.float() for k, v in query.items()})
+                    {k: v.float() for k, v in query.items()}, **extra)
 
 
 def split_features(features: dict[str, torch.Tensor], B: int, S: int) -> tuple[dict, dict]:
@@ -69,13 +72,14 @@ class FewShotSegmenter(nn.Module):
         return {k: v.reshape(B, N, *v.shape[1:]) for k, v in features.items()}
 
     def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
-                query_images: torch.Tensor) -> HeadOutput:
+                query_images: torch.Tensor, query_labels: torch.Tensor | None = None) -> HeadOutput:
+        """Training passes `query_labels` (B x Q x H x W); they reach the head only if it takes them."""
         B, S = support_images.shape[:2]
         images = torch.cat([support_images, query_images], dim=1)
         with episodes_of(self.encoder, images.shape[1]):    # per-episode BatchNorm statistics, if enabled
             features = self.encode(images.flatten(0, 1))
         support, query = split_features(features, B, S)
-        return _head_in_fp32(self.head, support, support_masks, query)
+        return _head_in_fp32(self.head, support, support_masks, query, query_labels)
 
     def segment(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         """Run the head on features computed beforehand (evaluation caches the support's)."""

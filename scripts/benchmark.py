@@ -1,6 +1,6 @@
 """Training and evaluation speed, reference-like against fast mode, for every method: one table.
 
-    python -m scripts.benchmark [--methods adnet qnet alpnet dspnet] [--devices cpu cuda] [--size 256]
+    python -m scripts.benchmark [--methods adnet qnet ...] [--devices cpu cuda] [--size 256]
                                 [--steps 10] [--warmup 3] [--batch-episodes 4] [--out results/benchmark.md]
     python -m scripts.benchmark --methods adnet --quality 600 --size 128    # + Dice after equal episodes
 
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from configs.experiment import build_config
+from configs.experiment import build_config, method_names
 from data.phantoms import generate_phantoms
 from data.pseudolabels import generate_pseudolabels
 from dataloaders.episodes import collate_episodes
@@ -61,12 +61,17 @@ def prepare_data(data_dir: Path, size: int, slices: int, methods, n_scans: int =
 
 
 def mode_config(method: str, mode: str, device: str, data_dir: Path, log_dir: Path, batch_episodes: int,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, image_size: int | None = None) -> dict:
+    """The config of one benchmark run. `image_size`: the phantoms' size, given to heads whose layers
+    are sized for the image (GMRD's descriptor MLPs: `head.image_size`)."""
     updates = {"device": device, "encoder.weights": "none", "train.num_workers": 0, **MODES[mode]}
     if mode == "fast" and batch_episodes:
         updates["train.batch_episodes"] = batch_episodes
     updates.update(extra or {})
-    return build_config(method, "SYNTH", data_dir, log_dir, updates=updates)
+    cfg = build_config(method, "SYNTH", data_dir, log_dir, updates=updates)
+    if image_size is not None and "image_size" in cfg["head"] and cfg["head"]["image_size"] != image_size:
+        cfg = build_config(method, "SYNTH", data_dir, log_dir, updates={**updates, "head.image_size": image_size})
+    return cfg
 
 
 def _sync(device) -> None:
@@ -166,7 +171,8 @@ def table(rows: list[dict], size: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["adnet", "qnet", "alpnet", "dspnet"])
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names(),
+                        help="methods to time (default: all, configs/methods/*.yaml)")
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, and cuda if present)")
     parser.add_argument("--size", type=int, default=256, help="image size (phantoms are generated at this size)")
     parser.add_argument("--slices", type=int, default=24, help="slices per phantom (the real scans have 11-46)")
@@ -196,14 +202,15 @@ def main(argv=None) -> int:
     for method in args.methods:
         for device in devices:
             for mode in args.modes:
-                cfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes)
+                cfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes, image_size=args.size)
                 print(f"measuring {method} on {device}, {mode} mode ...", flush=True)
                 r = spawn(cfg, work / f"{method}_{device}_{mode}", args)
                 rows.append({"method": method, "device": device, "mode": mode, **r})
                 if args.quality:
                     qcfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes,
                                        {"train.n_steps": args.quality, "train.snapshot_every": args.quality,
-                                        "train.checkpoint_every": args.quality, "train.print_every": args.quality})
+                                        "train.checkpoint_every": args.quality, "train.print_every": args.quality},
+                                       image_size=args.size)
                     q = spawn(qcfg, work / f"{method}_{device}_{mode}_quality", args, quality_run=True)
                     quality_rows.append(f"| {method} | {device} | {mode} | {args.quality} | {q['dice']:.4f} |")
     text = table(rows, args.size)

@@ -1,7 +1,7 @@
 """Collect the five-fold evaluation runs of one dataset and setting into tables like the papers'.
 
     python -m scripts.collect_results runs/test [--method adnet qnet] [--dataset CHAOST2] [--setting 1]
-                                      [--out results/CHAOST2_setting1]
+                                      [--out results/CHAOST2_setting1] [--published]
 
 Every evaluation run folder (results.json + config.json, written by validation.py) under the given
 paths is considered. For each method, label group (setting 2 trains one model per group) and fold,
@@ -14,6 +14,12 @@ support choice, chunking, scored slices), and says which folds are missing.
 
 Outputs in --out: folds.csv (method, organ, fold, dice, checkpoint), summary.csv, table.md (organs
 as columns, one row per method) and dice.png (a bar chart with the fold std as error bars).
+
+--published puts the papers' numbers beside ours: after each organ (and the mean) a "pub." column with
+the primary published entry of that method, dataset and setting, a row for every method that has
+published numbers but no run here, the source and status of each, and below the table every published
+entry for this dataset and setting (other papers' listings, DSPNet's re-runs, users' reproductions).
+The numbers come from dataloaders/evaluation/published_results.csv, which names each one's source.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import argparse
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,7 @@ import numpy as np
 from data.core.cli import add_logging_arguments, run_cli
 from data.core.io import UserError, atomic_path
 from data.core.specs import load_spec
+from dataloaders.evaluation.published import PublishedEntry, published_for
 from dataloaders.evaluation.reporting import save_figure
 
 log = logging.getLogger(__name__)
@@ -124,6 +131,7 @@ class Table:
     dice: dict[str, dict[str, dict[int, float]]]        # method -> organ -> fold -> dice
     checkpoints: dict[str, dict[int, list[str]]]        # method -> fold -> checkpoints
     n_folds: int
+    label_ids: dict[str, int] = field(default_factory=dict)     # organ (column) -> the dataset's label id
 
     def missing_folds(self, method: str) -> dict[str, list[int]]:
         return {o: [k for k in range(self.n_folds) if k not in self.dice[method].get(o, {})]
@@ -151,24 +159,61 @@ def build_table(runs: list[EvalRun]) -> Table:
         for organ, value in r.class_dice.items():
             dice.setdefault(r.method, {}).setdefault(organ, {})[r.fold] = value
         ckpts.setdefault(r.method, {}).setdefault(r.fold, []).append(r.checkpoint)
-    return Table(spec.name, runs[0].setting, organs, dice, ckpts, spec.n_folds)
+    label_ids = {spec.label_name(i): i for i in spec.eval_labels}
+    return Table(spec.name, runs[0].setting, organs, dice, ckpts, spec.n_folds,
+                 {o: label_ids[o] for o in organs if o in label_ids})
 
 
-def markdown(table: Table) -> str:
-    head = "| Method | " + " | ".join(table.organs) + " | Mean |"
-    lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: mean ± std over folds",
-             "", head, "|" + "---|" * (len(table.organs) + 2)]
-    for method in sorted(table.dice):
+def _ours(table: Table, method: str, organ: str) -> str:
+    if method not in table.dice:
+        return "–"
+    mean, std, n = table.organ_stats(method, organ)
+    mark = "" if n == table.n_folds else f" ({n}/{table.n_folds} folds)"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}{mark}" if n else "–"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str:
+    """The table in Markdown; with `published` (published_for(...)), the papers' numbers beside ours."""
+    if published is None:
+        head = "| Method | " + " | ".join(table.organs) + " | Mean |"
+        lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: mean ± std over folds",
+                 "", head, "|" + "---|" * (len(table.organs) + 2)]
+        for method in sorted(table.dice):
+            cells = [_ours(table, method, organ) for organ in table.organs]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * table.overall(method):.2f} |")
+        return "\n".join(lines) + "\n"
+    primary = {e.method: e for e in published if e.primary}
+    columns = [c for organ in table.organs for c in (organ, f"{organ} pub.")] + ["Mean", "Mean pub.", "Published"]
+    lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: ours mean ± std over folds; "
+             f"pub.: the published number (source and status in the last column)",
+             "", "| Method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for method in sorted(set(table.dice) | set(primary)):
+        e = primary.get(method)
         cells = []
         for organ in table.organs:
-            mean, std, n = table.organ_stats(method, organ)
-            mark = "" if n == table.n_folds else f" ({n}/{table.n_folds} folds)"
-            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}{mark}" if n else "–")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * table.overall(method):.2f} |")
+            cells += [_ours(table, method, organ),
+                      _number(e.dice.get(table.label_ids.get(organ, -1)) if e else None)]
+        overall = table.overall(method) if method in table.dice else float("nan")
+        cells += ["–" if np.isnan(overall) else f"{100 * overall:.2f}", _number(e.mean if e else None),
+                  f"{e.entry}: {e.source} [{e.status}]" if e else "none found"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    others = [e for e in published if not e.primary]
+    if others:
+        lines += ["", f"Other published numbers for {table.dataset}, setting {table.setting}:", "",
+                  "| Method | Entry | " + " | ".join(table.organs) + " | Mean | Source | Status |",
+                  "|" + "---|" * (len(table.organs) + 5)]
+        for e in others:
+            cells = [_number(e.dice.get(table.label_ids.get(o, -1))) for o in table.organs]
+            lines.append(f"| {e.method} | {e.entry} | " + " | ".join(cells)
+                         + f" | {_number(e.mean)} | {e.source} | {e.status} |")
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(table: Table, out: Path) -> dict[str, Path]:
+def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / n for k, n in (("folds", "folds.csv"), ("summary", "summary.csv"), ("md", "table.md"),
                                      ("png", "dice.png"))}
@@ -188,7 +233,7 @@ def write_outputs(table: Table, out: Path) -> dict[str, Path]:
                 w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
             w.writerow([method, "Mean", f"{table.overall(method):.6f}", "", ""])
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown(table))
+        tmp.write_text(markdown(table, published))
     _bar_chart(table, paths["png"])
     return paths
 
@@ -223,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", help="only this dataset")
     parser.add_argument("--setting", type=int, choices=(1, 2), help="only this setting")
     parser.add_argument("--out", type=Path, help="output folder (default: results/<dataset>_setting<s>)")
+    parser.add_argument("--published", action="store_true",
+                        help="add the published numbers of every method beside ours (with their sources)")
     add_logging_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -230,8 +277,12 @@ def main(argv=None) -> int:
         runs = select(find_runs(args.paths), args.method, args.dataset, args.setting)
         table = build_table(runs)
         out = args.out or Path("results") / f"{table.dataset}_setting{table.setting}"
-        write_outputs(table, out)
-        print(markdown(table))
+        published = published_for(table.dataset, table.setting) if args.published else None
+        if published == []:
+            log.warning("no published numbers for %s setting %s in %s", table.dataset, table.setting,
+                        "dataloaders/evaluation/published_results.csv")
+        write_outputs(table, out, published)
+        print(markdown(table, published))
         for method in sorted(table.dice):
             for organ, folds in table.missing_folds(method).items():
                 log.warning("%s %s: folds %s missing", method, organ, folds)

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from configs.experiment import method_names
 from models.engine.builders import episodes_per_step, resolve_device
 from models.engine.evaluation import evaluate
 from models.engine.trainer import train
 from scripts.benchmark import MODES, mode_config, prepare_data, spawn
 
-METHODS = ("adnet", "qnet", "alpnet", "dspnet")
 COLUMNS = ("run", "method", "mode", "episodes/step", "train episodes/s", "eval slices/s", "peak device MB",
            "mean Dice")
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slices", type=int, default=24)
     parser.add_argument("--scans", type=int, default=10)
     parser.add_argument("--qnet-episodes", type=int, default=500)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     parser.add_argument("--steps", type=int, default=10, help="timed benchmark steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed benchmark steps first")
     parser.add_argument("--work", type=Path, default=Path("runs/gpu_check"))
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 row["skipped"] = "time budget spent"
                 continue
             print(f"benchmark {method} {mode} on {args.device} ({left():.0f} s of the budget left) ...", flush=True)
-            cfg = mode_config(method, mode, args.device, data_dir, args.work / "benchmark", 0)
+            cfg = mode_config(method, mode, args.device, data_dir, args.work / "benchmark", 0, image_size=args.size)
             try:
                 row.update(spawn(cfg, args.work / "benchmark" / f"{method}_{mode}", args))
             except Exception as err:

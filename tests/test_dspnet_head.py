@@ -137,6 +137,11 @@ def test_cross_attention_slip_and_corrected_form():
     torch.testing.assert_close(fixed, S[0, 0] + Q[0, 0] @ A.T)
 
 
+def _masked_mean(features_cn: torch.Tensor, mask_n: torch.Tensor) -> torch.Tensor:
+    """C x N features, N-vector mask -> the C-vector masked average with the references' 1e-5 guard."""
+    return (features_cn * mask_n).sum(1) / (mask_n.sum() + 1e-5)
+
+
 def test_fallback_prototype_closed_form():
     head = DSPNetHead(channels=6)
     g = torch.Generator().manual_seed(1)
@@ -147,10 +152,10 @@ def test_fallback_prototype_closed_form():
     assert not extras["fspa_clustered"].any()
     s_hat = head.cross_attention(fs.flatten(3), fq.flatten(3))[0, 0, 0]          # C x N
     mf = m.flatten()
-    g0 = (s_hat * mf).sum(1) / (mf.sum() + 1e-5)
+    g0 = _masked_mean(s_hat, mf)
     E = torch.softmax(g0 @ s_hat, dim=0)
     F_map = fs[0, 0].flatten(1) + g0[:, None] * E[None]
-    torch.testing.assert_close(proto[0, 0, 0], (F_map * mf).sum(1) / (mf.sum() + 1e-5))
+    torch.testing.assert_close(proto[0, 0, 0], _masked_mean(F_map, mf))
 
 
 def test_seeds_without_an_interior_cell_give_the_plain_masked_average():
@@ -168,9 +173,7 @@ def test_seeds_without_an_interior_cell_give_the_plain_masked_average():
     assert not (soft == 1).any()              # ... but the ROI is empty
     proto, extras = head.foreground_prototypes(fs, soft, fq, context, alignment=False)
     assert extras["fspa_roi_empty"].all() and not extras["fspa_clustered"].any()
-    mf = soft.flatten()
-    expected = (fs[0, 0].flatten(1) * mf).sum(1) / (mf.sum() + 1e-5)
-    torch.testing.assert_close(proto[0, 0, 0], expected)
+    torch.testing.assert_close(proto[0, 0, 0], _masked_mean(fs[0, 0].flatten(1), soft.flatten()))
 
 
 def test_clustering_branch_runs_for_large_supports_and_never_in_alignment():

@@ -147,3 +147,26 @@ def test_a_head_that_breaks_the_contract_is_refused():
         check_head_class(object)
     with pytest.raises(ValueError, match="log_probs must be B x Q x 2 x H x W"):
         check_output(HeadOutput(torch.zeros(1, 1, 2, 8, 8)), 1, 2, (8, 8))
+
+
+def test_query_labels_reach_only_heads_that_take_them_and_only_in_training():
+    """The contract's optional `query_labels`: the training step passes the episode's query labels;
+    a head without the argument is called as before; evaluation (segment) passes none."""
+    seen = []
+
+    class TakesLabels(_Good):
+        def forward(self, support, support_masks, query, query_labels=None):
+            seen.append(None if query_labels is None else query_labels.clone())
+            return super().forward(support, support_masks, query)
+
+    torch.manual_seed(0)
+    encoder = ResNetEncoder("deeplab_r101").eval()
+    images = torch.randn(1, 2, 3, 32, 32)
+    masks, labels = torch.ones(1, 1, 32, 32), torch.randint(0, 2, (1, 1, 32, 32))
+    labels[0, 0, 0, 0] = 255
+    with torch.no_grad():
+        FewShotSegmenter(encoder, TakesLabels())(images[:, :1], masks, images[:, 1:], query_labels=labels)
+        FewShotSegmenter(encoder, _Good())(images[:, :1], masks, images[:, 1:], query_labels=labels)   # no error
+        model = FewShotSegmenter(encoder, TakesLabels())
+        model.segment(model.encode_grouped(images[:, :1]), masks, model.encode_grouped(images[:, 1:]))
+    assert len(seen) == 2 and torch.equal(seen[0], labels) and seen[1] is None

@@ -113,11 +113,20 @@ class LoadReport:
 
 
 def detect_format(state: dict) -> str | None:
-    """'qnet' or 'adnet' for a reference checkpoint, None for anything else (e.g. our snapshots)."""
-    found = [name for name, fmt in FORMATS.items() if fmt.signature & set(state)]
+    """The reference format of a checkpoint (a FORMATS name), None for anything else (e.g. our snapshots).
+
+    A format matches when the file holds any of its signature keys. Methods built on Q-Net's code
+    (RPT, GMRD) save Q-Net's encoder keys plus their head's, so their signatures include Q-Net's: of
+    several matches, the one whose signature contains all the others' and matches in full wins."""
+    keys = set(state)
+    found = [name for name, fmt in FORMATS.items() if fmt.signature & keys]
     if len(found) > 1:
-        raise CheckpointError(f"checkpoint has keys of several reference formats ({', '.join(found)}); "
-                              f"cannot tell how to rename it")
+        widest = [n for n in found if FORMATS[n].signature <= keys
+                  and all(FORMATS[m].signature <= FORMATS[n].signature for m in found)]
+        if len(widest) != 1:
+            raise CheckpointError(f"checkpoint has keys of several reference formats ({', '.join(found)}); "
+                                  f"cannot tell how to rename it")
+        found = widest
     return found[0] if found else None
 
 
@@ -154,7 +163,8 @@ def load_reference_state(model: torch.nn.Module, state: dict, fmt: str | None = 
     """
     fmt = fmt or detect_format(state)
     if fmt is None:
-        raise CheckpointError(f"{source} is not a Q-Net or ADNet reference checkpoint (none of the keys "
+        titles = ", ".join(f.title for f in FORMATS.values())
+        raise CheckpointError(f"{source} is not a reference checkpoint of {titles} (none of the keys "
                               f"{', '.join(sorted(set().union(*(f.signature for f in FORMATS.values()))))})")
     f = FORMATS[fmt]
     try:

@@ -161,7 +161,8 @@ class StepRunner:
         set_lr(self.optimizer, lr)
         episode = augment_episode(batch.to(self.device, non_blocking=True), self.augment)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            output = self.trained(episode.support_images, episode.support_masks, episode.query_images)
+            output = self.trained(episode.support_images, episode.support_masks, episode.query_images,
+                                  query_labels=episode.query_labels)
         total, parts = step_loss(output, episode, self.cfg)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -248,19 +249,25 @@ class SnapshotWriteError(UserError):
     """A snapshot could not be written (full disk, permissions); the previous file is unchanged."""
 
 
-def snapshot_bytes(model: torch.nn.Module) -> int:
-    """About the size of one snapshot: the weights, plus as much again for SGD's momentum buffers."""
-    return 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+# optimizer state per parameter, in parameter-sized tensors: SGD's momentum buffer, AdamW's two moments
+_OPTIMIZER_STATE_COPIES = {"sgd": 1, "adamw": 2}
 
 
-def warn_if_low_space(folder: Path, model: torch.nn.Module) -> None:
+def snapshot_bytes(model: torch.nn.Module, optimizer_name: str = "sgd") -> int:
+    """About the size of one resume point: the weights plus the optimizer's per-parameter state."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights * (1 + _OPTIMIZER_STATE_COPIES.get(optimizer_name, 2))
+
+
+def warn_if_low_space(folder: Path, model: torch.nn.Module, optimizer_name: str = "sgd") -> None:
     """Warn at the start of training when the snapshot folder cannot hold two more snapshots (one
     being written next to the resume point it replaces)."""
-    need, free = 2 * snapshot_bytes(model), shutil.disk_usage(folder).free
+    size = snapshot_bytes(model, optimizer_name)
+    need, free = 2 * size, shutil.disk_usage(folder).free
     if free < need:
         log.warning("only %.0f MB free in %s; a snapshot takes about %.0f MB and two must fit while the resume "
                     "point is replaced: free some space before the first snapshot", free / 2 ** 20, folder,
-                    snapshot_bytes(model) / 2 ** 20)
+                    size / 2 ** 20)
 
 
 def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metrics: dict | None = None) -> Path:
@@ -275,10 +282,11 @@ def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metric
             torch.save(state, tmp)
     except (OSError, RuntimeError) as err:     # torch's zip writer reports a full disk as a RuntimeError
         free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
-        if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < snapshot_bytes(model)):
+        size = snapshot_bytes(model, cfg.get("optim", {}).get("name", "sgd"))
+        if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < size):
             raise SnapshotWriteError(
                 f"no space left on the device writing {path} ({0 if free is None else free / 2 ** 20:.0f} MB "
-                f"free, a snapshot takes about {snapshot_bytes(model) / 2 ** 20:.0f} MB). The previous file there "
+                f"free, a snapshot takes about {size / 2 ** 20:.0f} MB). The previous file there "
                 f"is unchanged; free some space and continue with train.resume=<this run's folder>") from None
         raise SnapshotWriteError(f"cannot write snapshot {path}: {err}. The previous file there is unchanged") \
             from None
@@ -418,7 +426,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     snapshots = run_dir / "snapshots"
     if ddp.is_main:
         snapshots.mkdir(parents=True, exist_ok=True)
-        warn_if_low_space(snapshots, model)
+        warn_if_low_space(snapshots, model, cfg["optim"].get("name", "sgd"))
     every = {k: int(tcfg[k]) for k in ("print_every", "snapshot_every", "checkpoint_every")}
     end = min(n_steps, total_steps * per_step)
 

@@ -36,6 +36,7 @@ from models.heads.common import HeadOutput
 # constructor arguments filled from the encoder by build_model, never from the config
 ENCODER_ARGUMENTS = ("channels",)
 FORWARD_ARGUMENTS = ("support", "support_masks", "query")
+QUERY_LABELS_ARGUMENT = "query_labels"     # optional forward argument: the query labels, in training only
 
 
 @runtime_checkable
@@ -58,6 +59,10 @@ class Head(Protocol):
             aux_losses: {name: scalar} auxiliary losses averaged over the episodes (only in training,
                         weighted by loss.weights.<name>),
             extras:     diagnostics (thresholds, counts), never used for the loss)
+
+    Optional: a head whose forward also takes `query_labels` (a keyword argument with default None) is
+    given the query labels in training, B x Q x H x W with 1 foreground, 0 background and the ignore
+    index 255 (RPT's query-prototype loss uses them); evaluation never passes them (None).
 
     Episodes are independent: a batch of B episodes gives the outputs of the B episodes one by one.
     A head must not move tensors between devices (`.cuda()`); it follows its inputs.
@@ -97,6 +102,11 @@ def lr_multipliers(head) -> dict[str, float]:
 def branch_counts(head, reset: bool = False) -> dict[str, int]:
     """The head's branch counters; {} for a head without `branch_counts`."""
     return head.branch_counts(reset=reset) if isinstance(head, HasBranchCounts) else {}
+
+
+def takes_query_labels(head) -> bool:
+    """Whether the head's forward takes the query labels (training only; see `Head`)."""
+    return QUERY_LABELS_ARGUMENT in inspect.signature(type(head).forward).parameters
 
 
 def constructor_parameters(cls) -> dict[str, inspect.Parameter]:
