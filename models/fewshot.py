@@ -49,6 +49,7 @@ class FewShotSegmenter(nn.Module):
                              f"'{encoder.layout_name}' encoder does not produce ({encoder.output_names})")
         self.encoder = encoder
         self.head = head
+        encoder.freeze_unread(tuple(head.feature_maps))
         self.channels_last = False
 
     def set_channels_last(self, enabled: bool = True) -> "FewShotSegmenter":

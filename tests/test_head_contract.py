@@ -170,3 +170,18 @@ def test_query_labels_reach_only_heads_that_take_them_and_only_in_training():
         model = FewShotSegmenter(encoder, TakesLabels())
         model.segment(model.encode_grouped(images[:, :1]), masks, model.encode_grouped(images[:, 1:]))
     assert len(seen) == 2 and torch.equal(seen[0], labels) and seen[1] is None
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_only_layers_feeding_unread_maps_are_frozen(name):
+    """A head that reads part of the encoder's maps (RPT, GMRD: Q-Net's layer3 and threshold) leaves
+    the other reductions without gradients; they are frozen so DistributedDataParallel does not wait
+    for them, and kept in the state dict (reference checkpoints)."""
+    model = build_model(method_defaults(_method_of(name), "SYNTH"), load_weights=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    read = set(model.head.feature_maps)
+    map_of = {"qnet_r101": {"layer3": "layer3", "layer4": "layer4"}, "deeplab_r101": {"layer4": "out"}}
+    expected = {f"encoder.reduce.{layer}.weight" for layer, name in map_of[model.encoder.layout_name].items()
+                if name not in read}
+    assert frozen == expected and (expected != set()) == (name in ("rpt", "gmrd"))
+    assert all(k in model.state_dict() for k in expected)

@@ -6,9 +6,11 @@ entry point builds exactly the same thing from the same config.
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.core.io import ConfigError, DataError
@@ -69,6 +71,14 @@ def episodes_per_step(cfg: dict, device: torch.device) -> int:
     """train.batch_episodes; "auto" is 8 on CUDA and 1 on the CPU, where larger batches of 256 x 256
     images are slower per image (README, Performance: "Choosing B")."""
     return resolve_auto(cfg["train"]["batch_episodes"], device, cuda=8, cpu=1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (training, and evaluation of heads that
+    draw at random, e.g. GMRD's descriptor fill, so that an evaluation gives the same numbers twice)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:

@@ -41,6 +41,7 @@ from models.engine.builders import (
     fold_data,
     protocol_options,
     resolve_device,
+    seed_everything,
     use_channels_last,
 )
 from models.engine.checkpoints import find_checkpoint, load_checkpoint
@@ -178,6 +179,7 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None,
                           autocast_dtype=autocast_dtype(cfg["evaluation"]["amp"], device, "evaluation.amp"), progress=progress)
     log.info("evaluating %s on %s fold %d: support scan %d, queries %s, classes %s", checkpoint, spec.name,
              fold.index, evaluator.support_id, list(evaluator.query_ids), list(classes))
+    seed_everything(int(cfg["seed"]))
     result = evaluator.run(classes)
     title = (f"{cfg['method']} on {spec.name}, setting {cfg['setting']}, fold {fold.index} "
              f"(support scan {result.support_id}; checkpoint: {checkpoint})")

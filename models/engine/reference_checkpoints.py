@@ -1,4 +1,4 @@
-"""Load checkpoints written by the reference training code (Q-Net, ADNet 2-D) into our models.
+"""Load checkpoints written by the reference training code (Q-Net, ADNet 2-D, RPT, GMRD) into our models.
 
 A reference checkpoint is renamed key by key through an explicit table, then loaded strictly:
 every key of the file must map to a tensor of our model and every tensor of our model must be
@@ -17,6 +17,12 @@ design. Anything else raises `CheckpointError` naming the keys.
 | `module.encoder.localconv.weight` (1x1, 2048->256) | `encoder.reduce.layer4.weight`   |
 | `module.t` (shape [1])                  | `head.threshold` (shape [], reshaped)     |
 | `module.encoder.asppconv.weight`, `module.encoder.aspp_out.*` (37) | dropped, ignored by design |
+| **RPT** (YazhouZhu19/RPT, plain keys): Q-Net's encoder keys as above, plus                        |
+| `MHA.{w_qs,w_ks,w_vs,fc,layer_norm}.*`  | `head.attention.{w_q,w_k,w_v,fc,norm}.*`  |
+| `MLP.mlp.{0,2}.*`, `MLP.norm.*`, `layer_norm.*` | `head.mlp.{fc1,fc2}.*`, `head.mlp.norm.*`, `head.norm.*` |
+| **GMRD** (zmcheng9/GMRD, plain keys): Q-Net's encoder keys as above, plus                         |
+| `mlp{1,2}.reduce.{0,2}.*`               | `head.{fg,bg}_mlp.{spatial,mix}.*`        |
+| `decoder{1,2}.{res1.0,res2.0,res2.2,down.0,down.3}.*` | `head.{fg,bg}_decoder.{reduce,res1,res2,hidden,logit}.*` |
 
 `aspp_out` is torchvision's ASPP followed by the DeepLab head's 3x3 conv; like `asppconv` it is
 never used in ADNet's forward pass (use_aspp=False), so these 38 tensors are the only ones dropped.
@@ -84,14 +90,18 @@ def _rename(key: str, pairs) -> str | None:
     return None
 
 
+# Q-Net's encoder as Q-Net, RPT and GMRD save it (models/encoder.py of each: the same Res101Encoder)
+_QNET_ENCODER_RULES = (("encoder.backbone.", "encoder.backbone."),
+                       ("encoder.reduce1.", "encoder.reduce.layer3."),
+                       ("encoder.reduce2.", "encoder.reduce.layer4."),
+                       ("encoder.reduce1d.", "encoder.threshold."))
+_QNET_SIGNATURE = frozenset({"encoder.reduce1.weight", "encoder.reduce2.weight", "encoder.reduce1d.weight"})
+
 FORMATS = {
     "qnet": ReferenceFormat(
         name="qnet", title="Q-Net (ZJLAB-AMMI/Q-Net)", method="qnet",
-        rules=(("encoder.backbone.", "encoder.backbone."),
-               ("encoder.reduce1.", "encoder.reduce.layer3."),
-               ("encoder.reduce2.", "encoder.reduce.layer4."),
-               ("encoder.reduce1d.", "encoder.threshold.")),
-        signature=frozenset({"encoder.reduce1.weight", "encoder.reduce2.weight", "encoder.reduce1d.weight"}),
+        rules=_QNET_ENCODER_RULES,
+        signature=_QNET_SIGNATURE,
     ),
     "adnet": ReferenceFormat(
         name="adnet", title="ADNet 2-D (sha168/ADNet)", method="adnet",
@@ -101,6 +111,41 @@ FORMATS = {
         signature=frozenset({"module.encoder.localconv.weight", "module.t"}),
         dead=_adnet_dead_aspp_keys(),
         reshape=frozenset({"head.threshold"}),
+    ),
+    # GMRD saves Q-Net's encoder (reduce2 unused, still saved) plus its MLPs and decoders (models/moudles.py)
+    "gmrd": ReferenceFormat(
+        name="gmrd", title="GMRD (zmcheng9/GMRD)", method="gmrd",
+        rules=_QNET_ENCODER_RULES + (
+               ("mlp1.reduce.0.", "head.fg_mlp.spatial."),          # Linear(H*W -> 100)
+               ("mlp1.reduce.2.", "head.fg_mlp.mix."),              # Linear(100 -> 100)
+               ("mlp2.reduce.0.", "head.bg_mlp.spatial."),          # Linear(H*W -> 600)
+               ("mlp2.reduce.2.", "head.bg_mlp.mix."),
+               ("decoder1.res1.0.", "head.fg_decoder.reduce."),     # 1x1 conv 102 -> 100
+               ("decoder1.res2.0.", "head.fg_decoder.res1."),       # 3x3 convs of the residual block
+               ("decoder1.res2.2.", "head.fg_decoder.res2."),
+               ("decoder1.down.0.", "head.fg_decoder.hidden."),     # 3x3 conv -> 100
+               ("decoder1.down.3.", "head.fg_decoder.logit."),      # 1x1 conv 100 -> 1
+               ("decoder2.res1.0.", "head.bg_decoder.reduce."),     # the same for the background (602 -> 600)
+               ("decoder2.res2.0.", "head.bg_decoder.res1."),
+               ("decoder2.res2.2.", "head.bg_decoder.res2."),
+               ("decoder2.down.0.", "head.bg_decoder.hidden."),
+               ("decoder2.down.3.", "head.bg_decoder.logit.")),
+        signature=_QNET_SIGNATURE | {"mlp1.reduce.0.weight"},
+    ),
+    # RPT saves Q-Net's encoder (reduce2 unused, still saved) plus its transformer (models/attention.py)
+    "rpt": ReferenceFormat(
+        name="rpt", title="RPT (YazhouZhu19/RPT)", method="rpt",
+        rules=_QNET_ENCODER_RULES + (
+               ("MHA.w_qs.", "head.attention.w_q."),
+               ("MHA.w_ks.", "head.attention.w_k."),
+               ("MHA.w_vs.", "head.attention.w_v."),
+               ("MHA.fc.", "head.attention.fc."),
+               ("MHA.layer_norm.", "head.attention.norm."),
+               ("MLP.mlp.0.", "head.mlp.fc1."),
+               ("MLP.mlp.2.", "head.mlp.fc2."),
+               ("MLP.norm.", "head.mlp.norm."),
+               ("layer_norm.", "head.norm.")),
+        signature=_QNET_SIGNATURE | {"MHA.w_qs.weight"},
     ),
 }
 
@@ -121,8 +166,8 @@ def detect_format(state: dict) -> str | None:
     keys = set(state)
     found = [name for name, fmt in FORMATS.items() if fmt.signature & keys]
     if len(found) > 1:
-        widest = [n for n in found if FORMATS[n].signature <= keys
-                  and all(FORMATS[m].signature <= FORMATS[n].signature for m in found)]
+        full = [n for n in found if FORMATS[n].signature <= keys]    # a Q-Net file half-matches RPT's
+        widest = [n for n in full if all(FORMATS[m].signature <= FORMATS[n].signature for m in full)]
         if len(widest) != 1:
             raise CheckpointError(f"checkpoint has keys of several reference formats ({', '.join(found)}); "
                                   f"cannot tell how to rename it")

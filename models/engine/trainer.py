@@ -52,6 +52,7 @@ from models.engine.builders import (
     episodes_per_step,
     fold_data,
     resolve_device,
+    seed_everything,
     use_channels_last,
 )
 from models.engine.checkpoints import load_checkpoint_file
@@ -93,12 +94,6 @@ def lr_at(episodes: int, cfg: dict, episodes_per_step: int = 1) -> float:
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]."""
     return every > 0 and after // every != before // every
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -24,7 +24,9 @@ HEADS = {
     "adnet": "models.heads.adnet:ADNetHead",
     "alpnet": "models.heads.alp:ALPNetHead",
     "dspnet": "models.heads.dspnet:DSPNetHead",
+    "gmrd": "models.heads.gmrd:GMRDHead",
     "qnet": "models.heads.qnet:QNetHead",
+    "rpt": "models.heads.rpt:RPTHead",
 }
 
 
