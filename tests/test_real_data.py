@@ -42,16 +42,17 @@ def test_cmr_support_slices_after_label_mapping():
 
 @requires_chaos
 def test_two_training_steps_on_chaos_then_one_real_fold_evaluated(tmp_path):
-    common = ["with", "adnet", "chaost2", f"data_dir={CHAOS_DIR}", f"log_dir={tmp_path}", "encoder.weights=none"]
+    # one organ (spleen, the fewest slices) keeps the real fold's evaluation to a quarter of the time
+    common = ["with", "adnet", "chaost2", f"data_dir={CHAOS_DIR}", f"log_dir={tmp_path}", "encoder.weights=none",
+              "test_labels=[4]"]
     train = subprocess.run([sys.executable, "training.py", "-l", "WARNING", *common, "train.n_steps=2",
                             "train.print_every=1"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
     val = subprocess.run([sys.executable, "validation.py", "-l", "WARNING", *common, "evaluation.n_overlays=1"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
     assert val.returncode == 0, val.stderr[-3000:]
-    assert "support scan 8" in val.stdout
-    for organ in ("LIVER", "RK", "LK", "SPLEEN"):
-        assert organ in val.stdout
+    assert "support scan 8" in val.stdout and "SPLEEN" in val.stdout
     results = json.loads(next(tmp_path.glob("test/*/1/results.json")).read_text())
     assert results["query_scans"] == [1, 2, 3, 5] and results["checkpoint"].endswith("snapshots/2.pth")
+    assert list(results["classes"]) == ["SPLEEN"]
     assert np.isfinite(results["mean_dice"])
