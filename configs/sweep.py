@@ -47,7 +47,7 @@ from sacred.arg_parser import get_config_updates
 from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, method_names
 from data.core.errors import CheckpointError, ConfigError, UserError
 from data.core.specs import load_spec
-from models.engine.checkpoints import find_checkpoint, run_status
+from models.engine.checkpoints import find_checkpoint, run_folders, run_status
 from models.engine.runs import PROJECT_ROOT, RunBusyError, lock_run, unlock_run
 from models.engine.trainer import RESUME_FILE, check_resume
 
@@ -239,12 +239,6 @@ def commands(sweep: Sweep, plan: Plan) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- states
-def _run_folders(base: Path) -> list[Path]:
-    if not base.is_dir():
-        return []
-    return [p for _, p in sorted((int(p.name), p) for p in base.iterdir() if p.is_dir() and p.name.isdigit())]
-
-
 def is_locked(run_dir: Path) -> bool:
     """Whether a process trains into run_dir now (holds its lock); probes the lock and lets it go."""
     try:
@@ -263,7 +257,7 @@ def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> Path | None:
     """The newest evaluation run of the cell's exp_name that evaluated `checkpoint` with the cell's
     protocol (the evaluation keys `sweep.protocol_keys`), or None."""
     base = Path(sweep.cwd) / cfg["log_dir"] / "test" / cfg["exp_name"]
-    for run in reversed(_run_folders(base)):
+    for run in reversed(run_folders(base)):
         try:
             results = json.loads((run / "results.json").read_text())
             evaluation = json.loads((run / "config.json").read_text())["evaluation"]
@@ -290,7 +284,7 @@ def plan_state(sweep: Sweep, cell: Cell) -> Plan:
         if evaluation is not None:
             return Plan(cell, exp_name, DONE, evaluation=evaluation)
         return Plan(cell, exp_name, TO_EVALUATE, note=f"evaluates {checkpoint}")
-    for run in reversed(_run_folders(log_dir / "train" / exp_name)):
+    for run in reversed(run_folders(log_dir / "train" / exp_name)):
         if run_status(run) == "COMPLETED" or not (run / "snapshots" / RESUME_FILE).is_file():
             continue
         if is_locked(run):

@@ -40,6 +40,14 @@ def run_status(run_dir: Path) -> str:
     return str(status) if status else "UNKNOWN"
 
 
+def run_folders(base: str | Path) -> list[Path]:
+    """The numbered run folders Sacred wrote under `base` (<log_dir>/<train|test>/<exp_name>), oldest first."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return [p for _, p in sorted((int(p.name), p) for p in base.iterdir() if p.is_dir() and p.name.isdigit())]
+
+
 def find_checkpoint(log_dir: str | Path, exp_name: str) -> Path:
     """Last snapshot of the newest COMPLETED training run of `exp_name`.
 
@@ -47,10 +55,8 @@ def find_checkpoint(log_dir: str | Path, exp_name: str) -> Path:
     silently: its snapshots may be from before a divergence or from half a schedule. When only such
     runs have snapshots, the error names the newest one and the snapshot to pass explicitly."""
     base = Path(log_dir) / "train" / exp_name
-    runs = sorted((int(p.name), p) for p in base.glob("*") if p.is_dir() and p.name.isdigit()) \
-        if base.is_dir() else []
     unfinished = []
-    for _, run in reversed(runs):
+    for run in reversed(run_folders(base)):
         snaps = snapshots_of(run)
         if not snaps:
             continue

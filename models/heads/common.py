@@ -31,25 +31,27 @@ class HeadOutput:
 
 # ----------------------------------------------------------------------------- resizing
 @lru_cache(maxsize=64)
-def _linear_interp_matrix(n_in: int, n_out: int, device_type: str, device_index) -> torch.Tensor:
-    """n_out x n_in matrix A with A @ v == 1-D linear interpolation of v (align_corners=False)."""
+def _linear_interp_matrix(n_in: int, n_out: int, device_type: str, device_index,
+                          align_corners: bool = False) -> torch.Tensor:
+    """n_out x n_in matrix A with A @ v == 1-D linear interpolation of v (torch's own weights)."""
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     eye = torch.eye(n_in, dtype=torch.float64, device=device).unsqueeze(0)       # 1 x n_in(ch) x n_in
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.float()
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0].T.float()
 
 
-def upsample_adjoint(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_adjoint(masks: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
     """Weights w (..., h, w) with sum_x Up(f)(x) * m(x) == sum_p f(p) * w(p) for every map f.
 
-    Up is bilinear upsampling from h x w to the mask size with align_corners=False (separable,
-    so its adjoint is A_y^T M A_x). This pools features "upsampled to the mask" without ever
-    materialising the C x H x W upsampled map, which is what the 2-D references do.
+    Up is bilinear upsampling from h x w to the mask size (separable, so its adjoint is
+    A_y^T M A_x); align_corners=False as the 2-D references, True as GMRD. This pools features
+    "upsampled to the mask" without ever materialising the C x H x W upsampled map, which is what
+    the references do.
     """
     h, w = size
     H, W = masks.shape[-2:]
     key = (masks.device.type, masks.device.index)
-    a_y = _linear_interp_matrix(h, H, *key).to(masks.dtype)   # H x h
-    a_x = _linear_interp_matrix(w, W, *key).to(masks.dtype)   # W x w
+    a_y = _linear_interp_matrix(h, H, *key, align_corners).to(masks.dtype)   # H x h
+    a_x = _linear_interp_matrix(w, W, *key, align_corners).to(masks.dtype)   # W x w
     return a_y.T @ masks @ a_x
 
 
@@ -58,6 +60,16 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: boo
     lead = x.shape[:-2]
     y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode="bilinear", align_corners=align_corners)
     return y.reshape(*lead, *size)
+
+
+def cpu_dropout(x: torch.Tensor, p: float, training: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverted dropout whose keep mask comes from torch's CPU generator on any device: the trainer
+    saves that generator in resume points (a CUDA generator it does not), so a resumed run draws
+    the same masks. `shape` broadcasts the mask (Dropout2d: N x C x 1 x 1)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(shape or tuple(x.shape)) >= p
+    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------- prototypes

@@ -34,7 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads.adnet import anomaly_fg_probability
-from models.heads.common import EPS_FLOAT32, HeadOutput, episode_nll, two_class_log_probs, upsample_bilinear
+from models.heads.common import (
+    EPS_FLOAT32,
+    HeadOutput,
+    cpu_dropout,
+    episode_nll,
+    two_class_log_probs,
+    upsample_adjoint,
+    upsample_bilinear,
+)
 from models.heads.qnet import QNetHead
 
 FEATURE_MAP = "layer3"
@@ -107,32 +115,6 @@ def fill_sources(region: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor
     own = torch.arange(P, device=region.device).expand(N, P)
     index = torch.where(src, own, torch.where(use_perm, from_perm, from_raster))
     return index, n_src[:, 0] > 0
-
-
-# ----------------------------------------------------------------------------- the grid, at feature resolution
-def interpolation_matrix(n_in: int, n_out: int, device) -> torch.Tensor:
-    """The n_out x n_in matrix A with A @ v = 1-D linear interpolation of v with align_corners=True
-    (torch's own weights: the interpolation of the identity)."""
-    eye = torch.eye(n_in, device=device).unsqueeze(0)                        # 1 x n_in(channels) x n_in
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=True)[0].T
-
-
-def pool_to_features(maps: torch.Tensor, low: tuple[int, int]) -> torch.Tensor:
-    """Weights w' (... x h x w) with sum_x Up(F)(x) w(x) = sum_l F(l) w'(l) for every F: the adjoint of
-    the bilinear align_corners=True upsampling from h x w to the grid, A_y^T W A_x. ... x G x G -> ... x h*w.
-    Pooling through it never builds the C x G x G upsampled features (the reference does)."""
-    a_y = interpolation_matrix(low[0], maps.shape[-2], maps.device)
-    a_x = interpolation_matrix(low[1], maps.shape[-1], maps.device)
-    return torch.einsum("...YX,Yi,Xj->...ij", maps, a_y, a_x).flatten(-2)
-
-
-def cpu_dropout(x: torch.Tensor, p: float, training: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Inverted dropout whose keep mask comes from the torch CPU generator (saved in resume points; a
-    CUDA generator is not). `shape` broadcasts the mask (Dropout2d: N x C x 1 x 1)."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.rand(shape or tuple(x.shape)) >= p
-    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -268,7 +250,7 @@ class GMRDHead(nn.Module):
         """The reference's masked average of the features upsampled (bilinear, align_corners=True) to the
         grid: ... x C x h x w, ... x G x G -> ... x C (eps 1e-5; an empty mask gives zeros). Computed
         through the adjoint (whose rows sum to 1, so the pooled weights keep the mask's total)."""
-        pooled = pool_to_features(weights, features.shape[-2:])
+        pooled = upsample_adjoint(weights, features.shape[-2:], align_corners=True).flatten(-2)
         return torch.einsum("...cl,...l->...c", features.flatten(-2), pooled) / (
             weights.flatten(-2).sum(-1, keepdim=True) + MAP_EPS)
 
@@ -378,7 +360,7 @@ class GMRDHead(nn.Module):
 
         pred_anomaly = (p_anomaly > 1.0 - p_anomaly).to(fq.dtype)
         weights = self.to_grid(pred_anomaly, grid)                              # B x Q x G x G
-        pooled = pool_to_features(weights, fq.shape[-2:])                       # B x Q x hw
+        pooled = upsample_adjoint(weights, fq.shape[-2:], align_corners=True).flatten(-2)   # B x Q x hw
         q_proto = torch.einsum("bqcl,bql->bc", fq.flatten(-2), pooled) / (weights.sum((1, 2, 3))[:, None] + MAP_EPS)
         t_align = threshold.mean(dim=1, keepdim=True)                           # B x 1 x 1 x 1
         p_support = upsample_bilinear(anomaly_fg_probability(fs, q_proto, t_align, self.scaler, self.kappa),

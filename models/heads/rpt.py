@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from models.heads.adnet import anomaly_fg_probability
 from models.heads.common import (
     HeadOutput,
+    cpu_dropout,
     episode_nll,
     masked_average_pool,
     masked_average_pool_lowres,
@@ -143,15 +144,6 @@ def region_prototypes(features: torch.Tensor, labels: torch.Tensor, centres: tor
 
 
 # ----------------------------------------------------------------------------- transformer blocks
-def cpu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout whose mask comes from torch's CPU generator (saved in resume points) on any
-    device: the same distribution as F.dropout, reproducible across an exact resume on CUDA too."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.rand(x.shape, dtype=torch.float32) < (1.0 - p)
-    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
-
-
 class RegionAttention(nn.Module):
     """The reference's MultiHeadAttention, self-attention over the K regions of each set.
 
