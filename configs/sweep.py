@@ -47,6 +47,7 @@ from sacred.arg_parser import get_config_updates
 from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, method_names
 from data.core.errors import CheckpointError, ConfigError, UserError
 from data.core.specs import load_spec
+from dataloaders.evaluation.leaderboard import PROTOCOL_KEYS, EvalRun, read_run
 from models.engine.checkpoints import find_checkpoint, run_folders, run_status
 from models.engine.runs import PROJECT_ROOT, RunBusyError, lock_run, unlock_run
 from models.engine.trainer import RESUME_FILE, check_resume
@@ -92,7 +93,6 @@ class Sweep:
     log_dir: str
     data_dirs: dict                   # dataset name -> data folder
     updates: tuple[str, ...] = ()     # Sacred updates (key=value) and protocol_<name> named configs, as typed
-    protocol_keys: tuple[str, ...] = ()   # evaluation keys that make a protocol (scripts.collect_results)
     cwd: str = field(default_factory=os.getcwd)
 
     @property
@@ -109,7 +109,7 @@ class Plan:
     exp_name: str
     state: str
     resume: str | None = None         # the run folder to continue (state to resume)
-    evaluation: Path | None = None    # the evaluation run folder (state done)
+    evaluation: EvalRun | None = None    # the evaluation run (state done)
     note: str = ""
 
 
@@ -253,19 +253,16 @@ def _same_file(a, b, cwd: str) -> bool:
     return (Path(cwd) / a).resolve() == (Path(cwd) / b).resolve()
 
 
-def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> Path | None:
+def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> EvalRun | None:
     """The newest evaluation run of the cell's exp_name that evaluated `checkpoint` with the cell's
-    protocol (the evaluation keys `sweep.protocol_keys`), or None."""
-    base = Path(sweep.cwd) / cfg["log_dir"] / "test" / cfg["exp_name"]
-    for run in reversed(run_folders(base)):
+    protocol (the evaluation keys that make a protocol, PROTOCOL_KEYS), or None."""
+    protocol = tuple((k, cfg["evaluation"][k]) for k in PROTOCOL_KEYS)
+    for folder in reversed(run_folders(Path(sweep.cwd) / cfg["log_dir"] / "test" / cfg["exp_name"])):
         try:
-            results = json.loads((run / "results.json").read_text())
-            evaluation = json.loads((run / "config.json").read_text())["evaluation"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue                   # unfinished or unreadable evaluation: not a result
-        if not _same_file(str(results.get("checkpoint")), checkpoint, sweep.cwd):
-            continue
-        if all(evaluation.get(k) == cfg["evaluation"][k] for k in sweep.protocol_keys):
+            run = read_run(folder)
+        except UserError:
+            continue                   # unreadable evaluation: not a result (evaluated again)
+        if run is not None and run.protocol == protocol and _same_file(run.checkpoint, checkpoint, sweep.cwd):
             return run
     return None
 

@@ -3,7 +3,7 @@ here or on a Slurm cluster, and collect it into tables.
 
     python -m scripts.sweep --methods adnet qnet alpnet dspnet rpt gmrd --datasets CHAOST2 SABS CMR --settings 1 2 \\
         [--folds 0 1 2 3 4] [--label-groups 2,3 1,4] [--data-dir CHAOST2=../shared/data/CHAOST2 ...] \\
-        [--log-dir runs/sweep] [--executor local|slurm|submitit-local] [--dry-run] \\
+        [--log-dir runs/sweep] [--executor local|slurm|submitit-local] [--dry-run] [--published] \\
         [--partition gpu --time 1440 --gpus-per-job 1 --array-parallelism 32 --sbatch account=lab] \\
         [Sacred updates for every run, e.g. train.n_steps=1000 protocol_qnet]
 
@@ -13,7 +13,8 @@ test_labels=[..] log_dir=.. <updates>` and then `python validation.py with <the 
 to evaluate, to resume (a killed training continues from its resume point), to train, running
 (another process trains it now) or queued (its Slurm job is waiting). Re-running the same command
 does only what is left, and ends with the tables: one per dataset and setting, printed and written
-to <log-dir>/tables/<dataset>_setting<s>/ (scripts.collect_results). See docs/sweep.md.
+to <log-dir>/tables/<dataset>_setting<s>/ (as scripts.collect_results; --published puts the papers'
+numbers beside them). See docs/sweep.md.
 
 Executors: `local` runs the cells here, one process per visible GPU (CUDA_VISIBLE_DEVICES), or one
 after the other on the CPU; `slurm` submits one job per cell as a job array and returns (re-run the
@@ -52,7 +53,7 @@ from configs.sweep import (
     wait,
 )
 from data.core.cli import add_logging_arguments, run_cli
-from scripts.collect_results import PROTOCOL_KEYS, build_table, markdown, read_run, select, write_outputs
+from dataloaders.evaluation.leaderboard import build_table, published_beside, select, write_report
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -74,22 +75,18 @@ def parse_data_dirs(words, datasets) -> dict:
     return dirs
 
 
-def collect_tables(sweep: Sweep, plans) -> list[Path]:
-    """One table per (dataset, setting) over the sweep's evaluations, printed and written under
-    <log-dir>/tables/<dataset>_setting<s>/."""
+def collect_tables(sweep: Sweep, plans, published: bool = False) -> list[Path]:
+    """One table per (dataset, setting) over the sweep's evaluations (with the papers' numbers beside
+    them when `published`), printed and written under <log-dir>/tables/<dataset>_setting<s>/."""
     groups = defaultdict(list)
     for p in plans:
         if p.state == DONE:
-            groups[(p.cell.dataset, p.cell.setting)].append(read_run(p.evaluation))
+            groups[(p.cell.dataset, p.cell.setting)].append(p.evaluation)
     written = []
     for (dataset, setting), runs in sorted(groups.items()):
         table = build_table(select(runs))
         out = Path(sweep.cwd) / sweep.log_dir / "tables" / f"{dataset}_setting{setting}"
-        write_outputs(table, out)
-        print(markdown(table))
-        for method in sorted(table.dice):
-            for organ, folds in table.missing_folds(method).items():
-                log.info("%s %s %s: folds %s not in this table", dataset, method, organ, folds)
+        print(write_report(table, out, published_beside(table) if published else None))
         print(f"written: {out}/folds.csv, summary.csv, table.md, dice.png\n")
         written.append(out)
     return written
@@ -112,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", nargs="+", help="local executor: GPUs to use (default: all visible)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the tables")
+    parser.add_argument("--published", action="store_true",
+                        help="put the published numbers beside ours in the tables (as collect_results --published)")
     slurm = parser.add_argument_group("slurm")
     slurm.add_argument("--partition")
     slurm.add_argument("--time", type=int, default=24 * 60, help="minutes per job (default 1440); a job that "
@@ -185,8 +184,7 @@ def main(argv=None) -> int:
     def body() -> int:
         if args.executor != "local":
             import_submitit(args.executor)          # refused before planning when it is missing
-        sweep = Sweep(args.log_dir, parse_data_dirs(args.data_dir, args.datasets), tuple(args.updates),
-                      PROTOCOL_KEYS)
+        sweep = Sweep(args.log_dir, parse_data_dirs(args.data_dir, args.datasets), tuple(args.updates))
         groups = [parse_label_group(g) for g in args.label_groups] if args.label_groups else None
         cells = plan_cells(args.methods, args.datasets, args.settings, args.folds, groups, sweep.data_dirs)
         check_sweep_updates(sweep, cells)
@@ -209,7 +207,7 @@ def main(argv=None) -> int:
         left = [p for p in plans if p.state != DONE]
         if left:
             print(f"{len(left)} cell(s) not done: " + ", ".join(f"{p.exp_name} ({p.state})" for p in left))
-        collect_tables(sweep, plans)
+        collect_tables(sweep, plans, args.published)
         for o in failed:
             print(f"failed: {o.message}")
         if any(p.state == RUNNING for p in plans):

@@ -89,10 +89,11 @@ def test_a_sweep_resumes_a_killed_job_collects_the_table_and_then_has_nothing_to
     folds = (log_dir / "tables" / "SYNTH_setting1" / "folds.csv").read_text().splitlines()[1:]
     assert sorted(line.split(",")[0] + line.split(",")[2] for line in folds) == ["adnet0", "adnet1", "qnet0", "qnet1"]
 
-    # and again: nothing left to do, the same table
-    assert sweep.main(argv) == 0
+    # and again: nothing left to do, the same table (with a column for the papers' numbers: none for SYNTH)
+    assert sweep.main([*argv, "--published"]) == 0
     out = capsys.readouterr().out
     assert "4 cells: 4 done" in out and "running" not in out and "| adnet |" in out
+    assert "| LIVER | LIVER pub. | Mean | Mean pub. | Published |" in out and "none found" in out
     for kind in ("train", "test"):
         assert [p.name for p in (log_dir / kind / ADNET_FOLD0).iterdir() if p.is_dir()] == ["1"]
 

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from data.core.io import write_volume
+from dataloaders.evaluation.leaderboard import build_table, find_runs, select
 from dataloaders.evaluation.reporting import write_training_curves
 from scripts import collect_results, plot_curves, render_overlays
 from tests.helpers import GEOMETRY, write_dataset
@@ -41,7 +42,7 @@ def test_five_folds_become_one_table(tmp_path):
         fake_run(tmp_path, fold=fold)
         fake_run(tmp_path, method="qnet", fold=fold)
     fake_run(tmp_path, fold=2, run_id=2, dice={"LIVER": 0.9, "RK": 0.9, "LK": 0.9, "SPLEEN": 0.9})  # newer run wins
-    table = collect_results.build_table(collect_results.select(collect_results.find_runs([tmp_path])))
+    table = build_table(select(find_runs([tmp_path])))
     assert table.organs == ["LK", "RK", "SPLEEN", "LIVER"]            # the papers' column order
     mean, std, n = table.organ_stats("qnet", "LIVER")
     liver = [0.51 + 0.1 * k for k in range(5)]
@@ -84,7 +85,7 @@ def test_setting2_groups_fill_the_organ_columns(tmp_path):
     for fold in range(5):
         fake_run(tmp_path, setting=2, fold=fold, labels=(2, 3))
         fake_run(tmp_path, setting=2, fold=fold, labels=(1, 4))
-    table = collect_results.build_table(collect_results.select(collect_results.find_runs([tmp_path])))
+    table = build_table(select(find_runs([tmp_path])))
     assert all(table.organ_stats("adnet", o)[2] == 5 for o in table.organs)
 
 

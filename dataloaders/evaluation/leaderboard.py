@@ -1,0 +1,263 @@
+"""The results table: evaluation runs (validation.py's results.json + config.json) collected into the
+papers' table of one dataset and setting, with folds, means over folds, and the published numbers beside.
+
+`scripts.collect_results` (a folder of runs) and `scripts.sweep` (the runs of a sweep's cells) share it.
+Per organ and fold, the Dice is the fold's mean over its query scans; the table gives the mean and
+standard deviation over folds, and the overall mean is the mean over organs (as the papers do).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.core.io import UserError, atomic_path
+from data.core.specs import load_spec
+from dataloaders.evaluation.published import PublishedEntry, published_for
+from dataloaders.evaluation.reporting import save_figure
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_KEYS = ("fold_scheme", "supp_idx", "n_part", "chunking", "scored")
+
+
+class CollectError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluation run folder as the table reads it."""
+    path: Path
+    run_id: int
+    method: str
+    dataset: str
+    setting: int
+    fold: int
+    test_labels: tuple[int, ...]
+    protocol: tuple
+    checkpoint: str
+    class_dice: dict[str, float]      # class name -> mean Dice over the fold's query scans
+
+
+def read_run(folder: Path) -> EvalRun | None:
+    results, config = folder / "results.json", folder / "config.json"
+    if not (results.is_file() and config.is_file()):
+        return None
+    r, c = _read_json(results), _read_json(config)
+    try:
+        e = c["evaluation"]
+        return EvalRun(folder, int(folder.name) if folder.name.isdigit() else 0, c["method"], c["dataset"],
+                       int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
+                       tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
+                       {name: float(v["dice"]) for name, v in r["classes"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CollectError(f"{folder}: results.json or config.json lacks an entry ({type(err).__name__}: {err}); "
+                           f"it was not written by this version of validation.py. Re-run the evaluation of "
+                           f"this run, or move its folder out of the collected paths") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CollectError(f"cannot read {path}: it is truncated or not valid JSON ({err}). Re-run the "
+                           f"evaluation that wrote it, or move its run folder out of the collected paths") from None
+
+
+def find_runs(paths) -> list[EvalRun]:
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CollectError(f"{p} does not exist")
+        folders = [p] if (p / "results.json").is_file() else [f.parent for f in p.rglob("results.json")]
+        runs += [r for f in folders if (r := read_run(f)) is not None]
+    return runs
+
+
+def _single(runs, attr, what, flag):
+    values = sorted({getattr(r, attr) for r in runs}, key=str)
+    if len(values) > 1:
+        raise CollectError(f"the runs mix {what}: {values}; select one with {flag}")
+    return values[0]
+
+
+def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> list[EvalRun]:
+    """Filter, refuse mixtures, and keep the newest run per (method, label group, fold)."""
+    runs = [r for r in runs if (not methods or r.method in methods)
+            and (dataset is None or r.dataset.upper() == dataset.upper())
+            and (setting is None or r.setting == setting)]
+    if not runs:
+        raise CollectError("no evaluation run matches (look for results.json under the given paths)")
+    _single(runs, "dataset", "datasets", "--dataset")
+    _single(runs, "setting", "settings", "--setting")
+    protocols = {r.protocol for r in runs}
+    if len(protocols) > 1:
+        detail = "; ".join(", ".join(f"{k}={v}" for k, v in p) for p in sorted(protocols, key=str))
+        raise CollectError(f"the runs were evaluated with different protocols ({detail}); collect them "
+                           f"separately (move or select the run folders)")
+    newest = {}
+    for r in sorted(runs, key=lambda r: r.run_id):
+        newest[(r.method, r.test_labels, r.fold)] = r
+    return list(newest.values())
+
+
+@dataclass
+class Table:
+    dataset: str
+    setting: int
+    organs: list[str]                                   # column order
+    dice: dict[str, dict[str, dict[int, float]]]        # method -> organ -> fold -> dice
+    checkpoints: dict[str, dict[int, list[str]]]        # method -> fold -> checkpoints
+    n_folds: int
+    label_ids: dict[str, int] = field(default_factory=dict)     # organ (column) -> the dataset's label id
+
+    def missing_folds(self, method: str) -> dict[str, list[int]]:
+        return {o: [k for k in range(self.n_folds) if k not in self.dice[method].get(o, {})]
+                for o in self.organs if len(self.dice[method].get(o, {})) < self.n_folds}
+
+    def organ_stats(self, method: str, organ: str) -> tuple[float, float, int]:
+        values = list(self.dice[method].get(organ, {}).values())
+        if not values:
+            return float("nan"), float("nan"), 0
+        return float(np.mean(values)), float(np.std(values)), len(values)
+
+    def overall(self, method: str) -> float:
+        means = [self.organ_stats(method, o)[0] for o in self.organs]
+        return float(np.mean(means)) if means and not any(np.isnan(means)) else float("nan")
+
+
+def build_table(runs: list[EvalRun]) -> Table:
+    spec = load_spec(runs[0].dataset)
+    order = spec.table_order or spec.eval_labels
+    names = [spec.label_name(i) for i in order]
+    found = {o for r in runs for o in r.class_dice}
+    organs = [o for o in names if o in found] + sorted(found - set(names))
+    dice, ckpts = {}, {}
+    for r in runs:
+        for organ, value in r.class_dice.items():
+            dice.setdefault(r.method, {}).setdefault(organ, {})[r.fold] = value
+        ckpts.setdefault(r.method, {}).setdefault(r.fold, []).append(r.checkpoint)
+    label_ids = {spec.label_name(i): i for i in spec.eval_labels}
+    return Table(spec.name, runs[0].setting, organs, dice, ckpts, spec.n_folds,
+                 {o: label_ids[o] for o in organs if o in label_ids})
+
+
+def _ours(table: Table, method: str, organ: str) -> str:
+    if method not in table.dice:
+        return "–"
+    mean, std, n = table.organ_stats(method, organ)
+    mark = "" if n == table.n_folds else f" ({n}/{table.n_folds} folds)"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}{mark}" if n else "–"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str:
+    """The table in Markdown; with `published` (published_for(...)), the papers' numbers beside ours."""
+    if published is None:
+        head = "| Method | " + " | ".join(table.organs) + " | Mean |"
+        lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: mean ± std over folds",
+                 "", head, "|" + "---|" * (len(table.organs) + 2)]
+        for method in sorted(table.dice):
+            cells = [_ours(table, method, organ) for organ in table.organs]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * table.overall(method):.2f} |")
+        return "\n".join(lines) + "\n"
+    primary = {e.method: e for e in published if e.primary}
+    columns = [c for organ in table.organs for c in (organ, f"{organ} pub.")] + ["Mean", "Mean pub.", "Published"]
+    lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: ours mean ± std over folds; "
+             f"pub.: the published number (source and status in the last column)",
+             "", "| Method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for method in sorted(set(table.dice) | set(primary)):
+        e = primary.get(method)
+        cells = []
+        for organ in table.organs:
+            cells += [_ours(table, method, organ),
+                      _number(e.dice.get(table.label_ids.get(organ, -1)) if e else None)]
+        overall = table.overall(method) if method in table.dice else float("nan")
+        cells += ["–" if np.isnan(overall) else f"{100 * overall:.2f}", _number(e.mean if e else None),
+                  f"{e.entry}: {e.source} [{e.status}]" if e else "none found"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    others = [e for e in published if not e.primary]
+    if others:
+        lines += ["", f"Other published numbers for {table.dataset}, setting {table.setting}:", "",
+                  "| Method | Entry | " + " | ".join(table.organs) + " | Mean | Source | Status |",
+                  "|" + "---|" * (len(table.organs) + 5)]
+        for e in others:
+            cells = [_number(e.dice.get(table.label_ids.get(o, -1))) for o in table.organs]
+            lines.append(f"| {e.method} | {e.entry} | " + " | ".join(cells)
+                         + f" | {_number(e.mean)} | {e.source} | {e.status} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / n for k, n in (("folds", "folds.csv"), ("summary", "summary.csv"), ("md", "table.md"),
+                                     ("png", "dice.png"))}
+    with atomic_path(paths["folds"]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "organ", "fold", "dice", "checkpoint"])
+        for method in sorted(table.dice):
+            for organ in table.organs:
+                for fold, value in sorted(table.dice[method].get(organ, {}).items()):
+                    w.writerow([method, organ, fold, f"{value:.6f}", ";".join(table.checkpoints[method][fold])])
+    with atomic_path(paths["summary"]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "organ", "mean_dice", "std_dice", "folds"])
+        for method in sorted(table.dice):
+            for organ in table.organs:
+                mean, std, n = table.organ_stats(method, organ)
+                w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
+            w.writerow([method, "Mean", f"{table.overall(method):.6f}", "", ""])
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown(table, published))
+    _bar_chart(table, paths["png"])
+    return paths
+
+
+def _bar_chart(table: Table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = sorted(table.dice)
+    x = np.arange(len(table.organs) + 1)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.6 * len(x) + 1, 3.4))
+    for i, method in enumerate(methods):
+        stats = [table.organ_stats(method, o) for o in table.organs]
+        means = [100 * s[0] for s in stats] + [100 * table.overall(method)]
+        stds = [100 * s[1] for s in stats] + [np.nan]   # the papers give no spread for the overall mean
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method)
+    ax.set_xticks(x, table.organs + ["Mean"])
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{table.dataset}, setting {table.setting} ({table.n_folds}-fold)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, 1)
+
+
+def published_beside(table: Table) -> list[PublishedEntry]:
+    """The published entries for the table's dataset and setting (a warning when there are none)."""
+    published = published_for(table.dataset, table.setting)
+    if not published:
+        log.warning("no published numbers for %s setting %s in %s", table.dataset, table.setting,
+                    "dataloaders/evaluation/published_results.csv")
+    return published
+
+
+def write_report(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
+    """Write folds.csv, summary.csv, table.md and dice.png into `out`, warn about every missing fold,
+    and return the table in Markdown."""
+    write_outputs(table, out, published)
+    for method in sorted(table.dice):
+        for organ, folds in table.missing_folds(method).items():
+            log.warning("%s setting %s, %s %s: folds %s missing", table.dataset, table.setting, method, organ, folds)
+    return markdown(table, published)
