@@ -32,13 +32,23 @@ def _forget_partial_import() -> None:
         del sys.modules[name]
 
 
-try:
-    import torchvision  # noqa: F401
-except RuntimeError as err:
-    if "torchvision::" not in str(err):
-        raise
-    _forget_partial_import()
-    _define_missing_schemas()
-    import torchvision  # noqa: F401
+def import_torchvision():
+    """torchvision, imported on first use: its import costs about a second (it loads torch._dynamo),
+    which commands that refuse their input, or only print a config, never need."""
+    if "torchvision.models" in sys.modules:
+        return sys.modules["torchvision"]
+    try:
+        import torchvision
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        _forget_partial_import()
+        _define_missing_schemas()
+        import torchvision
+    import torchvision.models  # noqa: F401  (loaded with the package; named so the check above holds)
+    return torchvision
 
-from torchvision.models import resnet101  # noqa: E402,F401
+
+def resnet101(**kwargs) -> torch.nn.Module:
+    """torchvision.models.resnet101(**kwargs)."""
+    return import_torchvision().models.resnet101(**kwargs)

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.engine.checkpoints import CheckpointError, load_checkpoint
 from models.encoder import ResNetEncoder
+from models.engine.checkpoints import CheckpointError, load_checkpoint
+from models.engine.reference_checkpoints import detect_format, load_reference_state
 from models.fewshot import FewShotSegmenter, split_features
 from models.heads.adnet import ADNetHead
 from models.heads.qnet import QNetHead
-from models.engine.reference_checkpoints import detect_format, load_reference_state
-from models.tv import torchvision  # noqa: F401  (torchvision importable on CPU-only torch)
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead  # noqa: E402
+from models.tv import import_torchvision
+
+DeepLabHead = import_torchvision().models.segmentation.deeplabv3.DeepLabHead
 
 
 def _qnet(seed):
