@@ -157,8 +157,11 @@ def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting:
     for key, value in (updates or {}).items():
         node = cfg
         *path, last = key.split(".")
-        for part in path:
-            node = node[part]
+        for depth, part in enumerate(path):
+            node = node.setdefault(part, {})      # an unknown section is named by check_config below
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r}: '{'.'.join(path[:depth + 1])}' is a value, not a section "
+                                  f"with keys. `python training.py print_config` lists every key.")
         node[last] = value
     cfg["exp_name"] = experiment_name(method, cfg["dataset"], setting, cfg["test_labels"], cfg["eval_fold"])
     check_config(cfg)

@@ -136,6 +136,8 @@ def test_dry_run_plans_the_full_paper_table(tmp_path, capsys):
     (["--methods", "adnet", "--datasets", "SABS", "--label-groups", "2,99"], "--label-groups"),
     (["--methods", "adnet", "--datasets", "CMR", "eval_fold=3"], "use --folds"),
     (["--methods", "adnet", "--datasets", "CMR", "train.n_stpes=3"], "did you mean 'train.n_steps'"),
+    (["--methods", "adnet", "--datasets", "CMR", "trian.n_steps=3"], "unknown config key 'trian' (did you mean 'train'?)"),
+    (["--methods", "adnet", "--datasets", "CMR", "seed.x=3"], "'seed' is a value, not a section"),
     (["--methods", "adnet", "--datasets", "CMR", "protocol_nope"], "methods and datasets are chosen with --methods"),
 ])
 def test_bad_input_is_refused_with_the_fix(argv, message, tmp_path, capsys):
