@@ -191,10 +191,11 @@ def _varied_slices(Q=5):
     """Query slices with their own feature scales (so a min/max over the whole batch would differ
     from each slice's own) and organ blocks of different sizes."""
     support, masks, query, v, d = _episode(Q=Q, seed=11)
+    g = torch.Generator().manual_seed(12)      # not the global generator: the same slices whatever ran before
     for q in range(Q):
         for n, h in SIZES.items():
             query[n][0, q] *= 1.0 + 0.5 * q
-            query[n][0, q, :, :, :q] = torch.randn(v.numel(), h, q)    # shrink the block from the left
+            query[n][0, q, :, :, :q] = torch.randn(v.numel(), h, q, generator=g)    # shrink the block from the left
     return support, masks, query
 
 
