@@ -116,20 +116,17 @@ class ResNetEncoder(nn.Module):
         out = {names[layer]: ch for layer, ch in self.layout.reduce.items()}
         return out | ({"threshold": 1} if self.layout.threshold_branch else {})
 
-    def freeze_unread(self, read: tuple[str, ...]) -> list[str]:
+    def freeze_unread(self, read: tuple[str, ...]) -> None:
         """Stop training the layers that only feed maps nobody reads (RPT and GMRD read Q-Net's layer3
         and threshold, not its layer4 reduction): their weights get no gradient anyway, and a parameter
         without one makes DistributedDataParallel fail. They stay in the state dict, so checkpoints
-        keep the reference layout. Returns the frozen maps' names."""
+        keep the reference layout."""
         names = _OUTPUT_NAMES[self.layout_name]
-        frozen = [names[layer] for layer in self.reduce if names[layer] not in read]
         for layer, conv in self.reduce.items():
             conv.requires_grad_(names[layer] in read)
         if self.layout.threshold_branch and "threshold" not in read:
             self.threshold.requires_grad_(False)
             self.backbone["fc"].requires_grad_(False)
-            frozen.append("threshold")
-        return frozen
 
     def _init_like_qnet(self) -> None:
         for m in self.modules():

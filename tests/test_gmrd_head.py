@@ -12,8 +12,8 @@ from configs.experiment import method_defaults
 from data.core.errors import CheckpointError
 from models.engine.builders import build_model
 from models.engine.reference_checkpoints import FORMATS, load_reference_state
-from models.heads.common import EPS_FLOAT32
-from models.heads.gmrd import AffinityDecoder, GMRDHead, dilate, edge_masks, erode, fill_sources
+from models.heads.common import EPS_FLOAT32, dilate, erode
+from models.heads.gmrd import AffinityDecoder, GMRDHead, edge_masks, fill_sources
 
 H, h = 32, 8
 
@@ -48,8 +48,8 @@ def test_erosion_dilation_and_edges_match_opencv_and_a_loop():
     m[3, 11] = 1             # a single pixel
     kernel = np.ones((3, 3), np.uint8)
     t = torch.from_numpy(m)
-    for ours, cv, loop in ((erode(t).numpy(), cv2.erode(m, kernel, iterations=2), _window_extreme(m, np.min)),
-                           (dilate(t).numpy(), cv2.dilate(m, kernel, iterations=2), _window_extreme(m, np.max))):
+    for ours, cv, loop in ((erode(t, 2).numpy(), cv2.erode(m, kernel, iterations=2), _window_extreme(m, np.min)),
+                           (dilate(t, 2).numpy(), cv2.dilate(m, kernel, iterations=2), _window_extreme(m, np.max))):
         np.testing.assert_array_equal(ours, cv)
         np.testing.assert_array_equal(ours, loop)
     fg, bg = edge_masks(t, "reference")

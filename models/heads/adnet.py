@@ -19,8 +19,8 @@ import torch.nn as nn
 from models.heads.common import (
     HeadOutput,
     cosine_to_prototype,
-    episode_nll,
     masked_average_pool,
+    per_shot_nll,
     two_class_log_probs,
     upsample_bilinear,
 )
@@ -75,7 +75,6 @@ class ADNetHead(nn.Module):
     def alignment_loss(self, fs: torch.Tensor, support_masks: torch.Tensor, fq: torch.Tensor,
                        p_low: torch.Tensor) -> torch.Tensor:
         """Query -> support prototype alignment (feature-resolution query prototype), mean over episodes."""
-        B, S = fs.shape[:2]
         pred_mask = (p_low > 0.5).to(fq.dtype)                             # B x Q x h x w
         has_fg = (pred_mask.flatten(1).sum(1) > 0).to(fq.dtype)            # B; empty -> no alignment
         # summed over all query images of an episode, as the reference
@@ -83,7 +82,4 @@ class ADNetHead(nn.Module):
         q_proto = num / (pred_mask.sum(dim=(1, 2, 3)).unsqueeze(-1) + 1e-5)  # B x C
         p_supp = anomaly_fg_probability(fs, q_proto, self.threshold, self.scaler, self.kappa)
         p_supp = upsample_bilinear(p_supp, support_masks.shape[-2:], align_corners=True)
-        H, W = support_masks.shape[-2:]
-        per_shot = episode_nll(two_class_log_probs(p_supp).reshape(B * S, 1, 2, H, W),
-                               support_masks.reshape(B * S, 1, H, W), reduction="none")
-        return (per_shot.view(B, S).mean(1) * has_fg).mean()
+        return (per_shot_nll(two_class_log_probs(p_supp), support_masks) * has_fg).mean()

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from models.heads.common import (
     HeadOutput,
     cosine_to_prototype,
-    episode_nll,
     masked_average_pool_lowres,
+    per_shot_nll,
+    support_target,
     upsample_bilinear,
 )
 
@@ -272,15 +273,11 @@ class ALPNetHead(nn.Module):
         Returns:
             (scalar loss: per-shot unweighted NLL, mean over shots then episodes; extras).
         """
-        B, S = fs.shape[:2]
         H, W = masks.shape[-2:]
         pred_fg = (low[:, :, 1] > low[:, :, 0]).to(fq.dtype)        # argmax; a tie is background
         support_low, extras = self.class_scores(fq, pred_fg, 1.0 - pred_fg, fs, self.window, None, alignment=True)
         log_probs = F.log_softmax(upsample_bilinear(support_low, (H, W), align_corners=False), dim=2)
-        target = torch.where(masks == 1, 1, torch.where(masks == 0, 0, 255)).long()
-        per_shot = episode_nll(log_probs.reshape(B * S, 1, 2, H, W), target.reshape(B * S, 1, H, W),
-                               reduction="none")
-        return per_shot.view(B, S).mean(1).mean(), extras
+        return per_shot_nll(log_probs, support_target(masks)).mean(), extras
 
     # ------------------------------------------------------------------ branch counters
     @torch.no_grad()

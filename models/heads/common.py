@@ -136,7 +136,39 @@ def episode_nll(log_probs: torch.Tensor, target: torch.Tensor, class_weights=Non
     return per_episode if reduction == "none" else per_episode.mean()
 
 
+def per_shot_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The unweighted NLL of every shot (each its own episode_nll), mean over the shots: the
+    references' support losses. log_probs B x S x 2 x H x W, target B x S x H x W -> B."""
+    B, S = target.shape[:2]
+    nll = episode_nll(log_probs.flatten(0, 1).unsqueeze(1), target.flatten(0, 1).unsqueeze(1), reduction="none")
+    return nll.view(B, S).mean(1)
+
+
+def support_target(masks: torch.Tensor) -> torch.Tensor:
+    """The references' support label: 1 where the mask is 1, 0 where it is 0, 255 (ignored) elsewhere."""
+    return torch.where(masks == 1, 1, torch.where(masks == 0, 0, 255)).long()
+
+
 def two_class_log_probs(fg_prob: torch.Tensor) -> torch.Tensor:
     """[1 - P, P] stacked on a new axis -3, clamped to [eps, 1 - eps] and logged, as the references."""
     probs = torch.stack([1.0 - fg_prob, fg_prob], dim=-3)
     return torch.log(probs.clamp(EPS_FLOAT32, 1.0 - EPS_FLOAT32))
+
+
+# ----------------------------------------------------------------------------- masks
+def erode(masks: torch.Tensor, iterations: int) -> torch.Tensor:
+    """cv2.erode(m, ones(3, 3), iterations) on ... x H x W: the minimum over the 3 x 3 window, pixels
+    outside the image ignored (OpenCV's default border for erosion is +inf); max_pool2d pads with
+    -inf, so the negated pooling ignores the border the same way."""
+    x = masks.reshape(-1, 1, *masks.shape[-2:])
+    for _ in range(iterations):
+        x = -F.max_pool2d(-x, kernel_size=3, stride=1, padding=1)
+    return x.reshape(masks.shape)
+
+
+def dilate(masks: torch.Tensor, iterations: int) -> torch.Tensor:
+    """cv2.dilate(m, ones(3, 3), iterations): the 3 x 3 maximum, pixels outside the image ignored."""
+    x = masks.reshape(-1, 1, *masks.shape[-2:])
+    for _ in range(iterations):
+        x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+    return x.reshape(masks.shape)

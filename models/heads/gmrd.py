@@ -38,12 +38,15 @@ from models.heads.common import (
     EPS_FLOAT32,
     HeadOutput,
     cpu_dropout,
-    episode_nll,
+    dilate,
+    erode,
+    per_shot_nll,
+    support_target,
     two_class_log_probs,
     upsample_adjoint,
     upsample_bilinear,
 )
-from models.heads.qnet import QNetHead
+from models.heads.qnet import image_thresholds, predicted_foreground
 
 FEATURE_MAP = "layer3"
 MAP_EPS = 1e-5                 # the reference's denominator guard in masked average pooling
@@ -53,24 +56,6 @@ BG_EDGES = ("reference", "outer")
 
 
 # ----------------------------------------------------------------------------- masks
-def erode(masks: torch.Tensor, iterations: int = EDGE_ITERATIONS) -> torch.Tensor:
-    """cv2.erode(m, ones(3, 3), iterations) on ... x H x W: the minimum over the 3 x 3 window, pixels
-    outside the image ignored (OpenCV's default border for erosion is +inf); max_pool2d pads with
-    -inf, so the negated pooling ignores the border the same way."""
-    x = masks.reshape(-1, 1, *masks.shape[-2:])
-    for _ in range(iterations):
-        x = -F.max_pool2d(-x, kernel_size=3, stride=1, padding=1)
-    return x.reshape(masks.shape)
-
-
-def dilate(masks: torch.Tensor, iterations: int = EDGE_ITERATIONS) -> torch.Tensor:
-    """cv2.dilate(m, ones(3, 3), iterations): the 3 x 3 maximum, pixels outside the image ignored."""
-    x = masks.reshape(-1, 1, *masks.shape[-2:])
-    for _ in range(iterations):
-        x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-    return x.reshape(masks.shape)
-
-
 def edge_masks(masks: torch.Tensor, bg_edge: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
     """The weights of the two edge prototypes, ... x H x W each: (foreground, background).
 
@@ -80,8 +65,9 @@ def edge_masks(masks: torch.Tensor, bg_edge: str = "reference") -> tuple[torch.T
     interior, i.e. not an edge at all, and its sum |bg| - |interior| can be near 0 or negative.
     "outer" (what the paper describes): dilate(m) - m, the two-pixel ring outside the mask.
     """
-    fg = masks - erode(masks)
-    bg = dilate(1.0 - masks) - masks if bg_edge == "reference" else dilate(masks) - masks
+    fg = masks - erode(masks, EDGE_ITERATIONS)
+    grown = dilate(1.0 - masks if bg_edge == "reference" else masks, EDGE_ITERATIONS)
+    bg = grown - masks
     return fg, bg
 
 
@@ -129,11 +115,7 @@ class DescriptorMLP(nn.Module):
         self.dropout = float(dropout)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.spatial(maps))
-
-    def finish(self, first: torch.Tensor) -> torch.Tensor:
-        """Everything after the first Linear: ... x C x K -> ... x K x C."""
-        return self.mix(cpu_dropout(first, self.dropout, self.training)).transpose(-1, -2)
+        return self.mix(cpu_dropout(self.spatial(maps), self.dropout, self.training)).transpose(-1, -2)
 
 
 class AffinityDecoder(nn.Module):
@@ -166,11 +148,6 @@ def dual_path_log_probs(fg_logit: torch.Tensor, bg_logit: torch.Tensor, size: tu
     logits = torch.stack([upsample_bilinear(bg_logit, size, align_corners=True),
                           upsample_bilinear(fg_logit, size, align_corners=True)], dim=-3)
     return torch.log(torch.softmax(logits, dim=-3).clamp(EPS_FLOAT32, 1.0 - EPS_FLOAT32))
-
-
-def support_target(masks: torch.Tensor) -> torch.Tensor:
-    """The reference's support label: 1 where the mask is 1, 0 where it is 0, 255 (ignored) elsewhere."""
-    return torch.where(masks == 1, 1, torch.where(masks == 0, 0, 255)).long()
 
 
 # ----------------------------------------------------------------------------- the head
@@ -290,28 +267,35 @@ class GMRDHead(nn.Module):
         """Cosine of every feature with every descriptor, decoded to one logit map.
 
         features: B x N x C x h x w; descriptors: B x R x D x C with R = N (one set per image) or 1
-        (shared) -> B x N x h x w. Normalised as F.normalize (eps 1e-12) on both sides, as the reference.
+        (shared) -> B x N x h x w. Normalised as F.normalize (eps 1e-12) on both sides, as the reference
+        (each path normalises the features itself, as the reference: one shared normalisation would
+        change the gradients' rounding).
         """
         B, N = features.shape[:2]
         d = F.normalize(descriptors, dim=-1).expand(B, N, *descriptors.shape[2:])
         maps = torch.einsum("bnchw,bndc->bndhw", F.normalize(features, dim=2), d)
         return decoder(maps.flatten(0, 1)).view(B, N, *features.shape[-2:])
 
+    def dual_path(self, features: torch.Tensor, fg_desc: torch.Tensor, bg_desc: torch.Tensor,
+                  size: tuple[int, int]) -> torch.Tensor:
+        """The descriptor path's prediction for `features` (B x N x C x h x w) -> B x N x 2 x H x W log-probs."""
+        return dual_path_log_probs(self.affinity_logits(features, fg_desc, self.fg_decoder),
+                                   self.affinity_logits(features, bg_desc, self.bg_decoder), size)
+
     # ------------------------------------------------------------------ forward
     def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         fs, fq = support[FEATURE_MAP], query[FEATURE_MAP]
-        B, S, C = fs.shape[:3]
+        B, S = fs.shape[:2]
         Q = fq.shape[1]
         size = tuple(support_masks.shape[-2:])
         grid = self.grid_size(size)
-        threshold = QNetHead.query_threshold(query, B, Q)                       # B x Q x 1 x 1
+        threshold = image_thresholds(query, B, Q)                               # B x Q x 1 x 1
         masks_grid = self.to_grid(support_masks, grid)                          # B x S x G x G
         empty = support_masks.flatten(1).sum(1) == 0                            # B: the anomaly branch
 
         # descriptor path: one draw per query slice (the reference's one call per slice) unless fast
         fg_desc, bg_desc = self.class_descriptors(fs, masks_grid, 1 if self.fast else Q)
-        log_desc = dual_path_log_probs(self.affinity_logits(fq, fg_desc, self.fg_decoder),
-                                       self.affinity_logits(fq, bg_desc, self.bg_decoder), size)
+        log_desc = self.dual_path(fq, fg_desc, bg_desc, size)
         # anomaly path (taken when every support mask of the episode is empty)
         prototype = self.grid_average(fs, masks_grid).mean(dim=1)              # B x C (zero when empty)
         p_anomaly = upsample_bilinear(anomaly_fg_probability(fq, prototype, threshold, self.scaler, self.kappa),
@@ -347,25 +331,20 @@ class GMRDHead(nn.Module):
         """
         B, S = support_masks.shape[:2]
         H, W = support_masks.shape[-2:]
-        target = support_target(support_masks).reshape(B * S, 1, H, W)
-
-        def per_episode(log_probs: torch.Tensor) -> torch.Tensor:             # B x S x 2 x H x W -> B
-            nll = episode_nll(log_probs.reshape(B * S, 1, 2, H, W), target, reduction="none")
-            return nll.view(B, S).mean(1)
+        target = support_target(support_masks)
 
         pred_desc = (log_desc[:, :, 1] > log_desc[:, :, 0]).to(fq.dtype)      # B x Q x H x W
         q_fg, q_bg = self.class_descriptors(fq, self.to_grid(pred_desc, grid), S)   # B x S x D x C
-        loss_desc = per_episode(dual_path_log_probs(self.affinity_logits(fs, q_fg, self.fg_decoder),
-                                                    self.affinity_logits(fs, q_bg, self.bg_decoder), (H, W)))
+        loss_desc = per_shot_nll(self.dual_path(fs, q_fg, q_bg, (H, W)), target)
 
-        pred_anomaly = (p_anomaly > 1.0 - p_anomaly).to(fq.dtype)
+        pred_anomaly = predicted_foreground(p_anomaly).to(fq.dtype)
         weights = self.to_grid(pred_anomaly, grid)                              # B x Q x G x G
         pooled = upsample_adjoint(weights, fq.shape[-2:], align_corners=True).flatten(-2)   # B x Q x hw
         q_proto = torch.einsum("bqcl,bql->bc", fq.flatten(-2), pooled) / (weights.sum((1, 2, 3))[:, None] + MAP_EPS)
         t_align = threshold.mean(dim=1, keepdim=True)                           # B x 1 x 1 x 1
         p_support = upsample_bilinear(anomaly_fg_probability(fs, q_proto, t_align, self.scaler, self.kappa),
                                       (H, W), align_corners=True)
-        loss_anomaly = per_episode(two_class_log_probs(p_support))
+        loss_anomaly = per_shot_nll(two_class_log_probs(p_support), target)
 
         pred = torch.where(empty.view(B, 1, 1, 1), pred_anomaly, pred_desc)
         has_fg = pred.flatten(1).sum(1) > 0

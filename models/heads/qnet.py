@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from models.heads.adnet import anomaly_fg_probability
 from models.heads.common import (
     HeadOutput,
-    episode_nll,
     feature_norms,
     masked_average_pool,
+    per_shot_nll,
     two_class_log_probs,
     upsample_bilinear,
 )
@@ -46,6 +46,24 @@ REFINE_LOSSES = ("reference", "reconstruction")
 def predicted_foreground(fg_prob: torch.Tensor) -> torch.Tensor:
     """Argmax of [1 - P, P] as the references take it (a tie goes to background): any shape -> bool."""
     return fg_prob > 1.0 - fg_prob
+
+
+def image_thresholds(features: dict, B: int, N: int, which: str = "query") -> torch.Tensor:
+    """The encoder's threshold of each image (its qnet_r101 threshold branch), B x N x 1 -> B x N x 1 x 1.
+    `which` names the features ("query", "support") in the error."""
+    t = features["threshold"]
+    if tuple(t.shape) != (B, N, 1):
+        raise ValueError(f"{which}['threshold'] has shape {tuple(t.shape)}, expected {(B, N, 1)} (one value per "
+                         f"image, from the qnet_r101 encoder's threshold branch)")
+    return t.unsqueeze(-1)
+
+
+def episode_prototype(features: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One prototype per episode from its Q images: features B x Q x C x h x w, masks B x Q x H x W,
+    counts B x Q (the masks' pixel counts) -> B x C. The per-image masked averages re-weighted by their
+    pixel counts = one average over all the episode's pixels: sum_q sum_x Up(F_q) m_q / (sum_q sum_x m_q + eps)."""
+    per_image = masked_average_pool(features, masks, MAP_EPS)                  # B x Q x C
+    return (per_image * (counts + MAP_EPS).unsqueeze(-1)).sum(1) / (counts.sum(1, keepdim=True) + MAP_EPS)
 
 
 def minmax_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -178,20 +196,11 @@ class QNetHead(nn.Module):
         total = sum(w[n] * upsample_bilinear(p, size, align_corners=True) for n, p in enumerate(probs))
         return total / w.sum()
 
-    @staticmethod
-    def query_threshold(query: dict, B: int, Q: int) -> torch.Tensor:
-        """The encoder's threshold of each query image, B x Q x 1 -> B x Q x 1 x 1."""
-        t = query["threshold"]
-        if tuple(t.shape) != (B, Q, 1):
-            raise ValueError(f"query['threshold'] has shape {tuple(t.shape)}, expected {(B, Q, 1)} (one "
-                             f"value per query image, from the qnet_r101 encoder's threshold branch)")
-        return t.unsqueeze(-1)
-
     # ------------------------------------------------------------------ forward
     def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         B, Q = query[SCALES[0]].shape[:2]
         size = tuple(support_masks.shape[-2:])
-        threshold = self.query_threshold(query, B, Q)
+        threshold = image_thresholds(query, B, Q)
         support_protos = [masked_average_pool(support[n], support_masks, MAP_EPS).mean(dim=1) for n in SCALES]
         protos = [p.unsqueeze(1).expand(B, Q, p.shape[-1]) for p in support_protos]
         p_low = [self.fg_probability(query[n], protos[i], threshold) for i, n in enumerate(SCALES)]
@@ -229,15 +238,10 @@ class QNetHead(nn.Module):
         t_align = threshold.mean(dim=1, keepdim=True).expand(B, S, 1, 1)
         p_supp = []
         for n in SCALES:
-            # per-image masked averages re-weighted by their pixel counts = one average over all
-            # query pixels of the episode: sum_q sum_x Up(F_q) m_q / (sum_q sum_x m_q + eps)
-            per_image = masked_average_pool(query[n], q_mask, MAP_EPS)        # B x Q x C
-            q_proto = (per_image * (counts + MAP_EPS).unsqueeze(-1)).sum(1) / (counts.sum(1, keepdim=True) + MAP_EPS)
+            q_proto = episode_prototype(query[n], q_mask, counts)              # B x C
             p_supp.append(self.fg_probability(support[n], q_proto.unsqueeze(1).expand(B, S, -1), t_align))
         fused = self.fuse(p_supp, (H, W))                                      # B x S x H x W
-        per_shot = episode_nll(two_class_log_probs(fused).reshape(B * S, 1, 2, H, W),
-                               support_masks.reshape(B * S, 1, H, W), reduction="none")
-        return (per_shot.view(B, S).mean(1) * has_fg).mean()
+        return (per_shot_nll(two_class_log_probs(fused), support_masks) * has_fg).mean()
 
     # ------------------------------------------------------------------ test-time refinement
     def refine_prototypes(self, features: torch.Tensor, prototypes: torch.Tensor, threshold: torch.Tensor,

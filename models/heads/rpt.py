@@ -47,17 +47,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.adnet import anomaly_fg_probability
 from models.heads.common import (
     HeadOutput,
     cpu_dropout,
+    dilate,
     episode_nll,
     masked_average_pool,
     masked_average_pool_lowres,
+    per_shot_nll,
+    support_target,
     two_class_log_probs,
     upsample_bilinear,
 )
-from models.heads.qnet import predicted_foreground
+from models.heads.qnet import QNetHead, episode_prototype, image_thresholds, predicted_foreground
 
 MAP_EPS = 1e-5                 # the references' denominator guard in masked average pooling
 SELECTION_PENALTY = -10000.0   # BATE: added to the scores of the regions below k_c
@@ -263,14 +265,9 @@ class RPTHead(nn.Module):
         return torch.tensor(draws, dtype=torch.long, device=n_points.device)
 
     # ------------------------------------------------------------------ building blocks
-    def fg_probability(self, features: torch.Tensor, prototypes: torch.Tensor,
-                       threshold: torch.Tensor) -> torch.Tensor:
-        """One prototype and one threshold per image: features B x N x C x h x w, prototypes B x N x C,
-        threshold B x N x 1 x 1 -> B x N x h x w."""
-        B, N = features.shape[:2]
-        p = anomaly_fg_probability(features.flatten(0, 1).unsqueeze(1), prototypes.flatten(0, 1),
-                                   threshold.flatten(0, 1).unsqueeze(1), self.scaler, self.kappa)
-        return p.view(B, N, *p.shape[-2:])
+    # one prototype and one threshold per image: features B x N x C x h x w, prototypes B x N x C,
+    # threshold B x N x 1 x 1 -> B x N x h x w (Q-Net's per-image anomaly score)
+    fg_probability = QNetHead.fg_probability
 
     def regional_prototypes(self, support: torch.Tensor, masks: torch.Tensor, Q: int) -> torch.Tensor:
         """support B x S x C x h x w, masks B x S x H x W -> B x Q x S x K x C: the regions of every
@@ -300,7 +297,7 @@ class RPTHead(nn.Module):
         B, S = fs.shape[:2]
         Q = fq.shape[1]
         size = tuple(support_masks.shape[-2:])
-        t_query = _threshold(query, B, Q, "query")
+        t_query = image_thresholds(query, B, Q, "query")
         fg_proto = masked_average_pool(fs, support_masks, MAP_EPS).mean(dim=1)       # B x C
         protos = fg_proto[:, None].expand(B, Q, -1)
         p_low = self.fg_probability(fq, protos, t_query)                               # coarse, B x Q x h x w
@@ -318,7 +315,7 @@ class RPTHead(nn.Module):
             "threshold": t_query.detach().view(B, Q), "support_prototype": fg_proto.detach(),
             "prototypes": protos.detach()})
         if self.training:
-            t_support = _threshold(support, B, S, "support")
+            t_support = image_thresholds(support, B, S, "support")
             out.aux_losses["periphery"] = self.periphery_loss(fs, support_masks, fg_proto, t_support)
             pred_proto, has_fg = self.predicted_query_prototype(fq, p_full)
             out.aux_losses["align"] = self.alignment_loss(fs, support_masks, pred_proto, has_fg, t_query)
@@ -336,15 +333,12 @@ class RPTHead(nn.Module):
         threshold; unweighted NLL (clamped log of [1 - P, P]), mean over shots, then episodes."""
         B, S = masks.shape[:2]
         H, W = masks.shape[-2:]
-        dilated = F.max_pool2d(masks.reshape(B * S, 1, H, W), 3, stride=1, padding=1).view(B, S, H, W)
-        ring = dilated - masks
-        target = torch.where(ring == 1, 1, torch.where(ring == 0, 0, 255))
+        dilated = dilate(masks, 1)
+        target = support_target(dilated - masks)
         dil_proto = masked_average_pool(fs, dilated, MAP_EPS).mean(dim=1)
         p_obj, p_dil = (upsample_bilinear(self.fg_probability(fs, p[:, None].expand(B, S, -1), t_support), (H, W),
                                           align_corners=True) for p in (fg_proto, dil_proto))
-        per_shot = episode_nll(two_class_log_probs(p_dil - p_obj).reshape(B * S, 1, 2, H, W),
-                               target.reshape(B * S, 1, H, W), reduction="none")
-        return per_shot.view(B, S).mean(dim=1).mean()
+        return per_shot_nll(two_class_log_probs(p_dil - p_obj), target).mean()
 
     @staticmethod
     def predicted_query_prototype(fq: torch.Tensor, p_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,9 +346,7 @@ class RPTHead(nn.Module):
         mask) pooled over the episode's query images -> (B x C, B float: 1 if anything is predicted)."""
         q_mask = predicted_foreground(p_full).to(fq.dtype)                             # B x Q x H x W
         counts = q_mask.sum(dim=(-2, -1))                                              # B x Q
-        per_image = masked_average_pool(fq, q_mask, MAP_EPS)                            # B x Q x C
-        proto = (per_image * (counts + MAP_EPS).unsqueeze(-1)).sum(1) / (counts.sum(1, keepdim=True) + MAP_EPS)
-        return proto, (counts.sum(dim=1) > 0).to(fq.dtype)
+        return episode_prototype(fq, q_mask, counts), (counts.sum(dim=1) > 0).to(fq.dtype)
 
     def alignment_loss(self, fs: torch.Tensor, masks: torch.Tensor, pred_proto: torch.Tensor,
                        has_fg: torch.Tensor, t_query: torch.Tensor) -> torch.Tensor:
@@ -366,9 +358,7 @@ class RPTHead(nn.Module):
         t_align = t_query.mean(dim=1, keepdim=True).expand(B, S, 1, 1)
         p = self.fg_probability(fs, pred_proto[:, None].expand(B, S, -1), t_align)
         p = upsample_bilinear(p, (H, W), align_corners=True)
-        per_shot = episode_nll(two_class_log_probs(p).reshape(B * S, 1, 2, H, W),
-                               masks.reshape(B * S, 1, H, W), reduction="none")
-        return (per_shot.view(B, S).mean(dim=1) * has_fg).mean()
+        return (per_shot_nll(two_class_log_probs(p), masks) * has_fg).mean()
 
     def query_prototype_loss(self, fq: torch.Tensor, labels: torch.Tensor, t_query: torch.Tensor) -> torch.Tensor:
         """The prototype of each query image's labelled foreground (label 1) segments that image;
@@ -381,11 +371,3 @@ class RPTHead(nn.Module):
         p = upsample_bilinear(self.fg_probability(fq, proto, t_query), tuple(labels.shape[-2:]), align_corners=True)
         return episode_nll(two_class_log_probs(p), labels)
 
-
-def _threshold(features: dict, B: int, N: int, which: str) -> torch.Tensor:
-    """The encoder's threshold of each image, B x N x 1 -> B x N x 1 x 1."""
-    t = features["threshold"]
-    if tuple(t.shape) != (B, N, 1):
-        raise ValueError(f"{which}['threshold'] has shape {tuple(t.shape)}, expected {(B, N, 1)} (one value per "
-                         f"image, from the qnet_r101 encoder's threshold branch)")
-    return t.unsqueeze(-1)
