@@ -45,7 +45,7 @@ SECTIONS = ("encoder", "head", "loss", "sampler", "augment", "optim", "train", "
 _METHOD_META = ("description", "overrides")
 
 
-def _load_yaml(path: Path) -> dict:
+def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -68,7 +68,7 @@ def _method_yaml(method: str) -> dict:
         close = difflib.get_close_matches(method, method_names(), n=1)
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(method_names())}"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return _load_yaml(path)
+    return load_yaml(path)
 
 
 def _matches(when: dict, context: dict) -> bool:
@@ -84,7 +84,7 @@ def _matches(when: dict, context: dict) -> bool:
 @lru_cache(maxsize=32)
 def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | None) -> dict:
     spec = load_spec(dataset, data_dir)
-    cfg = _load_yaml(CONFIG_DIR / "base.yaml")
+    cfg = load_yaml(CONFIG_DIR / "base.yaml")
     m = _method_yaml(method)
     unknown = [k for k in m if k not in SECTIONS and k not in _METHOD_META]
     if unknown:
@@ -123,7 +123,7 @@ def experiment_name(method, dataset, setting, test_labels, eval_fold) -> str:
 
 def experiment_config():
     # Sacred config scope: every key of the experiment (README, "Configuration keys").
-    method = "adnet"                 # adnet | qnet | alpnet | dspnet (configs/methods)
+    method = "adnet"                 # adnet | qnet | alpnet | dspnet | rpt | gmrd (configs/methods)
     dataset = "SYNTH"                # CHAOST2 | SABS | CMR | SYNTH, or a folder with dataset.json
     data_dir = default_data_dir(dataset)
     setting = 1                      # 1: test organs may appear in training slices; 2: those slices are removed
@@ -357,7 +357,7 @@ def make_experiment(name: str, record: str | None = None) -> Experiment:
     for path in sorted(METHOD_DIR.glob("*.yaml")):
         ex.add_named_config(path.stem, {"method": path.stem})
     for path in sorted(DATASET_DIR.glob("*.yaml")):
-        ex.add_named_config(path.stem, {"dataset": _load_yaml(path)["name"]})
+        ex.add_named_config(path.stem, {"dataset": load_yaml(path)["name"]})
     for path in sorted(PROTOCOL_DIR.glob("*.yaml")):
         ex.add_named_config(f"protocol_{path.stem}", str(path))
     ex.add_named_config("demo", str(CONFIG_DIR / "demo.yaml"))

@@ -41,24 +41,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import yaml
 from sacred.arg_parser import get_config_updates
 
-from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, method_names
+from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, experiment_name, load_yaml, method_names
 from data.core.errors import CheckpointError, ConfigError, UserError
+from data.core.io import write_json
 from data.core.specs import load_spec
 from dataloaders.evaluation.leaderboard import PROTOCOL_KEYS, EvalRun, read_run
 from models.engine.checkpoints import find_checkpoint, run_folders, run_status
 from models.engine.runs import PROJECT_ROOT, RunBusyError, lock_run, unlock_run
-from models.engine.trainer import RESUME_FILE, check_resume
+from models.engine.trainer import RESUME_FILE, check_resume, flatten_config
 
 log = logging.getLogger(__name__)
 
 DONE, TO_EVALUATE, TO_RESUME, TO_TRAIN, RUNNING, QUEUED = (
     "done", "to evaluate", "to resume", "to train", "running", "queued")
-# keys the sweep sets for every cell: an update may not override them
-SWEEP_KEYS = ("method", "dataset", "data_dir", "setting", "eval_fold", "test_labels", "log_dir", "exp_name",
-              "train.resume")
+# keys the sweep sets for every cell (an update may not override them) -> the option that sets them
 SWEEP_OPTION = {"method": "--methods", "dataset": "--datasets", "data_dir": "--data-dir", "setting": "--settings",
                 "eval_fold": "--folds", "test_labels": "--label-groups", "log_dir": "--log-dir",
                 "exp_name": "nothing (exp_name follows from the cell)",
@@ -85,6 +83,11 @@ class Cell:
         return (f"{self.method} {self.dataset} setting {self.setting} labels "
                 f"{','.join(map(str, self.test_labels))} fold {self.fold}")
 
+    @property
+    def exp_name(self) -> str:
+        """The exp_name of the cell's runs (as training.py derives it from the same keys)."""
+        return experiment_name(self.method, self.dataset, self.setting, self.test_labels, self.fold)
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -106,11 +109,14 @@ class Sweep:
 @dataclass(frozen=True)
 class Plan:
     cell: Cell
-    exp_name: str
     state: str
     resume: str | None = None         # the run folder to continue (state to resume)
     evaluation: EvalRun | None = None    # the evaluation run (state done)
     note: str = ""
+
+    @property
+    def exp_name(self) -> str:
+        return self.cell.exp_name
 
 
 # ----------------------------------------------------------------------------- cells
@@ -164,16 +170,6 @@ def plan_cells(methods, datasets, settings, folds, label_groups=None, data_dirs=
 
 
 # ----------------------------------------------------------------------------- configs and commands
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def parse_updates(updates) -> dict:
     """The dotted keys and values that `updates` (Sacred's `key=value` words and `protocol_<name>`
     named configs) set, decoded as Sacred decodes them; keys the sweep sets are refused."""
@@ -185,17 +181,13 @@ def parse_updates(updates) -> dict:
             choices = ", ".join(f"protocol_{p.stem}" for p in sorted(PROTOCOL_DIR.glob("*.yaml")))
             raise SweepError(f"{name!r}: a sweep passes key=value updates and protocol named configs ({choices}) "
                              f"to every run; methods and datasets are chosen with --methods and --datasets")
-        dotted.update(_flatten(_read_yaml(path)))
-    dotted.update(_flatten(nested))
+        dotted.update(flatten_config(load_yaml(path)))
+    dotted.update(flatten_config(nested))
     for key in dotted:
-        if key in SWEEP_KEYS:
+        if key in SWEEP_OPTION:
             raise SweepError(f"the update {key}=... would be the same for every cell; the sweep sets {key} "
                              f"itself: use {SWEEP_OPTION[key]}")
     return dotted
-
-
-def _read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def data_dir_of(sweep: Sweep, dataset: str) -> str:
@@ -229,9 +221,7 @@ def eval_command(sweep: Sweep, cell: Cell) -> list[str]:
 
 def commands(sweep: Sweep, plan: Plan) -> list[list[str]]:
     """What a cell still has to run, in order."""
-    if plan.state == TO_TRAIN:
-        return [train_command(sweep, plan.cell), eval_command(sweep, plan.cell)]
-    if plan.state == TO_RESUME:
+    if plan.state in (TO_TRAIN, TO_RESUME):             # plan.resume is None for a new training
         return [train_command(sweep, plan.cell, plan.resume), eval_command(sweep, plan.cell)]
     if plan.state == TO_EVALUATE:
         return [eval_command(sweep, plan.cell)]
@@ -270,7 +260,7 @@ def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> EvalRun | None
 def plan_state(sweep: Sweep, cell: Cell) -> Plan:
     """What the cell needs (module docstring), from its run folders."""
     cfg = cell_config(sweep, cell)
-    exp_name = cfg["exp_name"]
+    exp_name = cell.exp_name
     log_dir = Path(sweep.cwd) / sweep.log_dir
     try:
         checkpoint = find_checkpoint(log_dir, exp_name)
@@ -279,26 +269,26 @@ def plan_state(sweep: Sweep, cell: Cell) -> Plan:
     if checkpoint is not None:
         evaluation = find_evaluation(sweep, cfg, checkpoint)
         if evaluation is not None:
-            return Plan(cell, exp_name, DONE, evaluation=evaluation)
-        return Plan(cell, exp_name, TO_EVALUATE, note=f"evaluates {checkpoint}")
+            return Plan(cell, DONE, evaluation=evaluation)
+        return Plan(cell, TO_EVALUATE)
     for run in reversed(run_folders(log_dir / "train" / exp_name)):
         if run_status(run) == "COMPLETED" or not (run / "snapshots" / RESUME_FILE).is_file():
             continue
         if is_locked(run):
-            return Plan(cell, exp_name, RUNNING, note=f"{run} is being trained by another process")
+            return Plan(cell, RUNNING, note=f"{run} is being trained by another process")
         try:
             check_resume({**cfg, "train": {**cfg["train"], "resume": str(run)}})
         except UserError as err:
-            return Plan(cell, exp_name, TO_TRAIN, note=f"a new run: {run} cannot be resumed ({err})")
+            return Plan(cell, TO_TRAIN, note=f"a new run: {run} cannot be resumed ({err})")
         # the run folder as the commands name it (relative to the sweep's working directory, as log_dir)
-        return Plan(cell, exp_name, TO_RESUME, resume=str(Path(sweep.log_dir) / "train" / exp_name / run.name))
-    return Plan(cell, exp_name, TO_TRAIN)
+        return Plan(cell, TO_RESUME, resume=str(Path(sweep.log_dir) / "train" / exp_name / run.name))
+    return Plan(cell, TO_TRAIN)
 
 
 def format_plan(plans: list[Plan]) -> str:
     """The plan as a plain table: cell, exp_name, state (and why, where it matters)."""
     rows = [("cell", "exp_name", "state")] + [
-        (p.cell.describe(), p.exp_name, p.state + (f" ({p.note})" if p.note and p.state != TO_EVALUATE else ""))
+        (p.cell.describe(), p.exp_name, p.state + (f" ({p.note})" if p.note else ""))
         for p in plans]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
@@ -369,7 +359,7 @@ class CellJob:
 
 @dataclass
 class Outcome:
-    job: CellJob
+    job: CellJob                      # as it ran (with the GPU it was given)
     ok: bool
     message: str
 
@@ -525,13 +515,9 @@ def wait(jobs: list[CellJob], submitted: list) -> list[Outcome]:
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's error, or its own
             last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
             outcomes.append(Outcome(job, False, f"{job.cell.describe()}: job {sj.job_id} failed ({last[0]}); "
-                                                f"cell log {job.sweep.log_path(_exp_name(job))}, job log "
+                                                f"cell log {job.sweep.log_path(job.cell.exp_name)}, job log "
                                                 f"{sj.paths.stderr}"))
     return outcomes
-
-
-def _exp_name(job: CellJob) -> str:
-    return cell_config(job.sweep, job.cell)["exp_name"]
 
 
 # ----------------------------------------------------------------------------- Slurm bookkeeping
@@ -539,21 +525,24 @@ def _jobs_file(sweep: Sweep) -> Path:
     return sweep.sweep_dir / "slurm_jobs.json"
 
 
-def record_jobs(sweep: Sweep, plans: list[Plan], submitted: list) -> None:
+def recorded_jobs(sweep: Sweep) -> dict[str, str]:
+    """exp_name -> the Slurm job id of its last submission by this sweep."""
     path = _jobs_file(sweep)
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_jobs(sweep: Sweep, plans: list[Plan], submitted: list) -> None:
+    known = recorded_jobs(sweep)
     known.update({p.exp_name: str(sj.job_id) for p, sj in zip(plans, submitted)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(known, indent=2, sort_keys=True))
+    write_json(_jobs_file(sweep), dict(sorted(known.items())))
 
 
 def mark_queued(sweep: Sweep, plans: list[Plan]) -> list[Plan]:
     """Cells whose Slurm job (recorded by an earlier submission of this sweep) is still in the queue
     or running become 'queued', so that re-running the sweep does not submit them twice."""
-    path = _jobs_file(sweep)
-    if not path.is_file() or shutil.which("squeue") is None:
+    recorded = recorded_jobs(sweep)
+    if not recorded or shutil.which("squeue") is None:
         return plans
-    recorded = json.loads(path.read_text())
     ids = sorted({recorded[p.exp_name] for p in plans if p.exp_name in recorded and p.state != DONE})
     if not ids:
         return plans

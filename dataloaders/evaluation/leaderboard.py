@@ -196,7 +196,8 @@ def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> dict[str, Path]:
+def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
+    """Write folds.csv, summary.csv, table.md and dice.png into `out`; returns table.md's text."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / n for k, n in (("folds", "folds.csv"), ("summary", "summary.csv"), ("md", "table.md"),
                                      ("png", "dice.png"))}
@@ -215,10 +216,11 @@ def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | Non
                 mean, std, n = table.organ_stats(method, organ)
                 w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
             w.writerow([method, "Mean", f"{table.overall(method):.6f}", "", ""])
+    text = markdown(table, published)
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown(table, published))
+        tmp.write_text(text)
     _bar_chart(table, paths["png"])
-    return paths
+    return text
 
 
 def _bar_chart(table: Table, path: Path) -> None:
@@ -256,8 +258,8 @@ def published_beside(table: Table) -> list[PublishedEntry]:
 def write_report(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
     """Write folds.csv, summary.csv, table.md and dice.png into `out`, warn about every missing fold,
     and return the table in Markdown."""
-    write_outputs(table, out, published)
+    text = write_outputs(table, out, published)
     for method in sorted(table.dice):
         for organ, folds in table.missing_folds(method).items():
             log.warning("%s setting %s, %s %s: folds %s missing", table.dataset, table.setting, method, organ, folds)
-    return markdown(table, published)
+    return text

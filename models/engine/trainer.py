@@ -288,18 +288,20 @@ def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metric
     return path
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys ({"train": {"n_steps": 2}} -> {"train.n_steps": 2}); an empty
+    section stays a value of its own ({} is what was set)."""
     out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
-            out[prefix + k] = v
+            out[prefix + key] = value
     return out
 
 
 def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
-    a, b = _flatten(saved_cfg), _flatten(cfg)
+    a, b = flatten_config(saved_cfg), flatten_config(cfg)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if diff:
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
