@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from configs.experiment import METHOD_DIR, _load_yaml, method_defaults, method_names
+from configs.experiment import METHOD_DIR, load_yaml, method_defaults, method_names
 from models.encoder import ResNetEncoder
 from models.engine.builders import build_model
 from models.fewshot import FewShotSegmenter
@@ -66,11 +66,11 @@ def test_every_registered_head_keeps_the_contract(name):
 def test_method_yamls_set_only_head_options():
     """No method YAML repeats what the encoder knows (channels) or sets an option the head lacks."""
     for method in method_names():
-        head = _load_yaml(METHOD_DIR / f"{method}.yaml")["head"]
+        head = load_yaml(METHOD_DIR / f"{method}.yaml")["head"]
         options = set(head_options(head["name"]))
         assert set(head) - {"name"} <= options, method
         assert not set(head) & set(ENCODER_ARGUMENTS), method
-        for rule in _load_yaml(METHOD_DIR / f"{method}.yaml").get("overrides", []):
+        for rule in load_yaml(METHOD_DIR / f"{method}.yaml").get("overrides", []):
             assert set(rule.get("set", {}).get("head", {})) <= options, (method, rule)
 
 
