@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.core.errors import CheckpointError, UserError
-from models.checkpoint_files import load_checkpoint_file
+from data.core.checkpoint_files import load_checkpoint_file
 from models.tv import resnet101
 
 log = logging.getLogger(__name__)

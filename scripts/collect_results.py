@@ -19,7 +19,7 @@ as columns, one row per method) and dice.png (a bar chart with the fold std as e
 the primary published entry of that method, dataset and setting, a row for every method that has
 published numbers but no run here, the source and status of each, and below the table every published
 entry for this dataset and setting (other papers' listings, DSPNet's re-runs, users' reproductions).
-The numbers come from dataloaders/evaluation/published_results.csv, which names each one's source.
+The numbers come from evaluation/published_results.csv, which names each one's source.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from data.core.cli import add_logging_arguments, run_cli
-from dataloaders.evaluation.leaderboard import build_table, find_runs, published_beside, select, write_report
+from evaluation.leaderboard import build_table, find_runs, published_beside, select, write_report
 
 
 def main(argv=None) -> int:

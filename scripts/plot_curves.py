@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.core.cli import add_logging_arguments, run_cli
 from data.core.errors import DataError
-from dataloaders.evaluation.reporting import curves_from_metrics, write_training_curves
+from evaluation.reporting import curves_from_metrics, write_training_curves
 
 
 def main(argv=None) -> int:

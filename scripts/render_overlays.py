@@ -16,7 +16,7 @@ from pathlib import Path
 from data.core.cli import add_logging_arguments, run_cli
 from data.core.io import DataError, read_volume, safe_child_path
 from data.core.specs import load_spec
-from dataloaders.evaluation.reporting import pick_slices, render_prediction
+from evaluation.reporting import pick_slices, render_prediction
 from dataloaders.volumes import VolumeStore
 
 _NAME = re.compile(r"^scan_(\d+)_(.+)\.nii(\.gz)?$")

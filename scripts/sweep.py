@@ -29,7 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from configs.sweep import (
+from launch.sweep import (
     DONE,
     RUNNING,
     CellJob,
@@ -53,7 +53,7 @@ from configs.sweep import (
     wait,
 )
 from data.core.cli import add_logging_arguments, run_cli
-from dataloaders.evaluation.leaderboard import build_table, published_beside, select, write_report
+from evaluation.leaderboard import build_table, published_beside, select, write_report
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm", "submitit-local")

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 
-PACKAGES = ("data", "dataloaders", "models", "configs", "scripts", "training", "validation")
+PACKAGES = ("data", "dataloaders", "models", "evaluation", "configs", "launch", "scripts", "training", "validation")
 
 
 def layer(module: str) -> tuple[int, str]:
@@ -21,11 +21,13 @@ def layer(module: str) -> tuple[int, str]:
         return 1, parts[0]
     if parts[:2] == ["models", "engine"]:
         return 3, "engine"
-    if parts[0] == "models":
-        return 2, "models"
+    if parts[0] in ("models", "evaluation"):
+        return 2, parts[0]
     if parts[0] == "configs":
         return 4, "configs"
-    return 5, "commands"                      # training.py, validation.py, scripts/
+    if parts[0] == "launch":
+        return 5, "launch"
+    return 6, "commands"                      # training.py, validation.py, scripts/
 
 
 def project_sources() -> list[Path]:
@@ -53,9 +55,21 @@ def project_imports(path: Path):
                 yield name, node.lineno, id(node) not in top
 
 
+def test_configs_hold_no_process_code():
+    """configs/ is declarative (YAML and the experiment's assembly): launching lives in launch/."""
+    for path in sorted((PROJECT_ROOT / "configs").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"subprocess", "threading", "submitit", "multiprocessing"}, path
+
+
 def test_the_sources_are_found():
     names = {module_name(p) for p in project_sources()}
-    assert {"data.core.io", "models.engine.trainer", "configs.experiment", "training"} <= names
+    assert {"data.core.io", "models.engine.trainer", "configs.experiment", "evaluation.protocol",
+            "launch.sweep", "training"} <= names
 
 
 @pytest.mark.parametrize("path", project_sources(), ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
@@ -69,7 +83,7 @@ def test_imports_follow_the_layers(path):
             problems.append(f"line {line}: {target} imported inside a function")
         if target_layer > source_layer:
             problems.append(f"line {line}: {target} (layer {target_layer}) imported from layer {source_layer}")
-        if source_layer == target_layer == 1 and source_group != target_group:
-            problems.append(f"line {line}: {target} imported from {source_group}/ (data/ and dataloaders/ "
-                            f"stay apart)")
+        if source_layer == target_layer and source_layer in (1, 2) and source_group != target_group:
+            problems.append(f"line {line}: {target} imported from {source_group}/ ({target_group}/ and "
+                            f"{source_group}/ stay apart)")
     assert not problems, f"{source}: " + "; ".join(problems)

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from data.core.specs import load_spec
-from dataloaders.evaluation.protocol import (
+from evaluation.protocol import (
     EvaluationResult, ProtocolOptions, ScanScore, chunk_of_slices, plan_query, scored_slices, support_slices,
 )
 from dataloaders.volumes import VolumeStore

@@ -5,7 +5,7 @@ import pytest
 from configs.experiment import method_names
 from data.core.errors import DataError
 from data.core.specs import load_spec
-from dataloaders.evaluation.published import PUBLISHED_CSV, load_published, published_for
+from evaluation.published import PUBLISHED_CSV, load_published, published_for
 from scripts import collect_results
 from tests.test_workflow import fake_run
 

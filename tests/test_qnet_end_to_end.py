@@ -84,7 +84,7 @@ def test_real_chaos_scan_with_refinement(chaos_dir, tmp_path):
     untrained encoder: the pipeline, not the accuracy. One support and one query scan of fold 0
     (the whole fold takes minutes on 2 CPU cores), spleen only; refinement on."""
     from data.core.specs import Fold
-    from dataloaders.evaluation.protocol import ProtocolOptions
+    from evaluation.protocol import ProtocolOptions
     from models.engine.builders import dataset_spec, volume_store
     from models.engine.evaluation import Evaluator
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from dataloaders.evaluation.protocol import support_slices
+from evaluation.protocol import support_slices
 from data.core.specs import load_spec
 from dataloaders.volumes import VolumeStore
 from tests.conftest import PROJECT_ROOT, requires_chaos, requires_cmr, CHAOS_DIR, CMR_DIR

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from configs.sweep import CellFailed, run_local
+from launch.sweep import CellFailed, run_local
 from scripts import sweep
 from tests.conftest import PROJECT_ROOT
 

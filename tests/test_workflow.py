@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from data.core.io import write_volume
-from dataloaders.evaluation.leaderboard import build_table, find_runs, select
-from dataloaders.evaluation.reporting import write_training_curves
+from evaluation.leaderboard import build_table, find_runs, select
+from evaluation.reporting import write_training_curves
 from scripts import collect_results, plot_curves, render_overlays
 from tests.helpers import GEOMETRY, write_dataset
 

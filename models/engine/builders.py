@@ -16,7 +16,7 @@ import torch
 from data.core.io import ConfigError, DataError
 from data.core.specs import DatasetSpec, load_spec
 from dataloaders.augment import AugmentParams
-from dataloaders.evaluation.protocol import ProtocolOptions
+from evaluation.protocol import ProtocolOptions
 from dataloaders.superpixel_episodes import SuperpixelEpisodes
 from dataloaders.supervoxel_episodes import SupervoxelEpisodes
 from dataloaders.volumes import VolumeStore

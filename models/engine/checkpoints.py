@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from data.core.errors import CheckpointError
-from models.checkpoint_files import load_checkpoint_file
+from data.core.checkpoint_files import load_checkpoint_file
 from models.engine.reference_checkpoints import detect_format, load_reference_state
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Evaluate a trained (or untrained) model on one fold with the protocol, and write the reports.
 
-`Evaluator` runs a model through the protocol's rules (dataloaders/evaluation/protocol.py) on the
+`Evaluator` runs a model through the protocol's rules (evaluation/protocol.py) on the
 predictor (models/engine/predictor.py): the support scan's slices are encoded once for all
 classes, each query scan's slices once for all its classes, and each query's chunks are segmented
 with their support slices. `evaluate` is the experiment: model, fold, reports.
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data.core.io import DataError
 from data.core.specs import DatasetSpec, Fold
-from dataloaders.evaluation.protocol import (
+from evaluation.protocol import (
     EvaluationResult,
     ProtocolOptions,
     QueryPlan,
@@ -27,7 +27,7 @@ from dataloaders.evaluation.protocol import (
     scored_slices,
     support_slices,
 )
-from dataloaders.evaluation.reporting import (
+from evaluation.reporting import (
     format_patient_table,
     format_table,
     write_overlays,

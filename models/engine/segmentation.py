@@ -17,7 +17,7 @@ What it does, per query:
    dataset whose pipeline keeps each scan's axes (orientation null: CMR, SABS), the queries are
    reoriented to the support's orientation code (a permutation/flip only), so support and query
    slices are cut the same way.
-3. **Protocol** (dataloaders/evaluation/protocol.py, the evaluation's own functions): the support slices are
+3. **Protocol** (evaluation/protocol.py, the evaluation's own functions): the support slices are
    those at the 1/6, 1/2, 5/6 points of the support organ's slices (`--n-part`, default the
    config's evaluation.n_part); the query's organ extent is cut into as many chunks
    (evaluation.chunking, `plan_query`), chunk i segmented with support slice i. The extent is:
@@ -69,16 +69,16 @@ from data.core.specs import PROJECT_ROOT, DatasetSpec, Preprocessing, builtin_na
 from data.pipeline import image_from_array, orientation_of, prepare_scan, reorient
 from data.prepare import read_nifti_pair
 from data.verify import MIN_SLICES
-from dataloaders.evaluation.protocol import (
+from evaluation.protocol import (
     count_overlap,
     dice_score,
     plan_query,
     scored_slices,
     support_slices,
 )
-from dataloaders.evaluation.reporting import pick_slices, render_prediction
+from evaluation.reporting import pick_slices, render_prediction
 from dataloaders.volumes import zscore
-from models.checkpoint_files import load_checkpoint_file
+from data.core.checkpoint_files import load_checkpoint_file
 from models.engine.builders import autocast_dtype, build_model, eval_batch_size, fold_data, resolve_device
 from models.engine.checkpoints import load_model_state
 from models.engine.predictor import Predictor, ScanImage, foreground_probability

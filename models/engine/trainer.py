@@ -44,7 +44,7 @@ from data.core.io import ConfigError, UserError, atomic_path
 from dataloaders.augment import AugmentParams
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
-from dataloaders.evaluation.reporting import write_training_curves
+from evaluation.reporting import write_training_curves
 from models.engine.builders import (
     autocast_dtype,
     build_episode_dataset,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from data.core.io import atomic_path, safe_child_path, write_volume
-from dataloaders.evaluation.protocol import EvaluationResult
+from evaluation.protocol import EvaluationResult
 from dataloaders.volumes import VolumeStore
 
 

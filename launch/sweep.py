@@ -47,7 +47,7 @@ from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, exp
 from data.core.errors import CheckpointError, ConfigError, UserError
 from data.core.io import write_json
 from data.core.specs import load_spec
-from dataloaders.evaluation.leaderboard import PROTOCOL_KEYS, EvalRun, read_run
+from evaluation.leaderboard import PROTOCOL_KEYS, EvalRun, read_run
 from models.engine.checkpoints import find_checkpoint, run_folders, run_status
 from models.engine.runs import PROJECT_ROOT, RunBusyError, lock_run, unlock_run
 from models.engine.trainer import RESUME_FILE, check_resume, flatten_config

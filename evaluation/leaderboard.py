@@ -17,8 +17,8 @@ import numpy as np
 
 from data.core.io import UserError, atomic_path
 from data.core.specs import load_spec
-from dataloaders.evaluation.published import PublishedEntry, published_for
-from dataloaders.evaluation.reporting import save_figure
+from evaluation.published import PublishedEntry, published_for
+from evaluation.reporting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def published_beside(table: Table) -> list[PublishedEntry]:
     published = published_for(table.dataset, table.setting)
     if not published:
         log.warning("no published numbers for %s setting %s in %s", table.dataset, table.setting,
-                    "dataloaders/evaluation/published_results.csv")
+                    "evaluation/published_results.csv")
     return published
 
 
