@@ -16,10 +16,15 @@ from pathlib import Path
 
 from configs.experiment import make_experiment
 from models.engine.builders import check_run_inputs, resolve_device
-from models.engine.runs import lock_run, unlock_run, write_provenance
+from models.engine.experiment import Experiment
+from data.core.run_folder import TRAIN, RunFolder
+from models.engine.runs import write_provenance
 from models.engine.trainer import check_resume, train
 
-ex = make_experiment("train", record="train")
+ex = make_experiment("train", record=TRAIN)
+
+# the resume point read by the pre-flight check, for the run it was checked for (read once)
+_checked_resume: dict = {}
 
 
 @ex.config_hook
@@ -30,29 +35,29 @@ def _refuse_unresumable_run(config, command_name, logger):
     resume leaves the run as it was, and a refused new run leaves no run folder."""
     if command_name != "main" or int(os.environ.get("RANK", "0")) != 0:
         return {}
-    cfg = json.loads(json.dumps(config))
-    resume = cfg["train"].get("resume")
+    exp = Experiment.from_config(json.loads(json.dumps(config)))
+    resume = exp.train.resume
+    state = check_resume(exp) if resume else None
+    check_run_inputs(exp, "train")
     if resume:
-        check_resume(cfg)
-    check_run_inputs(cfg, "train")
-    if resume:
-        lock_run(resume)
+        RunFolder(resume).lock()
+        _checked_resume["state"] = state
     return {}
 
 
 @ex.main
 def main(_config, _run):
-    cfg = json.loads(json.dumps(_config))
+    exp = Experiment.from_config(json.loads(json.dumps(_config)))
     if _run.observers:
-        run_dir = Path(_run.observers[0].dir)
-        lock_run(run_dir)
-        write_provenance(run_dir, cfg, resolve_device(cfg["device"]))
+        run = RunFolder(_run.observers[0].dir)
+        run.lock()
+        write_provenance(run.path, exp.to_config(), resolve_device(exp.device), TRAIN)
     else:   # torchrun ranks > 0 record nothing; they only read the resume point
-        run_dir = Path(cfg["train"]["resume"] or Path(cfg["log_dir"]) / "unobserved")
+        run = RunFolder(exp.train.resume or Path(exp.log_dir) / "unobserved")
     try:
-        final = train(cfg, run_dir, log_scalar=_run.log_scalar)
+        final = train(exp, run.path, log_scalar=_run.log_scalar, resume_state=_checked_resume.pop("state", None))
     finally:
-        unlock_run(run_dir)
+        run.unlock()
     if _run.observers:
         print(f"final snapshot: {final}")
     return str(final)

@@ -15,6 +15,7 @@ from pathlib import Path
 from configs.experiment import make_experiment
 from models.engine.builders import check_run_inputs
 from models.engine.evaluation import evaluate, load_evaluated_model
+from models.engine.experiment import Experiment
 
 ex = make_experiment("test", record="test")
 
@@ -29,18 +30,18 @@ def _refuse_bad_inputs(config, command_name, logger):
     completely) are checked here, before Sacred records the run, so a refused evaluation writes
     nothing."""
     if command_name == "main":
-        cfg = json.loads(json.dumps(config))
-        check_run_inputs(cfg, "test")
-        _checked_model["model"] = load_evaluated_model(cfg)
+        exp = Experiment.from_config(json.loads(json.dumps(config)))
+        check_run_inputs(exp, "test")
+        _checked_model["model"] = load_evaluated_model(exp)
     return {}
 
 
 @ex.main
 def main(_config, _run):
-    cfg = json.loads(json.dumps(_config))
+    exp = Experiment.from_config(json.loads(json.dumps(_config)))
     run_dir = Path(_run.observers[0].dir) if _run.observers else None
     model, checkpoint = _checked_model.pop("model", (None, "in-memory model"))
-    result = evaluate(cfg, run_dir, model=model, checkpoint=checkpoint)
+    result = evaluate(exp, run_dir, model=model, checkpoint=checkpoint)
     for c in result.class_ids():
         _run.log_scalar(f"dice.{result.class_scores(c)[0].class_name}", result.class_mean(c))
     _run.log_scalar("dice.mean", result.mean())

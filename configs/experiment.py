@@ -2,7 +2,9 @@
 
 Configuration is assembled in layers, lowest first:
 
-1. configs/base.yaml: every key with its default;
+1. configs/base.yaml: every key with its default (the top-level ones too: method, dataset, setting,
+   eval_fold, seed, device, log_dir, ...; null for the three derived ones: data_dir, test_labels,
+   exp_name);
 2. configs/methods/<method>.yaml: the method's encoder, head, sampler, losses and schedule, then its
    `overrides` whose `when` matches the run (keys setting, dataset, region), e.g. Q-Net's alpha
    in setting 2 or DSPNet's BCMA constants for cardiac data;
@@ -11,8 +13,9 @@ Configuration is assembled in layers, lowest first:
 4. named configs and `key=value` updates on the command line, which always win.
 
 Every named config in configs/methods, configs/datasets and configs/protocols is registered by its
-file name (`with qnet chaost2 protocol_qnet`), and configs/demo.yaml as `demo`. A key that no
-layer defines is an error that names the closest known key.
+file name (`with qnet chaost2 protocol_qnet`), and configs/demo.yaml as `demo`. A key that is not
+one of the experiment's (models.engine.experiment), in any YAML layer or a config file of your own,
+is an error naming the file, the key and the closest known key; so is an unknown named config.
 """
 from __future__ import annotations
 
@@ -22,22 +25,27 @@ import difflib
 import json
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 from sacred import Experiment
 from sacred.config import config_files
+from sacred.utils import NamedConfigNotFoundError
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from configs.runs import ResumableFileStorageObserver
 from data.core.io import ConfigError, UserError
 from data.core.specs import load_spec
+from models.engine.experiment import SECTIONS as TYPED_SECTIONS
+from models.engine.experiment import Experiment as TypedExperiment
 from models.engine.trainer import OPTIMIZERS
 from models.heads import HEADS, head_options
 from models.heads.contract import ENCODER_ARGUMENTS
 
 CONFIG_DIR = Path(__file__).resolve().parent
+BASE_FILE = CONFIG_DIR / "base.yaml"
 METHOD_DIR = CONFIG_DIR / "methods"
 DATASET_DIR = CONFIG_DIR / "datasets"
 PROTOCOL_DIR = CONFIG_DIR / "protocols"
@@ -47,6 +55,90 @@ _METHOD_META = ("description", "overrides")
 
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
+
+
+TOP_LEVEL_KEYS = TypedExperiment.top_level_keys()
+# top-level keys whose null default is derived from others (default_data_dir, the dataset's classes,
+# experiment_name)
+DERIVED_KEYS = ("data_dir", "test_labels", "exp_name")
+
+
+def _close(key: str, candidates) -> str:
+    found = difflib.get_close_matches(str(key), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean '{found[0]}'?)" if found else ""
+
+
+def _all_head_options() -> set[str]:
+    return {"name"} | {option for name in HEADS for option in head_options(name)}
+
+
+def key_tree(head: str | None = None) -> dict:
+    """Every key of the experiment: {top-level key: None, section: {key: None}}; the head's options are
+    those of `head` (of every head when None)."""
+    tree: dict = {k: None for k in TOP_LEVEL_KEYS}
+    for name, section in TYPED_SECTIONS.items():
+        if section is dict:
+            options = {"name", *head_options(head)} if head in HEADS else _all_head_options()
+            tree[name] = {k: None for k in sorted(options)}
+        else:
+            tree[name] = {k: None for k in section.keys()}
+    return tree
+
+
+def layer_problems(values, tree: dict, source: str, prefix: str = "") -> list[str]:
+    """The keys of a YAML layer that are not keys of the experiment, each with the closest known key."""
+    if not isinstance(values, dict):
+        return [f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys, got {values!r}"]
+    problems = []
+    for key, value in values.items():
+        if key not in tree:
+            problems.append(f"{source}: unknown config key '{prefix}{key}'" + _close(prefix + str(key),
+                                                                                  [prefix + k for k in tree]))
+        elif isinstance(tree[key], dict) and isinstance(value, dict):
+            problems += layer_problems(value, tree[key], source, f"{prefix}{key}.")
+        elif isinstance(tree[key], dict):
+            problems.append(f"{source}: '{prefix}{key}' is a section with keys ({', '.join(tree[key])}), "
+                            f"got {value!r}")
+    return problems
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
+
+
+def _missing_base_keys(base: dict, source: str) -> list[str]:
+    missing = [k for k in TOP_LEVEL_KEYS if k not in base]
+    for name, section in TYPED_SECTIONS.items():
+        if section is dict:
+            continue
+        values = base.get(name) if isinstance(base.get(name), dict) else {}
+        missing += [f"{name}.{k}" for k in section.keys() if k not in values and k not in section.OPTIONAL]
+    return [f"{source}: the default of '{k}' is missing (every key has its default in this file)" for k in missing]
+
+
+@lru_cache(maxsize=4)
+def _base_cached(path: str, mtime_ns: int) -> dict:
+    base = load_yaml(Path(path))
+    _raise(layer_problems(base, key_tree(), path) or _missing_base_keys(base, path))
+    return base
+
+
+def base_defaults() -> dict:
+    """configs/base.yaml, checked: every key of the experiment with its default, and no other key."""
+    return copy.deepcopy(_base_cached(str(BASE_FILE), BASE_FILE.stat().st_mtime_ns))
+
+
+def base_default(key: str):
+    """The default of a top-level key, from configs/base.yaml."""
+    return base_defaults()[key]
+
+
+def check_config_file(values, path: str) -> dict:
+    """A config file given as a named config (`with my_experiment.yaml`, configs/protocols/, demo.yaml):
+    every key must be one of the experiment's."""
+    _raise(layer_problems(values or {}, key_tree(), str(path)))
+    return values or {}
 
 
 def deep_update(base: dict, update: dict) -> dict:
@@ -68,7 +160,22 @@ def _method_yaml(method: str) -> dict:
         close = difflib.get_close_matches(method, method_names(), n=1)
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(method_names())}"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return load_yaml(path)
+    m = load_yaml(path)
+    source = f"configs/methods/{method}.yaml"
+    head = (m.get("head") or {}).get("name") if isinstance(m.get("head"), dict) else None
+    tree = {k: v for k, v in key_tree(head).items() if k in SECTIONS}
+    problems = []
+    for key, value in m.items():
+        if key in _METHOD_META:
+            continue
+        problems += layer_problems({key: value}, tree, source)
+    for i, rule in enumerate(m.get("overrides") or []):
+        if not isinstance(rule, dict) or set(rule) - {"when", "set"}:
+            problems.append(f"{source}: overrides[{i}] takes 'when' and 'set', got {rule!r}")
+            continue
+        problems += layer_problems(rule.get("set") or {}, tree, f"{source} (overrides[{i}].set)")
+    _raise(problems)
+    return m
 
 
 def _matches(when: dict, context: dict) -> bool:
@@ -82,14 +189,10 @@ def _matches(when: dict, context: dict) -> bool:
 
 
 @lru_cache(maxsize=32)
-def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | None) -> dict:
+def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | None, base_mtime_ns: int) -> dict:
     spec = load_spec(dataset, data_dir)
-    cfg = load_yaml(CONFIG_DIR / "base.yaml")
+    cfg = {k: v for k, v in base_defaults().items() if k in SECTIONS}
     m = _method_yaml(method)
-    unknown = [k for k in m if k not in SECTIONS and k not in _METHOD_META]
-    if unknown:
-        raise ConfigError(f"configs/methods/{method}.yaml has unknown sections {unknown}; "
-                          f"sections are {', '.join(SECTIONS)}")
     deep_update(cfg, {k: v for k, v in m.items() if k in SECTIONS})
     context = {"setting": setting, "dataset": spec.name, "region": spec.region, "modality": spec.modality}
     for rule in m.get("overrides", []):
@@ -109,7 +212,8 @@ def method_defaults(method: str, dataset: str, setting: int = 1, data_dir: str |
     if setting not in (1, 2):
         raise ConfigError(f"setting must be 1 or 2, got {setting!r}")
     return copy.deepcopy(_defaults_cached(str(method), str(dataset), int(setting),
-                                          None if data_dir is None else str(data_dir)))
+                                          None if data_dir is None else str(data_dir),
+                                          BASE_FILE.stat().st_mtime_ns))
 
 
 def default_data_dir(dataset: str) -> str:
@@ -122,18 +226,19 @@ def experiment_name(method, dataset, setting, test_labels, eval_fold) -> str:
 
 
 def experiment_config():
-    # Sacred config scope: every key of the experiment (README, "Configuration keys").
-    method = "adnet"                 # adnet | qnet | alpnet | dspnet | rpt | gmrd (configs/methods)
-    dataset = "SYNTH"                # CHAOST2 | SABS | CMR | SYNTH, or a folder with dataset.json
-    data_dir = default_data_dir(dataset)
-    setting = 1                      # 1: test organs may appear in training slices; 2: those slices are removed
-    test_labels = method_defaults(method, dataset, setting, data_dir)["test_labels"]
-    exclude_rule = "any"             # setting 2 removes slices containing any (SSL-ALPNet) or all (Q-Net) test labels
-    eval_fold = 0
-    seed = 2021
-    device = "auto"                  # auto | cpu | cuda | cuda:1
-    log_dir = "./runs"
-    exp_name = experiment_name(method, dataset, setting, test_labels, eval_fold)
+    # Sacred config scope: every key of the experiment, its default read from configs/base.yaml
+    # (README, "Configuration keys"); then the method's and the dataset's layers.
+    method = base_default("method")
+    dataset = base_default("dataset")
+    data_dir = base_default("data_dir") or default_data_dir(dataset)
+    setting = base_default("setting")
+    test_labels = base_default("test_labels") or method_defaults(method, dataset, setting, data_dir)["test_labels"]
+    exclude_rule = base_default("exclude_rule")
+    eval_fold = base_default("eval_fold")
+    seed = base_default("seed")
+    device = base_default("device")
+    log_dir = base_default("log_dir")
+    exp_name = base_default("exp_name") or experiment_name(method, dataset, setting, test_labels, eval_fold)
     encoder = method_defaults(method, dataset, setting, data_dir)["encoder"]
     head = method_defaults(method, dataset, setting, data_dir)["head"]
     loss = method_defaults(method, dataset, setting, data_dir)["loss"]
@@ -151,9 +256,10 @@ def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting:
     for code that runs without the Sacred command line (benchmark, tests). `updates` use dotted
     keys, e.g. {"train.n_steps": 2}; the result is checked like a command-line config."""
     d = method_defaults(method, dataset, setting, str(data_dir))
-    cfg = {"method": method, "dataset": dataset, "data_dir": str(data_dir), "setting": setting,
-           "test_labels": d.pop("test_labels"), "exclude_rule": "any", "eval_fold": 0, "seed": 2021,
-           "device": "auto", "log_dir": str(log_dir), **d}
+    base = base_defaults()
+    cfg = {**{k: base[k] for k in TOP_LEVEL_KEYS}, "method": method, "dataset": dataset, "data_dir": str(data_dir),
+           "setting": setting, "log_dir": str(log_dir), **d}
+    cfg["test_labels"] = base["test_labels"] or cfg["test_labels"]
     for key, value in (updates or {}).items():
         node = cfg
         *path, last = key.split(".")
@@ -163,7 +269,9 @@ def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting:
                 raise ConfigError(f"config key {key!r}: '{'.'.join(path[:depth + 1])}' is a value, not a section "
                                   f"with keys. `python training.py print_config` lists every key.")
         node[last] = value
-    cfg["exp_name"] = experiment_name(method, cfg["dataset"], setting, cfg["test_labels"], cfg["eval_fold"])
+    if "exp_name" not in (updates or {}):
+        cfg["exp_name"] = base["exp_name"] or experiment_name(method, cfg["dataset"], setting, cfg["test_labels"],
+                                                               cfg["eval_fold"])
     check_config(cfg)
     return cfg
 
@@ -171,8 +279,8 @@ def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting:
 def known_keys(config: dict) -> dict:
     """The key tree the defaults define for this run's method, dataset and setting."""
     d = method_defaults(config["method"], config["dataset"], config["setting"], config.get("data_dir"))
-    tree = {k: None for k in ("method", "dataset", "data_dir", "setting", "test_labels", "exclude_rule",
-                              "eval_fold", "seed", "device", "log_dir", "exp_name")}
+    base = base_defaults()
+    tree = {k: base[k] for k in TOP_LEVEL_KEYS}
     tree.update({s: d[s] for s in SECTIONS})
     return tree
 
@@ -192,7 +300,12 @@ def _positive_int_or_auto(value) -> bool:
 
 
 # the "auto" keys of base.yaml: what else each accepts (a test keeps this in step with base.yaml)
+def _device_name(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+
+
 AUTO_CHOICES = {
+    "device": (_device_name, "'auto', 'cpu', 'cuda' or 'cuda:<index>'"),
     "train.batch_episodes": (_positive_int_or_auto, "'auto' or a positive whole number"),
     "evaluation.batch_size": (_positive_int_or_auto, "'auto' or a positive whole number"),
     "train.amp": (lambda v: v in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
@@ -331,19 +444,42 @@ def _read_config_files_as_plain_data() -> None:
     Writing (Sacred's save_config) is unchanged."""
     handlers = config_files.HANDLER_BY_EXT
     handlers[".pickle"] = config_files.Handler(_refuse_pickle_config, handlers[".pickle"].dump, "b")
-    handlers[".json"] = config_files.Handler(json.load, handlers[".json"].dump, "")
+    handlers[".json"] = config_files.Handler(_checked_reader(json.load), handlers[".json"].dump, "")
     for extension in config_files.yaml_extensions:
         if extension in handlers:
-            handlers[extension] = config_files.Handler(yaml.safe_load, handlers[extension].dump, "")
+            handlers[extension] = config_files.Handler(_checked_reader(yaml.safe_load), handlers[extension].dump, "")
+
+
+def _checked_reader(read):
+    """A config-file reader whose keys are checked (naming the file) before Sacred sees them."""
+    def load(fp) -> dict:
+        with user_errors():
+            return check_config_file(read(fp), getattr(fp, "name", "config file"))
+    return load
 
 
 class FewShotExperiment(Experiment):
     """Sacred's Experiment whose runs report `UserError`s as one clear message and exit status 1
-    (config scopes, hooks and main alike; Sacred would print a traceback)."""
+    (config scopes, hooks and main alike; Sacred would print a traceback), and an unknown named config
+    as one line with the closest name."""
 
     def run(self, *args, **kwargs):
         with user_errors():
-            return super().run(*args, **kwargs)
+            try:
+                return super().run(*args, **kwargs)
+            except NamedConfigNotFoundError as err:
+                found = re.search(r'not found: "(.*)"\. Available', str(err))
+                name = found.group(1) if found else str(err)
+                raise ConfigError(unknown_named_config(name, self.named_configs)) from None
+
+
+def unknown_named_config(name: str, known) -> str:
+    """`with qnte`: which named configs there are, and the closest one."""
+    groups = {"methods": method_names(), "datasets": [p.stem for p in sorted(DATASET_DIR.glob("*.yaml"))],
+              "protocols": [f"protocol_{p.stem}" for p in sorted(PROTOCOL_DIR.glob("*.yaml"))]}
+    return (f"unknown named config {name!r}" + _close(name, list(known)) + "; named configs are the methods ("
+            + ", ".join(groups["methods"]) + "), datasets (" + ", ".join(groups["datasets"]) + "), protocols ("
+            + ", ".join(groups["protocols"]) + ") and demo, or a .yaml/.json file of your own")
 
 
 def make_experiment(name: str, record: str | None = None) -> Experiment:

@@ -1,9 +1,5 @@
-"""Sacred's run folders: where runs go, and resuming into an existing one.
-
-A run folder is Sacred's FileStorageObserver layout, <log_dir>/<train|test>/<exp_name>/<run id>/,
-holding config.json, run.json, cout.txt, metrics.json, plus what the engine writes there
-(models/engine/runs.py: provenance.json, the run lock; snapshots/, results and overlays).
-"""
+"""Sacred's observer of a run folder (data.core.run_folder describes the layout), able to resume
+into an existing one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +10,9 @@ from sacred.observers import FileStorageObserver
 class ResumableFileStorageObserver(FileStorageObserver):
     """A FileStorageObserver that can continue an existing run folder instead of making a new one.
 
-    Sacred appends to cout.txt and metrics.json, so a resumed run keeps one history; metrics.json
-    is first reset to the metrics of the resume point (models/engine/runs.restore_metrics), since
-    the steps after it are trained again.
+    Sacred appends to the console output and the metrics, so a resumed run keeps one history; the
+    metrics are first reset to those of the resume point (RunFolder.restore_metrics), since the steps
+    after it are trained again.
     """
 
     def __init__(self, basedir, resume_dir: str | Path | None = None, **kwargs):

@@ -42,13 +42,15 @@ code (source voxel and block), ~12 bytes, so about 0.4 GB for a CHAOS volume.
 """
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 
 import numpy as np
 from numba import njit
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
+
+log = logging.getLogger(__name__)
 
 # The 13 forward offsets (dz, dy, dx) of the 26-neighbourhood, in the reference's block order:
 # the four in-plane blocks, then the nine through-plane blocks. An edge of block b joins voxel p
@@ -405,15 +407,6 @@ def _legacy_sort(keys, payload):
         lo, hi, depth = stack[top, 0], stack[top, 1], stack[top, 2]
 
 
-def legacy_argsort(values: np.ndarray) -> np.ndarray:
-    """`np.argsort(values)` as NumPy < 1.25 computes it (int64 indices), on any NumPy and CPU."""
-    keys = np.array(values, dtype=np.float64).ravel()  # a copy: the keys are sorted in place
-    # int32 positions where they fit: the same compiled specialisation as the edge sort
-    order = np.arange(keys.size, dtype=np.int32 if keys.size < 2 ** 31 else np.int64)
-    _legacy_sort(keys, order)
-    return order.astype(np.int64)
-
-
 def sort_edges(costs: np.ndarray, codes: np.ndarray, sort: str = "legacy") -> tuple[np.ndarray, np.ndarray]:
     """Sort the edges by cost: returns (sorted costs, their codes). Consumes both inputs.
 
@@ -554,9 +547,8 @@ def felzenszwalb_3d(volume: np.ndarray, spacing_zyx, scale: float = 1.0, sigma: 
     if sort not in SORT_KINDS:
         raise ValueError(f"sort must be one of {SORT_KINDS}, got {sort!r}")
     if not math.isclose(spacing[1], spacing[2], rel_tol=1e-3):
-        warnings.warn(f"in-plane spacing (y, x) = {spacing[1:]} is anisotropic; as in the reference "
-                      f"the in-plane edges are not weighted and s = spacing_z / spacing_x",
-                      stacklevel=2)
+        log.warning(f"in-plane spacing (y, x) = {spacing[1:]} is anisotropic; as in the reference "
+                    f"the in-plane edges are not weighted and s = spacing_z / spacing_x")
     image = np.ascontiguousarray(volume, dtype=np.float64)
     if sigma > 0:
         image = ndi.gaussian_filter(image, sigma=[sigma / s for s in spacing])

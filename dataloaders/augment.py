@@ -167,17 +167,3 @@ def warp(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, dy: np.ndarray
     out = np.stack([ndimage.map_coordinates(stacked[..., c], coords, order=1, mode="reflect")
                     for c in range(2)], axis=-1)
     return out[..., 0].astype(image.dtype), np.rint(out[..., 1]).astype(mask.dtype)
-
-
-def geometric_transform(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
-                        p: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
-    affine = draw_affine(rng, image.shape, p)
-    dy, dx = draw_elastic(rng, image.shape, p)
-    return warp(image, mask, affine, dy, dx)
-
-
-def augment_pair_reference(rng: np.random.Generator, support: tuple[np.ndarray, np.ndarray],
-                           query: tuple[np.ndarray, np.ndarray], p: AugmentParams):
-    """ADNet / Q-Net episode augmentation on the CPU (see `draw_reference_pair`)."""
-    draw_s, draw_q = draw_reference_pair(rng, support[0].shape, p)
-    return apply_draw(*support, draw_s, p), apply_draw(*query, draw_q, p)

@@ -1,4 +1,4 @@
-"""The results table: evaluation runs (validation.py's results.json + config.json) collected into the
+"""The results table: evaluation runs (validation.py's results and recorded configuration) collected into the
 papers' table of one dataset and setting, with folds, means over folds, and the published numbers beside.
 
 `scripts.collect_results` (a folder of runs) and `scripts.sweep` (the runs of a sweep's cells) share it.
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data.core.io import UserError, atomic_path
+from data.core.run_folder import TEST, RunFolder, evaluation_folders
 from data.core.specs import load_spec
 from evaluation.published import PublishedEntry, published_for
 from evaluation.reporting import save_figure
@@ -42,21 +43,23 @@ class EvalRun:
     protocol: tuple
     checkpoint: str
     class_dice: dict[str, float]      # class name -> mean Dice over the fold's query scans
+    fingerprint: str | None = None    # of the configuration that produced the numbers (data.core.run_folder)
 
 
 def read_run(folder: Path) -> EvalRun | None:
-    results, config = folder / "results.json", folder / "config.json"
-    if not (results.is_file() and config.is_file()):
+    run = RunFolder(folder)
+    if not (run.results_json.is_file() and run.config_file.is_file()):
         return None
-    r, c = _read_json(results), _read_json(config)
+    r, c = _read_json(run.results_json), _read_json(run.config_file)
     try:
         e = c["evaluation"]
-        return EvalRun(folder, int(folder.name) if folder.name.isdigit() else 0, c["method"], c["dataset"],
+        return EvalRun(run.path, int(run.path.name) if run.path.name.isdigit() else 0, c["method"], c["dataset"],
                        int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
                        tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
-                       {name: float(v["dice"]) for name, v in r["classes"].items()})
+                       {name: float(v["dice"]) for name, v in r["classes"].items()}, run.fingerprint(TEST))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CollectError(f"{folder}: results.json or config.json lacks an entry ({type(err).__name__}: {err}); "
+        raise CollectError(f"{folder}: {run.results_json.name} or {run.config_file.name} lacks an entry "
+                           f"({type(err).__name__}: {err}); "
                            f"it was not written by this version of validation.py. Re-run the evaluation of "
                            f"this run, or move its folder out of the collected paths") from None
 
@@ -74,8 +77,7 @@ def find_runs(paths) -> list[EvalRun]:
     for p in map(Path, paths):
         if not p.exists():
             raise CollectError(f"{p} does not exist")
-        folders = [p] if (p / "results.json").is_file() else [f.parent for f in p.rglob("results.json")]
-        runs += [r for f in folders if (r := read_run(f)) is not None]
+        runs += [r for f in evaluation_folders(p) if (r := read_run(f.path)) is not None]
     return runs
 
 
@@ -92,7 +94,8 @@ def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> lis
             and (dataset is None or r.dataset.upper() == dataset.upper())
             and (setting is None or r.setting == setting)]
     if not runs:
-        raise CollectError("no evaluation run matches (look for results.json under the given paths)")
+        raise CollectError("no evaluation run matches (look for evaluation run folders, with their results, "
+                           "under the given paths)")
     _single(runs, "dataset", "datasets", "--dataset")
     _single(runs, "setting", "settings", "--setting")
     protocols = {r.protocol for r in runs}
@@ -100,9 +103,15 @@ def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> lis
         detail = "; ".join(", ".join(f"{k}={v}" for k, v in p) for p in sorted(protocols, key=str))
         raise CollectError(f"the runs were evaluated with different protocols ({detail}); collect them "
                            f"separately (move or select the run folders)")
-    newest = {}
+    newest: dict[tuple, EvalRun] = {}
     for r in sorted(runs, key=lambda r: r.run_id):
-        newest[(r.method, r.test_labels, r.fold)] = r
+        cell = (r.method, r.test_labels, r.fold)
+        older = newest.get(cell)
+        if older is not None and older.fingerprint != r.fingerprint:
+            log.warning("%s fold %d: %s and %s were produced by different configurations (fingerprints %s, %s); "
+                        "the table uses the newest, %s", r.method, r.fold, older.path, r.path, older.fingerprint,
+                        r.fingerprint, r.path)
+        newest[cell] = r
     return list(newest.values())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from data.core.io import atomic_path, safe_child_path, write_volume
+from data.core.run_folder import RunFolder
 from evaluation.protocol import EvaluationResult
 from dataloaders.volumes import VolumeStore
 
@@ -59,9 +60,10 @@ def summary(result: EvaluationResult) -> dict:
 
 
 def write_results(result: EvaluationResult, out_dir: Path, extra: dict | None = None) -> dict[str, Path]:
-    """results.csv (one row per class and scan) and results.json (summary + extra) in out_dir."""
+    """The results of a run folder: a CSV (one row per class and scan) and a JSON (summary + extra)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json"}
+    run = RunFolder(out_dir)
+    paths = {"csv": run.results_csv, "json": run.results_json}
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "class_id", "scan", "dice", "iou", "tp", "fp", "fn", "scored_slices"])
@@ -143,7 +145,7 @@ def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, 
 def write_training_curves(history: dict, path: Path, title: str = "") -> Path | None:
     """PNG of the training losses and the learning rate against episodes.
 
-    history: {metric name: (steps, values)} as in Sacred's metrics.json ("loss.<part>", "lr", ...).
+    history: {metric name: (steps, values)} as Sacred records metrics ("loss.<part>", "lr", ...).
     One panel for the losses, one for the learning rate.
     """
     losses = {k: v for k, v in history.items() if k.startswith("loss.") and len(v[0])}
@@ -171,8 +173,8 @@ def write_training_curves(history: dict, path: Path, title: str = "") -> Path | 
 
 
 def curves_from_metrics(run_dir: Path) -> dict:
-    """{name: (steps, values)} from a run folder's metrics.json."""
-    data = json.loads((Path(run_dir) / "metrics.json").read_text())
+    """{name: (steps, values)} from a run folder's recorded metrics."""
+    data = RunFolder(run_dir).read_metrics()
     return {k: (v["steps"], v["values"]) for k, v in data.items()}
 
 

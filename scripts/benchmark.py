@@ -20,6 +20,7 @@ evaluation query slices/s over one fold's queries of every class.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -40,6 +41,7 @@ from models.engine.builders import (
     resolve_device,
 )
 from models.engine.evaluation import Evaluator, evaluate
+from models.engine.experiment import Experiment
 from models.engine.trainer import StepRunner, lr_at, make_optimizer, prepare_model, seed_everything, train
 
 MODES = {
@@ -61,17 +63,18 @@ def prepare_data(data_dir: Path, size: int, slices: int, methods, n_scans: int =
 
 
 def mode_config(method: str, mode: str, device: str, data_dir: Path, log_dir: Path, batch_episodes: int,
-                extra: dict | None = None, image_size: int | None = None) -> dict:
-    """The config of one benchmark run. `image_size`: the phantoms' size, given to heads whose layers
+                extra: dict | None = None, image_size: int | None = None) -> Experiment:
+    """The experiment of one benchmark run. `image_size`: the phantoms' size, given to heads whose layers
     are sized for the image (GMRD's descriptor MLPs: `head.image_size`)."""
     updates = {"device": device, "encoder.weights": "none", "train.num_workers": 0, **MODES[mode]}
     if mode == "fast" and batch_episodes:
         updates["train.batch_episodes"] = batch_episodes
     updates.update(extra or {})
-    cfg = build_config(method, "SYNTH", data_dir, log_dir, updates=updates)
-    if image_size is not None and "image_size" in cfg["head"] and cfg["head"]["image_size"] != image_size:
-        cfg = build_config(method, "SYNTH", data_dir, log_dir, updates={**updates, "head.image_size": image_size})
-    return cfg
+    exp = Experiment.from_config(build_config(method, "SYNTH", data_dir, log_dir, updates=updates))
+    if image_size is not None and exp.head.get("image_size") not in (None, image_size):
+        updates["head.image_size"] = image_size
+        exp = Experiment.from_config(build_config(method, "SYNTH", data_dir, log_dir, updates=updates))
+    return exp
 
 
 def _sync(device) -> None:
@@ -80,19 +83,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg: dict, steps: int, warmup: int) -> dict:
+def measure(exp: Experiment, steps: int, warmup: int) -> dict:
     """Training episodes/s and evaluation slices/s of one configuration (run in a child process)."""
     import torch
 
-    device = resolve_device(cfg["device"])
-    seed_everything(int(cfg["seed"]))
-    spec, store, fold = fold_data(cfg)
-    dataset = build_episode_dataset(cfg, store, fold.train_ids, int(cfg["seed"]))
-    model = prepare_model(cfg, device).train()
-    runner = StepRunner(model, make_optimizer(model, cfg), cfg, device)
-    B = episodes_per_step(cfg, device)
+    device = resolve_device(exp.device)
+    seed_everything(int(exp.seed))
+    spec, store, fold = fold_data(exp)
+    dataset = build_episode_dataset(exp, store, fold.train_ids, int(exp.seed))
+    model = prepare_model(exp, device).train()
+    runner = StepRunner(model, make_optimizer(model, exp.optim), exp.train, exp.loss, exp.augment, device)
+    B = episodes_per_step(exp.train, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=B, sampler=range((steps + warmup) * B),
-                                         collate_fn=collate_episodes, num_workers=int(cfg["train"]["num_workers"]))
+                                         collate_fn=collate_episodes, num_workers=int(exp.train.num_workers))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = None
@@ -100,12 +103,12 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
-        runner(batch, lr_at(i * B, cfg, B))
+        runner(batch, lr_at(i * B, exp.optim, exp.train, B))
     _sync(device)
     train_rate = steps * B / (time.perf_counter() - start)
 
-    evaluator = Evaluator(model, store, spec, fold, protocol_options(cfg, device), device=device,
-                          autocast_dtype=autocast_dtype(cfg["evaluation"]["amp"], device, "evaluation.amp"), progress=False)
+    evaluator = Evaluator(model, store, spec, fold, protocol_options(exp.evaluation, device), device=device,
+                          autocast_dtype=autocast_dtype(exp.evaluation.amp, device, "evaluation.amp"), progress=False)
     result = evaluator.run(spec.eval_labels)
     _sync(device)
     return {
@@ -119,25 +122,25 @@ def measure(cfg: dict, steps: int, warmup: int) -> dict:
     }
 
 
-def quality(cfg: dict, log_dir: Path) -> dict:
-    """Train cfg's n_steps episodes with the real trainer, then evaluate fold 0: mean Dice."""
-    snapshot = train(cfg, log_dir / "run", progress=False)
-    cfg = {**cfg, "evaluation": {**cfg["evaluation"], "checkpoint": str(snapshot), "n_overlays": 0,
-                                 "save_predictions": False}}
-    return {"dice": evaluate(cfg, None, progress=False).mean()}
+def quality(exp: Experiment, log_dir: Path) -> dict:
+    """Train the experiment's n_steps episodes with the real trainer, then evaluate fold 0: mean Dice."""
+    snapshot = train(exp, log_dir / "run", progress=False)
+    exp = dataclasses.replace(exp, evaluation=dataclasses.replace(
+        exp.evaluation, checkpoint=str(snapshot), n_overlays=0, save_predictions=False))
+    return {"dice": evaluate(exp, None, progress=False).mean()}
 
 
 def run_child(args) -> int:
-    cfg = json.loads(Path(args.child).read_text())
-    out = quality(cfg, Path(args.child).parent) if args.child_quality else measure(cfg, args.steps, args.warmup)
+    exp = Experiment.from_config(json.loads(Path(args.child).read_text()))
+    out = quality(exp, Path(args.child).parent) if args.child_quality else measure(exp, args.steps, args.warmup)
     print("RESULT " + json.dumps(out))
     return 0
 
 
-def spawn(cfg: dict, work: Path, args, quality_run: bool = False) -> dict:
+def spawn(exp: Experiment, work: Path, args, quality_run: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "config.json"
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(exp.to_config()))
     cmd = [sys.executable, "-m", "scripts.benchmark", "--child", str(cfg_path), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--child-quality"] if quality_run else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -202,16 +205,16 @@ def main(argv=None) -> int:
     for method in args.methods:
         for device in devices:
             for mode in args.modes:
-                cfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes, image_size=args.size)
+                exp = mode_config(method, mode, device, data_dir, work, args.batch_episodes, image_size=args.size)
                 print(f"measuring {method} on {device}, {mode} mode ...", flush=True)
-                r = spawn(cfg, work / f"{method}_{device}_{mode}", args)
+                r = spawn(exp, work / f"{method}_{device}_{mode}", args)
                 rows.append({"method": method, "device": device, "mode": mode, **r})
                 if args.quality:
-                    qcfg = mode_config(method, mode, device, data_dir, work, args.batch_episodes,
+                    qexp = mode_config(method, mode, device, data_dir, work, args.batch_episodes,
                                        {"train.n_steps": args.quality, "train.snapshot_every": args.quality,
                                         "train.checkpoint_every": args.quality, "train.print_every": args.quality},
                                        image_size=args.size)
-                    q = spawn(qcfg, work / f"{method}_{device}_{mode}_quality", args, quality_run=True)
+                    q = spawn(qexp, work / f"{method}_{device}_{mode}_quality", args, quality_run=True)
                     quality_rows.append(f"| {method} | {device} | {mode} | {args.quality} | {q['dice']:.4f} |")
     text = table(rows, args.size)
     if quality_rows:

@@ -21,6 +21,7 @@ without CUDA it says so and exits with status 0 without running anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def format_table(rows: list[dict], title: str = "") -> str:
 def train_and_evaluate_qnet(data_dir: Path, work: Path, episodes: int, device_name: str = "cuda") -> dict:
     """Q-Net with the defaults on the device: train `episodes` episodes, evaluate fold 0 (in this process)."""
 
-    cfg = mode_config("qnet", "fast", device_name, data_dir, work, 0,
+    exp = mode_config("qnet", "fast", device_name, data_dir, work, 0,
                       {"train.n_steps": episodes, "train.snapshot_every": episodes, "train.checkpoint_every": episodes,
                        "train.print_every": max(episodes // 5, 1), "evaluation.amp": "off",
                        "evaluation.n_overlays": 0, "evaluation.save_predictions": False})
@@ -76,13 +77,13 @@ def train_and_evaluate_qnet(data_dir: Path, work: Path, episodes: int, device_na
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    snapshot = train(cfg, work / "qnet_train", progress=False)
+    snapshot = train(exp, work / "qnet_train", progress=False)
     if cuda:
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
-    cfg["evaluation"]["checkpoint"] = str(snapshot)
-    result = evaluate(cfg, None, progress=False)
-    return {"batch": episodes_per_step(cfg, device), "train_episodes_per_s": episodes / train_seconds,
+    exp = dataclasses.replace(exp, evaluation=dataclasses.replace(exp.evaluation, checkpoint=str(snapshot)))
+    result = evaluate(exp, None, progress=False)
+    return {"batch": episodes_per_step(exp.train, device), "train_episodes_per_s": episodes / train_seconds,
             "eval_slices_per_s": result.n_query_slices / max(result.seconds, 1e-9),
             "device_peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None,
             "dice": result.mean()}
@@ -135,9 +136,9 @@ def main(argv=None) -> int:
                 row["skipped"] = "time budget spent"
                 continue
             print(f"benchmark {method} {mode} on {args.device} ({left():.0f} s of the budget left) ...", flush=True)
-            cfg = mode_config(method, mode, args.device, data_dir, args.work / "benchmark", 0, image_size=args.size)
+            exp = mode_config(method, mode, args.device, data_dir, args.work / "benchmark", 0, image_size=args.size)
             try:
-                row.update(spawn(cfg, args.work / "benchmark" / f"{method}_{mode}", args))
+                row.update(spawn(exp, args.work / "benchmark" / f"{method}_{mode}", args))
             except Exception as err:
                 row["skipped"] = f"failed: {type(err).__name__}: {str(err)[-160:]}"
 

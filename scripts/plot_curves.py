@@ -2,7 +2,7 @@
 
     python -m scripts.plot_curves runs/train/<exp>/<id> [--out curves.png]
 
-Training writes <run>/curves.png itself at the end; this redraws it from metrics.json at any time,
+Training writes <run>/curves.png itself at the end; this redraws it from the run's recorded metrics at any time,
 for example while the run is still going.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data.core.cli import add_logging_arguments, run_cli
 from data.core.errors import DataError
+from data.core.run_folder import RunFolder
 from evaluation.reporting import curves_from_metrics, write_training_curves
 
 
@@ -23,13 +24,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        if not (args.run_dir / "metrics.json").is_file():
-            raise DataError(f"{args.run_dir}/metrics.json not found: not a training run folder, or no metrics "
+        run = RunFolder(args.run_dir)
+        if not run.metrics_file.is_file():
+            raise DataError(f"{run.metrics_file} not found: not a training run folder, or no metrics "
                             f"logged yet (they are written every train.print_every episodes)")
-        path = write_training_curves(curves_from_metrics(args.run_dir), args.out or args.run_dir / "curves.png",
-                                     title=args.run_dir.parent.name)
+        path = write_training_curves(curves_from_metrics(run.path), args.out or run.curves_file,
+                                     title=run.path.parent.name)
         if path is None:
-            raise DataError(f"{args.run_dir}/metrics.json holds no loss metrics yet")
+            raise DataError(f"{run.metrics_file} holds no loss metrics yet")
         print(path)
         return 0
 

@@ -9,17 +9,19 @@ here or on a Slurm cluster, and collect it into tables.
 
 Each cell is `python training.py with <method> dataset=<name> data_dir=.. setting=.. eval_fold=..
 test_labels=[..] log_dir=.. <updates>` and then `python validation.py with <the same>`. The plan
-(printed first) says per cell what is left: done (an evaluation of its finished training exists),
-to evaluate, to resume (a killed training continues from its resume point), to train, running
-(another process trains it now) or queued (its Slurm job is waiting). Re-running the same command
-does only what is left, and ends with the tables: one per dataset and setting, printed and written
+(printed first) says per cell what is left: done (an evaluation of its finished training exists,
+both made with the cell's configuration), to evaluate, to resume (a killed training continues from
+its resume point), to train, stale (its runs were made with another configuration: a new run is
+trained), running (another process trains it now) or queued (its Slurm job is waiting). Before the
+first cell starts, every data folder, pretrained-weights file and GPU the cells need is checked,
+all problems in one error. Re-running the same command does only what is left, and ends with the tables: one per dataset and setting, printed and written
 to <log-dir>/tables/<dataset>_setting<s>/ (as scripts.collect_results; --published puts the papers'
 numbers beside them). See docs/sweep.md.
 
 Executors: `local` runs the cells here, one process per visible GPU (CUDA_VISIBLE_DEVICES), or one
 after the other on the CPU; `slurm` submits one job per cell as a job array and returns (re-run the
 command to collect, or pass --wait); `submitit-local` runs the same jobs as local subprocesses.
-Exit status 1 when a job failed (each is listed with its log).
+Exit status 1 when a job failed (each is listed with its log's last error line).
 """
 from __future__ import annotations
 
@@ -29,28 +31,31 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from launch.sweep import (
-    DONE,
-    RUNNING,
+from launch.runners import (
     CellJob,
     SlurmOptions,
-    Sweep,
-    SweepError,
-    check_sweep_updates,
-    commands,
-    format_plan,
     import_submitit,
     make_executor,
     mark_queued,
+    record_jobs,
+    run_local,
+    run_submitit_local,
+    submit_slurm_array,
+    visible_gpus,
+    wait,
+)
+from launch.sweep import (
+    DONE,
+    RUNNING,
+    Sweep,
+    SweepError,
+    check_before_start,
+    check_sweep_updates,
+    commands,
+    format_plan,
     parse_label_group,
     plan_cells,
     plan_state,
-    record_jobs,
-    run_local,
-    submit,
-    submit_local,
-    visible_gpus,
-    wait,
 )
 from data.core.cli import add_logging_arguments, run_cli
 from evaluation.leaderboard import build_table, published_beside, select, write_report
@@ -166,8 +171,8 @@ def execute(args, sweep: Sweep, todo) -> list | None:
                            args.array_parallelism, tuple(args.sbatch), tuple(args.setup))
     executor = make_executor(args.executor, sweep.sweep_dir / "submitit", options)
     if args.executor == "submitit-local":
-        return wait(jobs, submit_local(jobs, executor, gpus))
-    submitted = submit(jobs, executor)
+        return run_submitit_local(jobs, executor, gpus)
+    submitted = submit_slurm_array(jobs, executor)
     record_jobs(sweep, todo, submitted)
     print("submitted: " + " ".join(str(j.job_id) for j in submitted))
     if args.wait:
@@ -197,6 +202,8 @@ def main(argv=None) -> int:
             for p in todo[:1]:
                 print("first command: " + " ".join(commands(sweep, p)[0][1:]))
             return 0
+        if todo and args.executor != "slurm":       # a Slurm job runs elsewhere: its node checks its inputs
+            check_before_start(sweep, todo, args.gpus, visible_gpus())
         failed = []
         if todo:
             outcomes = execute(args, sweep, todo)
@@ -209,7 +216,7 @@ def main(argv=None) -> int:
             print(f"{len(left)} cell(s) not done: " + ", ".join(f"{p.exp_name} ({p.state})" for p in left))
         collect_tables(sweep, plans, args.published)
         for o in failed:
-            print(f"failed: {o.message}")
+            log.error("failed: %s", o.message)
         if any(p.state == RUNNING for p in plans):
             print("some cells are being trained by other processes: re-run the sweep when they have ended")
         return 1 if failed else 0

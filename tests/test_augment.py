@@ -1,8 +1,20 @@
 """Reference augmentation with explicit RNGs."""
 import numpy as np
 
-from dataloaders.augment import AugmentParams, augment_pair_reference, draw_affine, draw_elastic, \
-    gamma_transform, geometric_transform, warp
+from dataloaders.augment import AugmentDraw, AugmentParams, apply_draw, draw_affine, draw_elastic, draw_geometry, \
+    draw_reference_pair, gamma_transform, warp
+
+
+def geometric_transform(rng, image, mask, p):
+    """The geometric part of a draw (affine then elastic), applied as the samplers do (`apply_draw`)."""
+    affine, seed = draw_geometry(rng, image.shape, p)
+    return apply_draw(image, mask, AugmentDraw(affine=affine, elastic_seed=seed), p)
+
+
+def augment_pair(rng, support, query, p):
+    """An ADNet / Q-Net episode's augmentation as dataloaders/supervoxel_episodes.py applies it."""
+    draw_s, draw_q = draw_reference_pair(rng, support[0].shape, p)
+    return apply_draw(*support, draw_s, p), apply_draw(*query, draw_q, p)
 
 
 def test_gamma_keeps_the_range_and_bends_the_histogram():
@@ -52,8 +64,8 @@ def test_elastic_field_is_small_as_in_the_reference():
 def test_exactly_one_of_support_and_query_is_transformed_and_reproducible():
     image = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32)
     mask = (image > 0).astype(np.float32)
-    runs = [augment_pair_reference(np.random.default_rng(7), (image, mask), (image.copy(), mask.copy()),
-                                   AugmentParams()) for _ in range(2)]
+    runs = [augment_pair(np.random.default_rng(7), (image, mask), (image.copy(), mask.copy()), AugmentParams())
+            for _ in range(2)]
     (s, sm), (q, qm) = runs[0]
     np.testing.assert_array_equal(runs[0][0][0], runs[1][0][0])
     assert not np.allclose(s, q)     # at least one side changed

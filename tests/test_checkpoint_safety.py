@@ -271,10 +271,11 @@ def test_partial_encoder_weights_are_an_error(resnet50_like):
 
 def test_partial_encoder_weights_with_allow_partial(resnet50_like, tmp_path):
     from models.engine.builders import build_model
+    from models.engine.experiment import Experiment
     from tests.helpers import full_config
-    cfg = full_config("adnet", "SYNTH", tmp_path / "SYNTH", tmp_path / "runs",
-                      **{"encoder.weights": str(resnet50_like), "encoder.allow_partial": True})
-    model = build_model(cfg)
+    exp = Experiment.from_config(full_config("adnet", "SYNTH", tmp_path / "SYNTH", tmp_path / "runs",
+                                             **{"encoder.weights": str(resnet50_like), "encoder.allow_partial": True}))
+    model = build_model(exp.encoder, exp.head)
     expected = torch.load(resnet50_like, weights_only=True)["layer3.5.conv2.weight"]
     assert torch.equal(model.encoder.backbone["layer3"][5].conv2.weight, expected)
 

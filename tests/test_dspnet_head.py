@@ -235,14 +235,17 @@ def test_options_and_lr_multiplier():
 def dspnet_models():
     from configs.experiment import method_defaults
     from models.engine.builders import build_model
+    from models.engine.experiment import EncoderConfig
     cfg = method_defaults("dspnet", "SYNTH")
     cfg["encoder"]["weights"] = "none"
+    encoder = EncoderConfig.from_config(cfg["encoder"])
     torch.manual_seed(0)
-    return cfg, build_model(cfg, load_weights=False), build_model(cfg, load_weights=False)
+    return cfg, build_model(encoder, cfg["head"], load_weights=False), build_model(encoder, cfg["head"], load_weights=False)
 
 
 def test_cal_is_saved_loaded_and_trained_at_a_reduced_lr(dspnet_models):
     from models.engine.checkpoints import load_model_state
+    from models.engine.experiment import OptimConfig
     from models.engine.trainer import make_optimizer
     cfg, model, fresh = dspnet_models
     with torch.no_grad():
@@ -254,7 +257,7 @@ def test_cal_is_saved_loaded_and_trained_at_a_reduced_lr(dspnet_models):
     assert "head.cal" in state and "head.cal_init" not in state and "head.band" not in state
     load_model_state(fresh, state)
     assert torch.equal(fresh.head.cal, model.head.cal)
-    groups = make_optimizer(model, {**cfg, "optim": dict(cfg["optim"])}).param_groups
+    groups = make_optimizer(model, OptimConfig.from_config(cfg["optim"])).param_groups
     small = [g for g in groups if g["lr_factor"] == 1e-4]
     assert len(small) == 1 and len(small[0]["params"]) == 1 and small[0]["params"][0] is model.head.cal
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from configs.experiment import method_defaults
 from data.core.errors import CheckpointError
 from models.engine.builders import build_model
+from models.engine.experiment import EncoderConfig
 from models.engine.reference_checkpoints import FORMATS, load_reference_state
 from models.heads.common import EPS_FLOAT32, dilate, erode
 from models.heads.gmrd import AffinityDecoder, GMRDHead, edge_masks, fill_sources
@@ -233,12 +234,12 @@ def test_reference_checkpoint_loads_with_identical_outputs():
     cfg = method_defaults("gmrd", "SYNTH")
     cfg["head"].update(image_size=H, resize_grid=False)
     torch.manual_seed(0)
-    ours = build_model(cfg, load_weights=False).eval()
+    ours = build_model(EncoderConfig.from_config(cfg["encoder"]), cfg["head"], load_weights=False).eval()
     reference = {FORMATS["gmrd"].reference_key(k): v.clone() for k, v in ours.state_dict().items()}
     assert "mlp2.reduce.0.weight" in reference and "decoder1.down.3.weight" in reference
     assert "encoder.reduce1.weight" in reference and None not in reference
     torch.manual_seed(1)
-    other = build_model(cfg, load_weights=False).eval()
+    other = build_model(EncoderConfig.from_config(cfg["encoder"]), cfg["head"], load_weights=False).eval()
     report = load_reference_state(other, reference)
     assert report.format == "gmrd" and report.loaded == len(reference)
     images = torch.randn(1, 2, 3, H, H, generator=torch.Generator().manual_seed(2))

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from configs.experiment import build_config, method_defaults
 from data.core.io import ConfigError
+from models.engine.experiment import OptimConfig, TrainConfig
 from models.engine.trainer import lr_at, make_optimizer, set_lr
 
 
@@ -25,41 +26,41 @@ class _Model(nn.Module):
         self.head = _Head()
 
 
-def _cfg(**optim):
+def _cfg(**optim) -> tuple[OptimConfig, TrainConfig]:
     cfg = method_defaults("adnet", "SYNTH")
     cfg["optim"].update(optim)
     cfg["train"]["n_steps"] = 5000
-    return cfg
+    return OptimConfig.from_config(cfg["optim"]), TrainConfig.from_config(cfg["train"])
 
 
 def test_defaults_are_sgd_without_warmup():
     o = method_defaults("adnet", "SYNTH")["optim"]
     assert (o["name"], o["lr"], o["momentum"], o["weight_decay"], o["warmup_episodes"]) == ("sgd", 1e-3, 0.9, 5e-4, 0)
-    opt = make_optimizer(_Model(), _cfg())
+    opt = make_optimizer(_Model(), _cfg()[0])
     assert type(opt) is torch.optim.SGD
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 5e-4 for g in opt.param_groups)
 
 
 def test_schedule_without_warmup_is_unchanged():
     cfg = _cfg()
-    assert [lr_at(e, cfg) for e in (0, 999, 1000, 2500)] == [1e-3, 1e-3, 1e-3 * 0.95, 1e-3 * 0.95 ** 2]
-    assert lr_at(4999, cfg) == pytest.approx(1e-3 * 0.95 ** 4)     # the last decay is at n_steps - 1000
-    assert lr_at(0, cfg, 4) == 4e-3                                # scale_lr_with_batch
+    assert [lr_at(e, *cfg) for e in (0, 999, 1000, 2500)] == [1e-3, 1e-3, 1e-3 * 0.95, 1e-3 * 0.95 ** 2]
+    assert lr_at(4999, *cfg) == pytest.approx(1e-3 * 0.95 ** 4)     # the last decay is at n_steps - 1000
+    assert lr_at(0, *cfg, 4) == 4e-3                                # scale_lr_with_batch
 
 
 def test_linear_warmup():
     cfg = _cfg(warmup_episodes=10)
-    assert [lr_at(e, cfg) for e in (0, 4, 9, 10, 500)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    assert [lr_at(e, *cfg) for e in (0, 4, 9, 10, 500)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
     # four episodes per step: the step ending at episode 4 gets 4/10 of the (batch-scaled) lr
-    assert [lr_at(e, cfg, 4) for e in (0, 4, 8, 12)] == pytest.approx([1.6e-3, 3.2e-3, 4e-3, 4e-3])
+    assert [lr_at(e, *cfg, 4) for e in (0, 4, 8, 12)] == pytest.approx([1.6e-3, 3.2e-3, 4e-3, 4e-3])
     with pytest.raises(ValueError, match="warmup_episodes must be >= 0"):
-        lr_at(0, _cfg(warmup_episodes=-1))
+        lr_at(0, *_cfg(warmup_episodes=-1))
 
 
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_lr_multipliers_work_with_either_optimizer(name, kind):
     model = _Model()
-    opt = make_optimizer(model, _cfg(name=name, betas=[0.8, 0.99], eps=1e-6, weight_decay=0.01))
+    opt = make_optimizer(model, _cfg(name=name, betas=[0.8, 0.99], eps=1e-6, weight_decay=0.01)[0])
     assert type(opt) is kind
     (small,) = [g for g in opt.param_groups if g["lr_factor"] == 1e-4]
     assert small["params"] == [model.head.cal] and small["lr"] == pytest.approx(1e-7)
@@ -81,4 +82,4 @@ def test_optimizer_name_is_checked():
     with pytest.raises(ConfigError, match="optim.betas must be a list"):
         build_config("adnet", "SYNTH", "data/SYNTH", updates={"optim.betas": 0.9})
     with pytest.raises(ConfigError, match="optim.name must be one of"):
-        make_optimizer(_Model(), _cfg(name="lbfgs"))
+        make_optimizer(_Model(), _cfg(name="lbfgs")[0])

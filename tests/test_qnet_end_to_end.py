@@ -9,6 +9,7 @@ import torch
 from configs.experiment import check_config, method_defaults
 from models.engine.builders import build_model
 from models.engine.evaluation import evaluate
+from models.engine.experiment import Experiment
 from models.engine.trainer import train
 
 
@@ -70,7 +71,8 @@ def test_batched_evaluation_equals_slice_by_slice(phantoms):
     cfg = _config(phantoms, phantoms / "runs", data={"n_sv": 300}, test_labels=[4],
                   evaluation={"checkpoint": "untrained"})
     torch.manual_seed(0)
-    model = build_model(cfg, load_weights=False)
+    exp = Experiment.from_config(cfg)
+    model = build_model(exp.encoder, exp.head, load_weights=False)
     batched = evaluate(cfg, None, progress=False, model=model)
     cfg["evaluation"]["batch_size"] = 1
     single = evaluate(cfg, None, progress=False, model=model)
@@ -88,12 +90,12 @@ def test_real_chaos_scan_with_refinement(chaos_dir, tmp_path):
     from models.engine.builders import dataset_spec, volume_store
     from models.engine.evaluation import Evaluator
 
-    cfg = _config(chaos_dir, tmp_path, dataset="CHAOST2", test_labels=[4])
-    spec = dataset_spec(cfg)
+    exp = Experiment.from_config(_config(chaos_dir, tmp_path, dataset="CHAOST2", test_labels=[4]))
+    spec = dataset_spec(exp)
     torch.manual_seed(0)
-    model = build_model(cfg, load_weights=False)
+    model = build_model(exp.encoder, exp.head, load_weights=False)
     assert model.head.refine_steps == 7
-    evaluator = Evaluator(model, volume_store(cfg, spec), spec, Fold(0, (1, 8), ()),
+    evaluator = Evaluator(model, volume_store(exp, spec), spec, Fold(0, (1, 8), ()),
                           ProtocolOptions(supp_idx=-1, n_part=3, chunking="count", scored="labelled",
                                           batch_size=2),  # small batches beat 16 on 2 CPU cores (measured)
                           progress=False)

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from models.encoder import ResNetEncoder
 from models.engine.checkpoints import CheckpointError, load_checkpoint
-from models.engine.reference_checkpoints import detect_format, load_reference_state
+from models.engine.reference_checkpoints import FORMATS, detect_format, load_reference_state
+from models.heads import head_module
 from models.fewshot import FewShotSegmenter, split_features
 from models.heads.adnet import ADNetHead
 from models.heads.qnet import QNetHead
@@ -177,3 +178,14 @@ def test_our_snapshots_still_load(tmp_path, qnet_source, qnet_target):
     target = _scramble(qnet_target)
     load_checkpoint(target, path)
     _assert_same(_outputs(target), expected)
+
+
+def test_each_head_declares_its_own_key_table():
+    """The tables live beside their heads (REFERENCE_CHECKPOINT in models/heads/<head>.py); the loader
+    finds them through the head registry."""
+    assert set(FORMATS) == {"adnet", "gmrd", "qnet", "rpt"}
+    for name, fmt in FORMATS.items():
+        assert head_module(name).REFERENCE_CHECKPOINT is fmt and fmt.method == name
+    assert not hasattr(head_module("alpnet"), "REFERENCE_CHECKPOINT")
+    with pytest.raises(CheckpointError, match=r"REFERENCE_CHECKPOINT in models/heads/rpt\.py.*MHA\.w_xx\.weight"):
+        load_reference_state(None, {"MHA.w_qs.weight": torch.zeros(1), "MHA.w_xx.weight": torch.zeros(1)}, "rpt")

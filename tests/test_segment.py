@@ -13,6 +13,7 @@ from data.phantoms import make_phantom, phantom_geometry
 from data.pipeline import image_from_array, prepare_scan, resample_image, resample_label
 from models.engine import segmentation
 from models.engine.builders import build_model
+from models.engine.experiment import Experiment
 from models.engine.predictor import Predictor
 from scripts import segment
 from tests.helpers import full_config
@@ -132,7 +133,8 @@ def test_untrained_model_through_the_cli(scans, tmp_path, capsys):
     cfg = full_config("adnet", "SYNTH", data_dir, tmp_path / "runs", **{"encoder.weights": "none"})
     cfg["dataset"] = "MINE"
     torch.manual_seed(0)
-    model = build_model(cfg, load_weights=False)
+    exp = Experiment.from_config(cfg)
+    model = build_model(exp.encoder, exp.head, load_weights=False)
     checkpoint = tmp_path / "100.pth"
     torch.save({"model": model.state_dict(), "config": cfg}, checkpoint)
     out = tmp_path / "out"
@@ -202,7 +204,8 @@ def test_model_predictor_is_the_model_on_the_same_slices(tmp_path):
     """Cached, batched encoding and chunked head calls give what one forward pass of the model gives."""
     cfg = full_config("adnet", "SYNTH", tmp_path, tmp_path, **{"encoder.weights": "none"})
     torch.manual_seed(0)
-    model = build_model(cfg, load_weights=False).eval()
+    exp = Experiment.from_config(cfg)
+    model = build_model(exp.encoder, exp.head, load_weights=False).eval()
     rng = np.random.default_rng(0)
     support_image, query_image = rng.normal(size=(2, 6, 32, 32)).astype(np.float32)
     mask = np.zeros((6, 32, 32), bool)

@@ -119,11 +119,11 @@ def test_no_slice_to_draw_is_a_clear_error(store):
 
 
 def test_built_from_the_config(store):
-    from configs.experiment import method_defaults
+    from configs.experiment import build_config
     from models.engine.builders import build_episode_dataset
-    cfg = method_defaults("alpnet", "CHAOST2")
-    cfg.update(setting=1, exclude_rule="any", test_labels=[1])
-    cfg["sampler"]["id_draw"] = "reference"
-    ds = build_episode_dataset(cfg, store, (1, 2), seed=4)
+    from models.engine.experiment import Experiment
+    exp = Experiment.from_config(build_config("alpnet", "CHAOST2", store.data_dir, updates={
+        "test_labels": [1], "sampler.id_draw": "reference"}))
+    ds = build_episode_dataset(exp, store, (1, 2), seed=4)
     assert isinstance(ds, SuperpixelEpisodes) and ds.id_draw == "reference" and ds.seed == 4
     assert ds.augment == AugmentParams()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from skimage.segmentation import felzenszwalb
 
 from data.core.io import read_volume
 from data.supervoxels import (EDGE_BLOCKS, _edge_costs, edge_blocks, edge_weights, felzenszwalb_3d,
-                              foreground_mask, legacy_argsort, mask_supervoxels, rescale_0_255,
+                              foreground_mask, mask_supervoxels, rescale_0_255,
                               sort_edges, supervoxels_3d)
 
 
@@ -108,8 +109,9 @@ def test_edge_weights_are_the_literal_sqrt_then_square_forms():
 
 # ------------------------------------------------------------------------------------ sorting
 # Inputs with ties, and the SHA-256 of NumPy 1.23.5's np.argsort(x) (int64 little-endian), which
-# `legacy_argsort` must reproduce. KILLER is a McIlroy adversary for the introsort with its
-# values halved (ties): it drives one part past the depth budget, into the heapsort fallback.
+# the legacy edge sort (`sort_edges(..., "legacy")`) must reproduce. KILLER is a McIlroy adversary
+# for the introsort with its values halved (ties): it drives one part past the depth budget, into
+# the heapsort fallback.
 MOD7 = ((np.arange(5000, dtype=np.int64) * 7919) % 9973 % 7).astype(np.float64)
 MOD7_NUMPY123 = "95271eff4790a1b6c0dc70fa72593cbfd8eb2d3cd561228bb38b26fcfd4143f1"
 KILLER = np.frombuffer(base64.b64decode(
@@ -123,8 +125,10 @@ KILLER_NUMPY123 = "57c92aa1055fee7bb17db0f95aeeb3b79611eedac720557e47e801c9b79e1
 
 @pytest.mark.parametrize("values, digest", [(MOD7, MOD7_NUMPY123), (KILLER, KILLER_NUMPY123)],
                          ids=["ties", "heapsort-fallback"])
-def test_legacy_argsort_reproduces_numpy_1_23(values, digest):
-    order = legacy_argsort(values)
+def test_legacy_sort_reproduces_numpy_1_23(values, digest):
+    # the codes carried through the sort are the positions: what the edge sort returns is the argsort
+    _, order = sort_edges(values.copy(), np.arange(values.size, dtype=np.int32), "legacy")
+    order = order.astype(np.int64)
     assert np.all(np.diff(values[order]) >= 0)
     assert not np.array_equal(order, np.argsort(values, kind="stable"))  # the tie order matters
     assert hashlib.sha256(order.astype("<i8").tobytes()).hexdigest() == digest
@@ -141,8 +145,6 @@ def test_sort_edges_sorts_costs_and_carries_codes(sort):
     assert np.array_equal(np.sort(sorted_codes), codes)
     if sort == "stable":
         np.testing.assert_array_equal(sorted_codes, np.argsort(costs, kind="stable"))
-    if sort == "legacy":
-        np.testing.assert_array_equal(sorted_codes, legacy_argsort(costs))
 
 
 # ------------------------------------------------------------------------------------ merging
@@ -204,6 +206,18 @@ def test_tie_order_changes_the_result():
     legacy = felzenszwalb_3d(image, (3.0, 1.0, 1.0), min_size=200, sort="legacy")
     stable = felzenszwalb_3d(image, (3.0, 1.0, 1.0), min_size=200, sort="stable")
     assert not same_partition(legacy, stable)
+
+
+def test_anisotropic_in_plane_spacing_is_logged(caplog):
+    image = blocky_volume(seed=9)
+    with caplog.at_level(logging.WARNING, logger="data.supervoxels"):
+        felzenszwalb_3d(image, (3.0, 1.0, 1.0), min_size=10)
+    assert not caplog.records                                  # isotropic in-plane: no message
+    with caplog.at_level(logging.WARNING, logger="data.supervoxels"):
+        labels = felzenszwalb_3d(image, (3.0, 1.0, 1.5), min_size=10)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "in-plane spacing (y, x) = (1.0, 1.5) is anisotropic" in caplog.text
+    assert labels.shape == image.shape
 
 
 def test_sigma_smooths_per_axis_in_mm():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from launch.sweep import CellFailed, run_local
+from launch.runners import CellFailed, run_local
 from scripts import sweep
 from tests.conftest import PROJECT_ROOT
 
@@ -72,8 +72,8 @@ def test_a_sweep_resumes_a_killed_job_collects_the_table_and_then_has_nothing_to
 
     # adnet runs first: its job is killed while it trains; the sweep goes on (qnet), then reports it
     assert _run_killing_the_first_job(argv, run_dir, cell_log) == 1
-    out = capsys.readouterr().out
-    assert "failed: adnet SYNTH setting 1 labels 1 fold 0" in out and str(cell_log) in out
+    err = capsys.readouterr().err                 # failures go through the logging channel
+    assert "error: failed: adnet SYNTH setting 1 labels 1 fold 0" in err and str(cell_log) in err
     assert torch.load(run_dir / "snapshots" / "last.pth", weights_only=True)["episodes"] == 1
     assert not (run_dir / "snapshots" / "2.pth").exists()
 
@@ -108,6 +108,11 @@ def test_a_sweep_resumes_a_killed_job_collects_the_table_and_then_has_nothing_to
         assert torch.equal(tensor, resumed["model"][key]), f"{key} differs after the resumed sweep"
     steps = json.loads((run_dir / "metrics.json").read_text())["loss.total"]["steps"]
     assert steps == [1, 2]            # the metrics of the resume point, then those after it, once each
+
+    # a changed configuration: the finished cells are stale (trained again into new runs), not done
+    assert sweep.main([*_argv(log_dir, phantoms, ["adnet"], [0]), "train.n_steps=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{ADNET_FOLD0}  stale" in out and "1 cells: 1 stale" in out and "done" not in out
     for snapshots in tmp_path.glob("*/train/*/*/snapshots"):     # 0.35 GB each: not kept by pytest's tmp dirs
         shutil.rmtree(snapshots)
 
@@ -145,6 +150,20 @@ def test_bad_input_is_refused_with_the_fix(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_sweep_checks_every_cell_before_the_first_starts(phantoms, tmp_path, capsys):
+    """A missing data folder, missing pretrained weights and a GPU that is not there: one error naming
+    all of them, before any cell runs (nothing is written)."""
+    log_dir = tmp_path / "runs"
+    argv = ["--methods", "adnet", "--datasets", "SYNTH", "CMR", "--folds", "0", "--label-groups", "1",
+            "--data-dir", f"SYNTH={phantoms}", f"CMR={tmp_path / 'no_cmr'}", "--log-dir", str(log_dir),
+            "--gpus", "7", "train.n_steps=2", "encoder.weights=" + str(tmp_path / "missing.pth")]
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the sweep cannot start; nothing was run:"), err
+    assert str(tmp_path / "no_cmr") in err and "missing.pth" in err and "--gpus 7: no such GPU" in err
+    assert not log_dir.exists()
 
 
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeypatch):

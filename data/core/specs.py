@@ -330,6 +330,29 @@ def _from_mapping(d: dict, source: str) -> DatasetSpec:
     return spec
 
 
+# the keys of a dataset description (configs/datasets/*.yaml); `defaults` holds the config defaults
+# a dataset supplies
+DESCRIPTION_KEYS = ("name", "description", "modality", "region", "image_dir", "labels", "raw_label_values",
+                    "eval_labels", "table_order", "setting2_groups", "expected_ids", "folds", "n_folds",
+                    "defaults", "preprocessing")
+DATASET_DEFAULT_KEYS = ("n_sv", "superpixel_threshold")
+
+
+def _refuse_unknown_keys(d, path: Path) -> None:
+    """A misspelt key of a built-in description would be ignored silently: name it, and the closest key."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a dataset description is a mapping of keys, got {type(d).__name__}")
+    found = [(k, DESCRIPTION_KEYS, "") for k in d if k not in DESCRIPTION_KEYS]
+    found += [(k, DATASET_DEFAULT_KEYS, "defaults.") for k in (d.get("defaults") or {})
+              if k not in DATASET_DEFAULT_KEYS]
+    if found:
+        problems = []
+        for key, known, prefix in found:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"unknown key '{prefix}{key}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+        raise ConfigError(f"{path}: " + "; ".join(problems) + f". The keys are {', '.join(DESCRIPTION_KEYS)}")
+
+
 def builtin_names() -> list[str]:
     return sorted(yaml.safe_load(p.read_text())["name"] for p in BUILTIN_SPEC_DIR.glob("*.yaml"))
 
@@ -338,7 +361,9 @@ def load_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
     """The spec of a built-in dataset (by name, any case), or of the dataset.json in `data_dir`."""
     path = BUILTIN_SPEC_DIR / f"{name.lower()}.yaml"
     if path.is_file():
-        return _from_mapping(yaml.safe_load(path.read_text()), str(path))
+        d = yaml.safe_load(path.read_text())
+        _refuse_unknown_keys(d, path)
+        return _from_mapping(d, str(path))
     if data_dir is not None and (Path(data_dir) / "dataset.json").is_file():
         spec = load_generic_spec(data_dir)
         if spec.name.upper() != str(name).upper():

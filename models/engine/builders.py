@@ -21,6 +21,16 @@ from dataloaders.superpixel_episodes import SuperpixelEpisodes
 from dataloaders.supervoxel_episodes import SupervoxelEpisodes
 from dataloaders.volumes import VolumeStore
 from models.encoder import ResNetEncoder
+from models.engine.experiment import (
+    AugmentConfig,
+    DataConfig,
+    EncoderConfig,
+    EvaluationConfig,
+    Experiment,
+    SamplerConfig,
+    TrainConfig,
+    head_name_and_options,
+)
 from models.episode_norm import use_episode_batchnorm
 from models.fewshot import FewShotSegmenter
 from models.heads import build_head
@@ -67,10 +77,10 @@ def resolve_auto(value, device: torch.device, cuda: int, cpu: int) -> int:
     return int(value)
 
 
-def episodes_per_step(cfg: dict, device: torch.device) -> int:
+def episodes_per_step(train: TrainConfig, device: torch.device) -> int:
     """train.batch_episodes; "auto" is 8 on CUDA and 1 on the CPU, where larger batches of 256 x 256
     images are slower per image (README, Performance: "Choosing B")."""
-    return resolve_auto(cfg["train"]["batch_episodes"], device, cuda=8, cpu=1)
+    return resolve_auto(train.batch_episodes, device, cuda=8, cpu=1)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,20 +91,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
-    encoder = ResNetEncoder(cfg["encoder"]["layout"])
+def build_model(encoder_config: EncoderConfig, head: dict, load_weights: bool = True) -> FewShotSegmenter:
+    """The encoder of `encoder_config` (with its pretrained weights unless `load_weights` is False) and the
+    head named by `head` with its options."""
+    encoder = ResNetEncoder(encoder_config.layout)
     if load_weights:
-        encoder.load_pretrained(cfg["encoder"]["weights"],
-                                allow_partial=bool(cfg["encoder"].get("allow_partial", False)))
-    stats = cfg["encoder"].get("bn_statistics", "batch")
+        encoder.load_pretrained(encoder_config.weights, allow_partial=bool(encoder_config.allow_partial))
+    stats = encoder_config.bn_statistics
     if stats == "episode":
         use_episode_batchnorm(encoder)
     elif stats != "batch":
         raise ValueError(f"encoder.bn_statistics must be 'batch' or 'episode', got {stats!r}")
-    head_cfg = dict(cfg["head"])
-    name = head_cfg.pop("name", None)
-    if name is None:
-        raise ValueError("head.name is not set; the method's YAML must name its head")
+    name, head_cfg = head_name_and_options(head)
     if "channels" in head_cfg:
         # configs saved before channels came from the encoder (DSPNet snapshots) hold head.channels:
         # accepted when it says what the encoder says. A user's head.channels never gets here
@@ -107,13 +115,13 @@ def build_model(cfg: dict, load_weights: bool = True) -> FewShotSegmenter:
     return FewShotSegmenter(encoder, build_head(name, channels=encoder.channels, **head_cfg))
 
 
-def dataset_spec(cfg: dict) -> DatasetSpec:
-    return load_spec(cfg["dataset"], cfg["data_dir"])
+def dataset_spec(exp: Experiment) -> DatasetSpec:
+    return load_spec(exp.dataset, exp.data_dir)
 
 
-def volume_store(cfg: dict, spec: DatasetSpec | None = None, stats_ids=None) -> VolumeStore:
-    spec = spec or dataset_spec(cfg)
-    return VolumeStore(spec, cfg["data_dir"], normalize=cfg["data"]["normalize"], stats_ids=stats_ids)
+def volume_store(exp: Experiment, spec: DatasetSpec | None = None, stats_ids=None) -> VolumeStore:
+    spec = spec or dataset_spec(exp)
+    return VolumeStore(spec, exp.data_dir, normalize=exp.data.normalize, stats_ids=stats_ids)
 
 
 # The data a command's pre-flight check loaded, kept for its run (one entry; see fold_data).
@@ -131,7 +139,7 @@ def _files_signature(folders) -> tuple:
     return tuple(files)
 
 
-def fold_data(cfg: dict):
+def fold_data(exp: Experiment):
     """(spec, store, fold) for the configured dataset and eval_fold.
 
     With data.normalize=dataset (SSL-ALPNet's CT rule) the mean and std come from the fold's
@@ -140,93 +148,98 @@ def fold_data(cfg: dict):
     The last result is reused while the dataset's files are unchanged, so the scans a command's
     pre-flight check (`check_run_inputs`) read are not read again by its run.
     """
-    check_data_dir(cfg)
-    spec = dataset_spec(cfg)
-    key = (cfg["dataset"], str(Path(cfg["data_dir"]).resolve()), int(cfg["eval_fold"]),
-           cfg["evaluation"]["fold_scheme"], repr(sorted(cfg["data"].items())),
-           _files_signature([spec.image_folder(cfg["data_dir"]), Path(cfg["data_dir"]) / pseudolabel_folder(cfg)]))
+    check_data_dir(exp)
+    spec = dataset_spec(exp)
+    key = (exp.dataset, str(Path(exp.data_dir).resolve()), int(exp.eval_fold),
+           exp.evaluation.fold_scheme, repr(sorted(exp.data.to_config().items())),
+           _files_signature([spec.image_folder(exp.data_dir),
+                             Path(exp.data_dir) / pseudolabel_folder(exp.data, exp.sampler)]))
     if _loaded_fold_data and _loaded_fold_data[0][0] == key:
         return _loaded_fold_data[0][1]
-    ids = spec.scan_ids(cfg["data_dir"])
-    fold = spec.fold(ids, int(cfg["eval_fold"]), cfg["evaluation"]["fold_scheme"])
-    store = volume_store(cfg, spec, stats_ids=fold.train_ids)
+    ids = spec.scan_ids(exp.data_dir)
+    fold = spec.fold(ids, int(exp.eval_fold), exp.evaluation.fold_scheme)
+    store = volume_store(exp, spec, stats_ids=fold.train_ids)
     _loaded_fold_data[:] = [(key, (spec, store, fold))]
     return spec, store, fold
 
 
-def check_encoder_weights(cfg: dict) -> None:
+def check_encoder_weights(encoder_config: EncoderConfig) -> None:
     """Read and match encoder.weights as training will, on an encoder on the meta device (no
     memory, no random draws, so the run's RNG stream is untouched): a missing, unsafe, partial or
     mismatched file is refused before the run records anything."""
     with torch.device("meta"):
-        encoder = ResNetEncoder(cfg["encoder"]["layout"])
+        encoder = ResNetEncoder(encoder_config.layout)
     with warnings.catch_warnings():     # copying into meta tensors is a no-op, and torch says so
         warnings.simplefilter("ignore")
-        encoder.load_pretrained(cfg["encoder"]["weights"], bool(cfg["encoder"].get("allow_partial", False)))
+        encoder.load_pretrained(encoder_config.weights, bool(encoder_config.allow_partial))
 
 
-def check_run_inputs(cfg: dict, kind: str) -> None:
+def check_run_inputs(exp: Experiment, kind: str) -> None:
     """Read (and so check) every data file a training ("train") or evaluation ("test") run of this
     config will read, before the run records anything: a truncated, NaN-holding, constant or
     misshapen scan or pseudolabel file is refused while the run folder does not exist yet."""
-    spec, store, fold = fold_data(cfg)
-    spec.check_label_ids(cfg["test_labels"], "test_labels")
+    spec, store, fold = fold_data(exp)
+    spec.check_label_ids(exp.test_labels, "test_labels")
     if kind == "train":
-        check_encoder_weights(cfg)
-        folder = pseudolabel_folder(cfg)
+        check_encoder_weights(exp.encoder)
+        folder = pseudolabel_folder(exp.data, exp.sampler)
         for scan_id in fold.train_ids:
             store.scan(scan_id)
-            if not cfg["sampler"].get("use_gt"):
+            if not exp.sampler.use_gt:
                 store.pseudolabels(scan_id, folder)
     else:
         store.preload(fold.test_ids)
 
 
-def eval_batch_size(cfg: dict, device: torch.device) -> int:
+def eval_batch_size(evaluation: EvaluationConfig, device: torch.device) -> int:
     """evaluation.batch_size; "auto" is 16 query slices on CUDA and 1 on the CPU, where larger
     batches were no faster (README, Performance). Each slice is still encoded once for all classes."""
-    return resolve_auto(cfg["evaluation"]["batch_size"], device, cuda=16, cpu=1)
+    return resolve_auto(evaluation.batch_size, device, cuda=16, cpu=1)
 
 
-def protocol_options(cfg: dict, device: torch.device | None = None) -> ProtocolOptions:
-    e = cfg["evaluation"]
-    device = device or resolve_device(cfg["device"])
-    return ProtocolOptions(supp_idx=int(e["supp_idx"]), n_part=int(e["n_part"]), chunking=e["chunking"],
-                           scored=e["scored"], fold_scheme=e["fold_scheme"], batch_size=eval_batch_size(cfg, device),
-                           cache_features=bool(e["cache_features"]))
+def protocol_options(evaluation: EvaluationConfig, device: torch.device) -> ProtocolOptions:
+    e = evaluation
+    return ProtocolOptions(supp_idx=int(e.supp_idx), n_part=int(e.n_part), chunking=e.chunking,
+                           scored=e.scored, fold_scheme=e.fold_scheme, batch_size=eval_batch_size(e, device),
+                           cache_features=bool(e.cache_features))
 
 
-def pseudolabel_folder(cfg: dict) -> str:
-    if cfg["data"]["pseudolabels"]:
-        return str(cfg["data"]["pseudolabels"])
-    if cfg["sampler"]["name"] == "supervoxel":
-        return f"supervoxels_{int(cfg['data']['n_sv'])}"
-    return f"superpixels_{int(cfg['sampler'].get('superpixel_min_size', 400))}"
+def pseudolabel_folder(data: DataConfig, sampler: SamplerConfig) -> str:
+    if data.pseudolabels:
+        return str(data.pseudolabels)
+    if sampler.name == "supervoxel":
+        return f"supervoxels_{int(data.n_sv)}"
+    return f"superpixels_{int(sampler.superpixel_min_size)}"
 
 
-def build_episode_dataset(cfg: dict, store: VolumeStore, train_ids, seed: int):
+def augment_params(augment: AugmentConfig) -> AugmentParams:
+    """The augmentation's parameter ranges (the draws), from the augment section."""
+    return AugmentParams.from_config(augment.to_config())
+
+
+def build_episode_dataset(exp: Experiment, store: VolumeStore, train_ids, seed: int):
     """The training episode sampler chosen by sampler.name."""
-    s = cfg["sampler"]
-    augment = AugmentParams.from_config(cfg["augment"]) if cfg["augment"]["enabled"] else None
-    test_labels = store.spec.check_label_ids(cfg["test_labels"], "test_labels")
-    if s["name"] == "supervoxel":
+    s = exp.sampler
+    augment = augment_params(exp.augment) if exp.augment.enabled else None
+    test_labels = store.spec.check_label_ids(exp.test_labels, "test_labels")
+    if s.name == "supervoxel":
         return SupervoxelEpisodes(
-            store, train_ids, pseudolabel_folder(cfg), pair_rule=s["pair_rule"], min_size=int(s["min_size"]),
-            reverse_p=float(s["reverse_p"]), test_labels=test_labels, exclude_rule=cfg["exclude_rule"],
-            setting=int(cfg["setting"]), use_gt=bool(s["use_gt"]), qnet_set_order=bool(s["qnet_set_order"]),
-            augment=augment, augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
-    if s["name"] == "superpixel":
-        return SuperpixelEpisodes(store, train_ids, pseudolabel_folder(cfg), id_draw=s.get("id_draw", "present"),
-                                  min_size=int(s.get("min_size", 1)), test_labels=test_labels,
-                                  exclude_rule=cfg["exclude_rule"], setting=int(cfg["setting"]), augment=augment,
-                                  augment_on_device=bool(cfg["augment"]["on_device"]), seed=seed)
-    raise ValueError(f"unknown sampler {s['name']!r}")
+            store, train_ids, pseudolabel_folder(exp.data, s), pair_rule=s.pair_rule, min_size=int(s.min_size),
+            reverse_p=float(s.reverse_p), test_labels=test_labels, exclude_rule=exp.exclude_rule,
+            setting=int(exp.setting), use_gt=bool(s.use_gt), qnet_set_order=bool(s.qnet_set_order),
+            augment=augment, augment_on_device=bool(exp.augment.on_device), seed=seed)
+    if s.name == "superpixel":
+        return SuperpixelEpisodes(store, train_ids, pseudolabel_folder(exp.data, s), id_draw=s.id_draw,
+                                  min_size=int(s.min_size), test_labels=test_labels,
+                                  exclude_rule=exp.exclude_rule, setting=int(exp.setting), augment=augment,
+                                  augment_on_device=bool(exp.augment.on_device), seed=seed)
+    raise ValueError(f"unknown sampler {s.name!r}")
 
 
-def check_data_dir(cfg: dict) -> Path:
-    path = Path(cfg["data_dir"])
+def check_data_dir(exp: Experiment) -> Path:
+    path = Path(exp.data_dir)
     if not path.is_dir():
         hint = (" Generate the synthetic phantoms with `python -m data.phantoms " + str(path) + "`."
-                if str(cfg["dataset"]).upper() == "SYNTH" else " See data/README.md for how to prepare it.")
-        raise DataError(f"data directory not found: {path} (dataset {cfg['dataset']}).{hint}")
+                if str(exp.dataset).upper() == "SYNTH" else " See data/README.md for how to prepare it.")
+        raise DataError(f"data directory not found: {path} (dataset {exp.dataset}).{hint}")
     return path

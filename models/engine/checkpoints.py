@@ -7,63 +7,47 @@ last snapshot (most episodes) of the newest COMPLETED training run of the same e
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from data.core.errors import CheckpointError
+from data.core.run_folder import TRAIN, RunFolder, experiment_folder, run_folders
 from data.core.checkpoint_files import load_checkpoint_file
 from models.engine.reference_checkpoints import detect_format, load_reference_state
 
 log = logging.getLogger(__name__)
-_SNAPSHOT_RE = re.compile(r"^(\d+)\.pth$")
 
 
-def snapshots_of(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = Path(run_dir) / "snapshots"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT_RE.match(p.name))]
-    return sorted(found)
+def find_checkpoint(log_dir: str | Path, exp_name: str, fingerprint: str | None = None) -> Path:
+    """Last snapshot of the newest COMPLETED training run of `exp_name`; with `fingerprint` (a training
+    fingerprint, data.core.run_folder.config_fingerprint), of the newest such run trained with that
+    configuration: a run trained otherwise is named in the error, never evaluated silently.
 
-
-def run_status(run_dir: Path) -> str:
-    """Sacred's status of a run folder (COMPLETED, RUNNING, FAILED, INTERRUPTED, ...), from run.json;
-    UNKNOWN when run.json is missing or unreadable."""
-    try:
-        status = json.loads((Path(run_dir) / "run.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return "UNKNOWN"
-    return str(status) if status else "UNKNOWN"
-
-
-def run_folders(base: str | Path) -> list[Path]:
-    """The numbered run folders Sacred wrote under `base` (<log_dir>/<train|test>/<exp_name>), oldest first."""
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return [p for _, p in sorted((int(p.name), p) for p in base.iterdir() if p.is_dir() and p.name.isdigit())]
-
-
-def find_checkpoint(log_dir: str | Path, exp_name: str) -> Path:
-    """Last snapshot of the newest COMPLETED training run of `exp_name`.
-
-    A run that was killed (still RUNNING in run.json), FAILED or INTERRUPTED is never picked
-    silently: its snapshots may be from before a divergence or from half a schedule. When only such
-    runs have snapshots, the error names the newest one and the snapshot to pass explicitly."""
-    base = Path(log_dir) / "train" / exp_name
-    unfinished = []
+    A run that was killed (still RUNNING), FAILED or INTERRUPTED is never picked silently: its
+    snapshots may be from before a divergence or from half a schedule. When only such runs have
+    snapshots, the error names the newest one and the snapshot to pass explicitly."""
+    base = experiment_folder(log_dir, TRAIN, exp_name)
+    unfinished, other_config = [], []
     for run in reversed(run_folders(base)):
-        snaps = snapshots_of(run)
-        if not snaps:
+        snapshot = run.last_snapshot()
+        if snapshot is None:
             continue
-        status = run_status(run)
-        if status == "COMPLETED":
-            return snaps[-1][1]
-        unfinished.append((run, status, snaps[-1][1]))
+        status = run.status()
+        if status != "COMPLETED":
+            unfinished.append((run, status, snapshot))
+        elif fingerprint is not None and run.fingerprint(TRAIN) != fingerprint:
+            other_config.append((run, snapshot))
+        else:
+            return snapshot
+    if other_config:
+        run, snapshot = other_config[0]
+        raise CheckpointError(
+            f"no finished training run of this configuration under {base}: the newest finished run, {run}, was "
+            f"trained with another configuration (a key that decides the numbers differs; compare its "
+            f"{run.config_file.name}). Train this configuration first, or evaluate that run's snapshot knowingly "
+            f"with evaluation.checkpoint={snapshot}")
     if unfinished:
         run, status, snapshot = unfinished[0]
         raise CheckpointError(
@@ -72,8 +56,8 @@ def find_checkpoint(log_dir: str | Path, exp_name: str) -> Path:
             f"Finish it with `python training.py with <the same configs> train.resume={run}`, or evaluate one "
             f"of its snapshots knowingly with evaluation.checkpoint={snapshot}")
     raise CheckpointError(
-        f"no checkpoint to evaluate: no snapshot under {base}/<run>/snapshots/. Train first "
-        f"(python training.py with <the same named configs and keys>), pass "
+        f"no checkpoint to evaluate: no snapshot under {base}/<run>/{RunFolder(base).snapshot_dir.name}/. Train "
+        f"first (python training.py with <the same named configs and keys>), pass "
         f"evaluation.checkpoint=<path to a .pth snapshot>, or evaluation.checkpoint=untrained to "
         f"evaluate the model before training")
 

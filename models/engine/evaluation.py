@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from data.core.io import DataError
 from data.core.specs import DatasetSpec, Fold
+from data.core.run_folder import TEST, TRAIN, RunFolder, config_fingerprint
 from evaluation.protocol import (
     EvaluationResult,
     ProtocolOptions,
@@ -45,6 +46,7 @@ from models.engine.builders import (
     use_channels_last,
 )
 from models.engine.checkpoints import find_checkpoint, load_checkpoint
+from models.engine.experiment import Experiment, as_experiment
 from models.engine.predictor import Predictor, ScanImage, foreground_mask
 from models.engine.runs import write_provenance
 
@@ -141,47 +143,49 @@ class Evaluator:
         return result
 
 
-def resolve_checkpoint(cfg: dict) -> str:
+def resolve_checkpoint(exp: Experiment) -> str:
     """The checkpoint to evaluate: the configured path, 'untrained', or the last snapshot of the
     newest training run of the same experiment (models/checkpoints.find_checkpoint)."""
-    ckpt = cfg["evaluation"]["checkpoint"]
+    ckpt = exp.evaluation.checkpoint
     if ckpt in (None, "", "null"):
-        return str(find_checkpoint(cfg["log_dir"], cfg["exp_name"]))
+        return str(find_checkpoint(exp.log_dir, exp.exp_name, config_fingerprint(exp.to_config(), TRAIN)))
     return str(ckpt)
 
 
-def load_evaluated_model(cfg: dict) -> tuple[torch.nn.Module, str]:
+def load_evaluated_model(exp: Experiment) -> tuple[torch.nn.Module, str]:
     """The model to evaluate and where it came from: the checkpoint found by `resolve_checkpoint`,
     read safely and loaded strictly, or the untrained model with its pretrained encoder weights.
     validation.py calls this before Sacred records the run, so a missing, unfinished, truncated,
     unsafe or misfitting checkpoint is refused with nothing written."""
-    checkpoint = resolve_checkpoint(cfg)
-    model = build_model(cfg, load_weights=checkpoint == UNTRAINED)
+    checkpoint = resolve_checkpoint(exp)
+    model = build_model(exp.encoder, exp.head, load_weights=checkpoint == UNTRAINED)
     if checkpoint != UNTRAINED:
         load_checkpoint(model, checkpoint)
     return model, checkpoint
 
 
-def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None,
+def evaluate(cfg: Experiment | dict, run_dir: Path | None, progress: bool = True, model=None,
              checkpoint: str = "in-memory model") -> EvaluationResult:
     """Run the protocol on fold `eval_fold`; write results, predictions and overlays into run_dir.
 
-    `model`: the model to evaluate (its source named by `checkpoint`); None loads it from the config."""
-    device = resolve_device(cfg["device"])
-    spec, store, fold = fold_data(cfg)
-    options = protocol_options(cfg, device)
-    classes = spec.check_label_ids(cfg["test_labels"], "test_labels")
+    `cfg`: an Experiment, or a config dict (converted here); `model`: the model to evaluate (its
+    source named by `checkpoint`); None loads it from the config."""
+    exp = as_experiment(cfg)
+    device = resolve_device(exp.device)
+    spec, store, fold = fold_data(exp)
+    options = protocol_options(exp.evaluation, device)
+    classes = spec.check_label_ids(exp.test_labels, "test_labels")
     if model is None:
-        model, checkpoint = load_evaluated_model(cfg)
+        model, checkpoint = load_evaluated_model(exp)
     model = model.to(device)
-    model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
+    model.set_channels_last(use_channels_last(exp.train.channels_last, device))
     evaluator = Evaluator(model, store, spec, fold, options, device=device,
-                          autocast_dtype=autocast_dtype(cfg["evaluation"]["amp"], device, "evaluation.amp"), progress=progress)
+                          autocast_dtype=autocast_dtype(exp.evaluation.amp, device, "evaluation.amp"), progress=progress)
     log.info("evaluating %s on %s fold %d: support scan %d, queries %s, classes %s", checkpoint, spec.name,
              fold.index, evaluator.support_id, list(evaluator.query_ids), list(classes))
-    seed_everything(int(cfg["seed"]))
+    seed_everything(int(exp.seed))
     result = evaluator.run(classes)
-    title = (f"{cfg['method']} on {spec.name}, setting {cfg['setting']}, fold {fold.index} "
+    title = (f"{exp.method} on {spec.name}, setting {exp.setting}, fold {fold.index} "
              f"(support scan {result.support_id}; checkpoint: {checkpoint})")
     print(format_table(result, title))
     print(format_patient_table(result))
@@ -189,12 +193,12 @@ def evaluate(cfg: dict, run_dir: Path | None, progress: bool = True, model=None,
           f"({result.n_query_slices / max(result.seconds, 1e-9):.2f} slices/s)")
     if run_dir is not None:
         run_dir = Path(run_dir)
-        write_provenance(run_dir, cfg, device, checkpoint=checkpoint)
-        write_results(result, run_dir, extra={"checkpoint": checkpoint, "method": cfg["method"],
-                                              "setting": cfg["setting"], "exp_name": cfg["exp_name"],
-                                              "protocol": dict(cfg["evaluation"])})
-        if cfg["evaluation"]["save_predictions"]:
-            write_predictions(result, store, run_dir / "predictions")
-        if int(cfg["evaluation"]["n_overlays"]) > 0:
-            write_overlays(result, store, run_dir / "overlays", int(cfg["evaluation"]["n_overlays"]))
+        write_provenance(run_dir, exp.to_config(), device, TEST, checkpoint=checkpoint)
+        write_results(result, run_dir, extra={"checkpoint": checkpoint, "method": exp.method,
+                                              "setting": exp.setting, "exp_name": exp.exp_name,
+                                              "protocol": exp.evaluation.to_config()})
+        if exp.evaluation.save_predictions:
+            write_predictions(result, store, RunFolder(run_dir).predictions_dir)
+        if int(exp.evaluation.n_overlays) > 0:
+            write_overlays(result, store, RunFolder(run_dir).overlays_dir, int(exp.evaluation.n_overlays))
     return result

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from data.core.errors import CheckpointError
+from data.core.errors import CheckpointError, ConfigError
 from data.core.io import DataError, Geometry, atomic_path, read_volume, safe_child_path, write_volume
 from data.core.specs import PROJECT_ROOT, DatasetSpec, Preprocessing, builtin_names, generic_spec, load_spec
 from data.pipeline import image_from_array, orientation_of, prepare_scan, reorient
@@ -81,6 +81,7 @@ from dataloaders.volumes import zscore
 from data.core.checkpoint_files import load_checkpoint_file
 from models.engine.builders import autocast_dtype, build_model, eval_batch_size, fold_data, resolve_device
 from models.engine.checkpoints import load_model_state
+from models.engine.experiment import Experiment, upgrade_config
 from models.engine.predictor import Predictor, ScanImage, foreground_probability
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,9 @@ class ModelChunkPredictor:
         return [foreground_probability(lp).cpu().numpy() for lp in log_probs]
 
 
-def read_snapshot(path: Path) -> dict:
-    """Our snapshot: {"model": state dict, "config": experiment config, ...}."""
+def read_snapshot(path: Path) -> tuple[Experiment, dict]:
+    """Our snapshot ({"model": state dict, "config": experiment config, ...}) as its experiment (the
+    stored config with the keys added since it was written, `upgrade_config`) and the model's state dict."""
     path = Path(path)
     snapshot = load_checkpoint_file(path, missing_hint="training.py writes <run>/snapshots/<episodes>.pth")
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("config"), dict):
@@ -230,22 +232,26 @@ def read_snapshot(path: Path) -> dict:
                               f"unknown. Use a snapshot from <run>/snapshots/<episodes>.pth")
     if not isinstance(snapshot.get("model"), dict):
         raise CheckpointError(f"{path} has a config but no 'model' state dict")
-    return snapshot
+    try:
+        exp = Experiment.from_config(upgrade_config(snapshot["config"]))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its experiment config cannot be read: {err}") from None
+    return exp, snapshot["model"]
 
 
-def model_predictor(snapshot: dict, source: Path, device_name: str, amp: str | None = None) -> ModelChunkPredictor:
-    """The snapshot's model, loaded strictly, on the device, with the config's evaluation batch size
-    and precision (`amp` overrides evaluation.amp)."""
-    cfg = snapshot["config"]
+def model_predictor(exp: Experiment, state: dict, source: Path, device_name: str,
+                    amp: str | None = None) -> ModelChunkPredictor:
+    """The snapshot's model (`state`, loaded strictly into the model `exp` describes) on the device, with
+    the experiment's evaluation batch size and precision (`amp` overrides evaluation.amp)."""
     try:
         device = resolve_device(device_name)
     except RuntimeError as err:
         raise DataError(str(err).replace("device=", "--device ")) from None
-    model = build_model(cfg, load_weights=False)
-    load_model_state(model, snapshot["model"], source=source)
+    model = build_model(exp.encoder, exp.head, load_weights=False)
+    load_model_state(model, state, source=source)
     return ModelChunkPredictor(Predictor(
-        model.to(device).eval(), device, eval_batch_size(cfg, device),
-        autocast_dtype(amp or cfg["evaluation"].get("amp", "off"), device, "--amp")))
+        model.to(device).eval(), device, eval_batch_size(exp.evaluation, device),
+        autocast_dtype(amp or exp.evaluation.amp, device, "--amp")))
 
 
 # ----------------------------------------------------------------------------- training data
@@ -258,7 +264,7 @@ def resolve_data_dir(data_dir: str) -> Path | None:
     return None
 
 
-def training_spec(cfg: dict, dataset_json: Path | None) -> DatasetSpec:
+def training_spec(exp: Experiment, dataset_json: Path | None) -> DatasetSpec:
     """The spec of the dataset the checkpoint was trained on."""
     if dataset_json is not None:
         if not Path(dataset_json).is_file():
@@ -267,12 +273,12 @@ def training_spec(cfg: dict, dataset_json: Path | None) -> DatasetSpec:
             return generic_spec(json.loads(Path(dataset_json).read_text()), str(dataset_json))
         except json.JSONDecodeError as err:
             raise DataError(f"{dataset_json} is not valid JSON: {err}") from None
-    name = str(cfg["dataset"])
+    name = str(exp.dataset)
     if name.upper() in (n.upper() for n in builtin_names()):
         return load_spec(name)
-    data_dir = resolve_data_dir(str(cfg["data_dir"]))
+    data_dir = resolve_data_dir(str(exp.data_dir))
     if data_dir is None or not (data_dir / "dataset.json").is_file():
-        raise DataError(f"the checkpoint was trained on {name}, described by {cfg['data_dir']}/dataset.json, which "
+        raise DataError(f"the checkpoint was trained on {name}, described by {exp.data_dir}/dataset.json, which "
                         f"is not there (the dataset folder was moved or deleted). Pass --dataset-json with a copy "
                         f"of that file, or restore the folder")
     return load_spec(name, data_dir)
@@ -294,16 +300,16 @@ def with_support_axes(prep: Preprocessing, support_image: sitk.Image) -> Preproc
     return prep
 
 
-def normalisation_stats(cfg: dict, mode: str) -> tuple[float, float] | None:
+def normalisation_stats(exp: Experiment, mode: str) -> tuple[float, float] | None:
     """None for a per-volume z-score; the training scans' (mean, std) for data.normalize=dataset."""
-    if mode == "volume" or cfg["data"]["normalize"] != "dataset":
+    if mode == "volume" or exp.data.normalize != "dataset":
         return None
-    data_dir = resolve_data_dir(str(cfg["data_dir"]))
+    data_dir = resolve_data_dir(str(exp.data_dir))
     if data_dir is None:
         raise DataError(f"the checkpoint was trained with data.normalize=dataset: its z-score uses the mean and "
-                        f"std of the training scans in {cfg['data_dir']}, which is not there. Restore that folder, "
+                        f"std of the training scans in {exp.data_dir}, which is not there. Restore that folder, "
                         f"or pass --normalize volume (a per-scan z-score; results may differ)")
-    _, store, _ = fold_data({**cfg, "data_dir": str(data_dir)})
+    _, store, _ = fold_data(dataclasses.replace(exp, data_dir=str(data_dir)))
     return store.dataset_stats()
 
 
@@ -439,21 +445,20 @@ def prepare_support(job: SegmentationJob, image: sitk.Image, class_mask: np.ndar
 
 def segment_scans(job: SegmentationJob, predictor: ChunkPredictor | None = None) -> Segmentation:
     """Segment the queries and write their outputs; `predictor` replaces the checkpoint's model (tests)."""
-    snapshot = read_snapshot(job.checkpoint)
-    cfg = snapshot["config"]
-    spec = training_spec(cfg, job.dataset_json)
+    exp, state = read_snapshot(job.checkpoint)
+    spec = training_spec(exp, job.dataset_json)
     prep = training_preprocessing(spec)
     class_name, value = class_of(spec, job.class_id, job.label_value)
-    evaluation = cfg["evaluation"]
-    n_part = int(job.n_part or evaluation["n_part"])
+    evaluation = exp.evaluation
+    n_part = int(job.n_part or evaluation.n_part)
 
     support_image, support_label = read_scan(job.support_image, job.support_label, "support")
     support_mask = check_class_present(support_label, value, job.support_label, class_name)
     queries = read_queries(job, value)
     prep = with_support_axes(prep, support_image)
-    stats = normalisation_stats(cfg, job.normalize)
+    stats = normalisation_stats(exp, job.normalize)
     support = prepare_support(job, support_image, support_mask, class_name, prep, stats)
-    predict = predictor or model_predictor(snapshot, job.checkpoint, job.device, job.amp)
+    predict = predictor or model_predictor(exp, state, job.checkpoint, job.device, job.amp)
 
     # every output name is checked before anything is written, so a refused name leaves OUT_DIR as it was
     outputs = {str(path): output_paths(job.out, scan_name(path), class_name) for path, _, _ in queries}
@@ -466,7 +471,7 @@ def segment_scans(job: SegmentationJob, predictor: ChunkPredictor | None = None)
         query = prepare(name, image, query_mask, prep, stats, str(path))
         if query_mask is not None and not query.mask.any():
             log.warning(f"the label of {path} has no {class_name} on the training grid; the organ extent is estimated")
-        prob, extent = segment_query(support, query, predict, n_part, evaluation["chunking"], evaluation["scored"],
+        prob, extent = segment_query(support, query, predict, n_part, evaluation.chunking, evaluation.scored,
                                      job.extent_fraction)
         if extent.extent_from == "none":
             log.warning(f"{path}: the first pass found no {class_name} in any slice; the mask is empty")

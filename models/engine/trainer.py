@@ -11,13 +11,13 @@ episodes (k N + r) B ... (k N + r) B + B - 1: the processes together see the epi
 process with N B episodes per step would see, and DistributedDataParallel averages their gradients.
 Rank 0 alone writes snapshots and logs.
 
-Snapshots: `snapshots/<episodes>.pth` every `train.snapshot_every` episodes and at the end (the
-model's state dict under "model", for evaluation), and `snapshots/last.pth` every
-`train.checkpoint_every` episodes: everything an exact resume needs (model, optimizer, episodes
+Snapshots (data.core.run_folder lays them out): an evaluable snapshot every `train.snapshot_every`
+episodes and at the end (the model's state dict under "model", for evaluation), and the run's resume
+point every `train.checkpoint_every` episodes: everything an exact resume needs (model, optimizer, episodes
 seen, RNG states, config). Both are written to a temporary file and renamed, so a crash or kill
 never leaves a truncated snapshot and the previous resume point stays until the next is complete.
 Snapshots hold only tensors and plain data, and every snapshot is read with
-torch.load(weights_only=True) (models.engine.checkpoints.load_checkpoint_file): a crafted file cannot run code.
+torch.load(weights_only=True) (data.core.checkpoint_files.load_checkpoint_file): a crafted file cannot run code.
 `train.resume=<run folder>` continues that run in its own folder; on CPU the result is
 bit-identical to an uninterrupted run.
 """
@@ -41,11 +41,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.core.io import ConfigError, UserError, atomic_path
-from dataloaders.augment import AugmentParams
+from data.core.run_folder import NOT_IN_FINGERPRINT, TRAIN, RunFolder, config_fingerprint, flatten_config
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
 from evaluation.reporting import write_training_curves
 from models.engine.builders import (
+    augment_params,
     autocast_dtype,
     build_episode_dataset,
     build_model,
@@ -55,8 +56,15 @@ from models.engine.builders import (
     seed_everything,
     use_channels_last,
 )
-from models.engine.checkpoints import load_checkpoint_file
-from models.engine.runs import remove_partial_files, restore_metrics
+from models.engine.experiment import (
+    AugmentConfig,
+    Experiment,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    as_experiment,
+    upgrade_config,
+)
 from models.heads.common import episode_nll
 from models.heads.contract import lr_multipliers
 
@@ -64,13 +72,10 @@ log = logging.getLogger(__name__)
 # 2: RNG states as tensors and plain data (loads with torch.load(weights_only=True));
 # 1: numpy's RNG state as numpy's own tuple with an ndarray (still read, see upgrade_snapshot)
 SNAPSHOT_FORMAT = 2
-RESUME_FILE = "last.pth"
-# keys that may differ between a run and its resumption (they do not change what is computed)
-RESUMABLE_CHANGES = {"train.resume", "train.num_workers", "train.print_every", "log_dir", "device"}
 
 
 # ----------------------------------------------------------------------------- schedule
-def lr_at(episodes: int, cfg: dict, episodes_per_step: int = 1) -> float:
+def lr_at(episodes: int, optim: OptimConfig, train: TrainConfig, episodes_per_step: int = 1) -> float:
     """Learning rate for the step that starts after `episodes` episodes.
 
     With optim.scale_lr_with_batch, the base lr is multiplied by the episodes per step (linear
@@ -78,12 +83,12 @@ def lr_at(episodes: int, cfg: dict, episodes_per_step: int = 1) -> float:
     one-episode steps. With optim.warmup_episodes = W > 0 the lr rises linearly over the first W
     episodes: the step ending at episode e (= episodes + episodes_per_step) gets min(1, e / W) of it
     (W = 0, the default: no warm-up, as the references)."""
-    o, n_steps = cfg["optim"], int(cfg["train"]["n_steps"])
-    every = int(o["lr_step_every"])
+    o, n_steps = optim, int(train.n_steps)
+    every = int(o.lr_step_every)
     decays = min(episodes // every, max(n_steps // every - 1, 0))
-    scale = episodes_per_step if o.get("scale_lr_with_batch", False) else 1
-    lr = float(o["lr"]) * scale * float(o["lr_step_gamma"]) ** decays
-    warmup = int(o.get("warmup_episodes", 0) or 0)
+    scale = episodes_per_step if o.scale_lr_with_batch else 1
+    lr = float(o.lr) * scale * float(o.lr_step_gamma) ** decays
+    warmup = int(o.warmup_episodes)
     if warmup < 0:
         raise ValueError(f"optim.warmup_episodes must be >= 0, got {warmup}")
     if warmup and episodes < warmup:
@@ -99,30 +104,27 @@ def crossed(before: int, after: int, every: int) -> bool:
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer named by optim.name over all parameters: `sgd` (lr, momentum, weight_decay; the
     references') or `adamw` (lr, betas, eps, weight_decay decoupled). A head may scale the lr of some
     of its parameters with either (the head contract's `lr_multipliers`: {parameter-name fragment:
     factor}, e.g. DSPNet's `cal`); each group keeps its factor as `lr_factor` for set_lr."""
-    o = cfg["optim"]
+    o = optim
     multipliers = lr_multipliers(model.head)
     groups = defaultdict(list)
     for name, param in model.named_parameters():
         factor = next((f for frag, f in multipliers.items() if frag in name), 1.0)
         groups[factor].append(param)
-    lr = float(o["lr"])
+    lr = float(o.lr)
     param_groups = [{"params": ps, "lr_factor": f, "lr": lr * f} for f, ps in groups.items()]
-    name = o.get("name", "sgd")
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=float(o["momentum"]),
-                               weight_decay=float(o["weight_decay"]))
-    if name == "adamw":
-        betas = tuple(float(b) for b in o.get("betas", (0.9, 0.999)))
+    if o.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=float(o.momentum), weight_decay=float(o.weight_decay))
+    if o.name == "adamw":
+        betas = tuple(float(b) for b in o.betas)
         if len(betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers [beta1, beta2], got {list(betas)}")
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=float(o.get("eps", 1e-8)),
-                                 weight_decay=float(o["weight_decay"]))
-    raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.get('name')!r}")
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=float(o.eps), weight_decay=float(o.weight_decay))
+    raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -131,12 +133,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_factor", 1.0)
 
 
-def step_loss(output, episode: Episode, cfg: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Query NLL (weights [bg_weight, 1], ignore_index) + weighted auxiliary losses."""
-    lcfg = cfg["loss"]
+def step_loss(output, episode: Episode, loss: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Query NLL (weights [bg_weight, 1], ignore_index) + weighted auxiliary losses (loss.weights; an
+    auxiliary loss it does not name counts once)."""
     parts = {"query": episode_nll(output.log_probs.float(), episode.query_labels,
-                                  [float(lcfg["bg_weight"]), 1.0], int(lcfg["ignore_index"]))}
-    weights = lcfg.get("weights", {}) or {}
+                                  [float(loss.bg_weight), 1.0], int(loss.ignore_index))}
+    weights = loss.weights or {}
     for name, value in output.aux_losses.items():
         parts[name] = value.float() * float(weights.get(name, 1.0))
     return sum(parts.values()), parts
@@ -146,11 +148,11 @@ class StepRunner:
     """One optimisation step on a collated batch: device transfer, on-device augmentation,
     autocast, loss, backward, SGD step. Used by the training loop and the benchmark."""
 
-    def __init__(self, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict,
-                 device: torch.device):
-        self.trained, self.optimizer, self.cfg, self.device = trained, optimizer, cfg, device
-        self.amp = autocast_dtype(cfg["train"]["amp"], device)
-        self.augment = AugmentParams.from_config(cfg["augment"])
+    def __init__(self, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
+                 loss: LossConfig, augment: AugmentConfig, device: torch.device):
+        self.trained, self.optimizer, self.loss, self.device = trained, optimizer, loss, device
+        self.amp = autocast_dtype(train.amp, device)
+        self.augment = augment_params(augment)
 
     def __call__(self, batch: Episode, lr: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         set_lr(self.optimizer, lr)
@@ -158,16 +160,16 @@ class StepRunner:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             output = self.trained(episode.support_images, episode.support_masks, episode.query_images,
                                   query_labels=episode.query_labels)
-        total, parts = step_loss(output, episode, self.cfg)
+        total, parts = step_loss(output, episode, self.loss)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         return total, parts, episode.batch_size
 
 
-def prepare_model(cfg: dict, device: torch.device) -> torch.nn.Module:
-    model = build_model(cfg).to(device)
-    model.set_channels_last(use_channels_last(cfg["train"]["channels_last"], device))
+def prepare_model(exp: Experiment, device: torch.device) -> torch.nn.Module:
+    model = build_model(exp.encoder, exp.head).to(device)
+    model.set_channels_last(use_channels_last(exp.train.channels_last, device))
     return model
 
 
@@ -277,7 +279,7 @@ def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metric
             torch.save(state, tmp)
     except (OSError, RuntimeError) as err:     # torch's zip writer reports a full disk as a RuntimeError
         free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
-        size = snapshot_bytes(model, cfg.get("optim", {}).get("name", "sgd"))
+        size = snapshot_bytes(model, type(optimizer).__name__.lower())      # optim.name: sgd, adamw
         if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < size):
             raise SnapshotWriteError(
                 f"no space left on the device writing {path} ({0 if free is None else free / 2 ** 20:.0f} MB "
@@ -288,41 +290,34 @@ def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metric
     return path
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict:
-    """A nested config as dotted keys ({"train": {"n_steps": 2}} -> {"train.n_steps": 2}); an empty
-    section stays a value of its own ({} is what was set)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
+    """A run resumes only with the configuration it was started with: the same training fingerprint
+    (paths, log cadence, worker counts and the device may differ, data.core.run_folder.NOT_IN_FINGERPRINT)."""
+    if config_fingerprint(saved_cfg, TRAIN) == config_fingerprint(cfg, TRAIN):
+        return
     a, b = flatten_config(saved_cfg), flatten_config(cfg)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
-    if diff:
-        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-        raise ConfigError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
-                          f"same named configs and updates as the original run; the run was left as it was.")
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in NOT_IN_FINGERPRINT
+                  and not k.startswith("evaluation."))
+    detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6]) or "evaluation.fold_scheme"
+    raise ConfigError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
+                      f"same named configs and updates as the original run; the run was left as it was.")
 
 
 def load_resume_point(run_dir: Path) -> tuple[Path, dict]:
     """The path and content (in the current snapshot format) of run_dir's resume point, read safely."""
-    path = Path(run_dir) / "snapshots" / RESUME_FILE
-    state = load_checkpoint_file(path, what="resume point", missing_hint="A run writes it every "
-                                 "train.checkpoint_every episodes; nothing to resume from (train.resume takes "
-                                 "the run folder)")
-    return path, upgrade_snapshot(state)
+    run = RunFolder(run_dir)
+    state = upgrade_snapshot(run.read_resume_point())
+    # its config as the current version writes it: the keys added since it was written filled in
+    return run.resume_file, {**state, "config": upgrade_config(state["config"])}
 
 
-def restore(run_dir: Path, model, optimizer, cfg: dict) -> tuple[int, dict | None]:
-    """Load the resume point of run_dir into model and optimizer; returns the episodes already seen
-    and the metrics logged up to them (None for snapshots written before they carried metrics)."""
-    path, state = load_resume_point(run_dir)
-    check_resumable(state["config"], cfg, path)
+def restore(run_dir: Path, model, optimizer, cfg: dict, state: dict | None = None) -> tuple[int, dict | None]:
+    """Load the resume point of run_dir (`state`: as check_resume read it; read here when None) into
+    model and optimizer; returns the episodes already seen and the metrics logged up to them (None for
+    snapshots written before they carried metrics)."""
+    if state is None:
+        path, state = load_resume_point(run_dir)
+        check_resumable(state["config"], cfg, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
@@ -330,16 +325,19 @@ def restore(run_dir: Path, model, optimizer, cfg: dict) -> tuple[int, dict | Non
     return int(state["episodes"]), state.get("metrics")
 
 
-def check_resume(cfg: dict) -> None:
+def check_resume(cfg: Experiment | dict) -> dict:
     """Refuse a `train.resume` that cannot continue, reading only: the run folder must exist and
     hold a readable resume point written with the same configuration. training.py calls this
-    before Sacred writes anything, so a refused resume leaves the run folder as it was."""
-    run_dir = Path(cfg["train"]["resume"])
+    before Sacred writes anything, so a refused resume leaves the run folder as it was. Returns the
+    resume point (read once: hand it to `train`)."""
+    exp = as_experiment(cfg)
+    run_dir = Path(exp.train.resume)
     if not run_dir.is_dir():
         raise ConfigError(f"train.resume: run folder {run_dir} does not exist (train.resume takes a folder "
                           f"<log_dir>/train/<exp_name>/<run id>)")
     path, state = load_resume_point(run_dir)
-    check_resumable(state["config"], cfg, path)
+    check_resumable(state["config"], exp.to_config(), path)
+    return state
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -383,32 +381,36 @@ def _record(metrics: dict, name: str, value: float, episodes: int) -> None:
     entry["timestamps"].append(datetime.now(timezone.utc).replace(tzinfo=None).isoformat())
 
 
-def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None] | None = None,
-          progress: bool = True) -> Path:
-    """Train the configured method; returns the path of the final snapshot."""
-    ddp = Distributed(cfg["device"])
+def train(cfg: Experiment | dict, run_dir: Path, log_scalar: Callable[[str, float, int], None] | None = None,
+          progress: bool = True, resume_state: dict | None = None) -> Path:
+    """Train the configured method; returns the path of the final snapshot. `resume_state`: the resume
+    point as check_resume read it (read again when None)."""
+    exp = as_experiment(cfg)            # a config dict (tests) is converted here
+    config = exp.to_config()            # the plain config, as snapshots carry it
+    ddp = Distributed(exp.device)
     device = ddp.device
-    seed_everything(int(cfg["seed"]))
-    spec, store, fold = fold_data(cfg)
+    seed_everything(int(exp.seed))
+    spec, store, fold = fold_data(exp)
     log.info("fold %d: training on %d scans %s; held out %s", fold.index, len(fold.train_ids),
              list(fold.train_ids), list(fold.test_ids))
-    dataset = build_episode_dataset(cfg, store, fold.train_ids, int(cfg["seed"]))
+    dataset = build_episode_dataset(exp, store, fold.train_ids, int(exp.seed))
 
-    model = prepare_model(cfg, device)
-    optimizer = make_optimizer(model, cfg)
-    run_dir = Path(run_dir)
+    model = prepare_model(exp, device)
+    optimizer = make_optimizer(model, exp.optim)
+    run = RunFolder(run_dir)
     episodes, metrics = 0, {}
-    if cfg["train"].get("resume"):
-        episodes, saved_metrics = restore(run_dir, model, optimizer, cfg)
+    if exp.train.resume:
+        episodes, saved_metrics = restore(run.path, model, optimizer, config, resume_state)
+        del resume_state
         if ddp.is_main:
-            metrics = restore_metrics(run_dir, saved_metrics, episodes)
-            remove_partial_files(run_dir / "snapshots")
+            metrics = run.restore_metrics(saved_metrics, episodes)
+            run.remove_partial_snapshots()
     trained = ddp.wrap(model)
     trained.train()
-    step = StepRunner(trained, optimizer, cfg, device)
+    step = StepRunner(trained, optimizer, exp.train, exp.loss, exp.augment, device)
 
-    tcfg = cfg["train"]
-    n_steps, B = int(tcfg["n_steps"]), episodes_per_step(cfg, device)
+    tcfg = exp.train
+    n_steps, B = int(tcfg.n_steps), episodes_per_step(tcfg, device)
     if n_steps < 1 or B < 1:
         raise ValueError(f"train.n_steps and train.batch_episodes must be >= 1, got {n_steps}, {B}")
     per_step = B * ddp.world
@@ -418,13 +420,13 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     indices = [i for i in episode_indices(episodes // per_step, total_steps, B, ddp.world, ddp.rank) if i < n_steps]
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=B, sampler=indices, collate_fn=collate_episodes,
-        num_workers=int(tcfg["num_workers"]), pin_memory=device.type == "cuda",
-        persistent_workers=int(tcfg["num_workers"]) > 0)
-    snapshots = run_dir / "snapshots"
+        num_workers=int(tcfg.num_workers), pin_memory=device.type == "cuda",
+        persistent_workers=int(tcfg.num_workers) > 0)
     if ddp.is_main:
-        snapshots.mkdir(parents=True, exist_ok=True)
-        warn_if_low_space(snapshots, model, cfg["optim"].get("name", "sgd"))
-    every = {k: int(tcfg[k]) for k in ("print_every", "snapshot_every", "checkpoint_every")}
+        run.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        warn_if_low_space(run.snapshot_dir, model, exp.optim.name)
+    every = {"print_every": int(tcfg.print_every), "snapshot_every": int(tcfg.snapshot_every),
+             "checkpoint_every": int(tcfg.checkpoint_every)}
     end = min(n_steps, total_steps * per_step)
 
     since, t_last, last_path = 0, time.perf_counter(), None
@@ -434,7 +436,7 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
     bar = tqdm(total=end, initial=episodes, desc="training", unit="ep", disable=not (progress and ddp.is_main),
                mininterval=5)
     for batch in loader:
-        lr = lr_at(episodes, cfg, per_step)
+        lr = lr_at(episodes, exp.optim, exp.train, per_step)
         total, parts, batch_size = step(batch, lr)
         n = batch_size * ddp.world
         for k, v in parts.items():
@@ -453,8 +455,8 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
             means = {k: float(v) / since for k, v in pending.items()}   # the only host sync of the step
             rate = since / (now - t_last)
             if ddp.is_main:
-                tqdm.write(f"episodes {episodes:>7d}  lr {lr:.2e}  " + "  ".join(
-                    f"{k} {v:.4f}" for k, v in sorted(means.items())) + f"  ({rate:.2f} ep/s)")
+                log.info("episodes %7d  lr %.2e  %s  (%.2f ep/s)", episodes, lr,
+                         "  ".join(f"{k} {v:.4f}" for k, v in sorted(means.items())), rate)
                 for name, value in [*((f"loss.{k}", v) for k, v in means.items()), ("lr", lr),
                                     ("episodes_per_s", rate)]:
                     _record(metrics, name, value, episodes)
@@ -464,14 +466,14 @@ def train(cfg: dict, run_dir: Path, log_scalar: Callable[[str, float, int], None
             since, t_last = 0, now
         if ddp.is_main:
             if due_snapshot:
-                last_path = save_snapshot(snapshots / f"{episodes}.pth", model, optimizer, episodes, cfg, metrics)
+                last_path = save_snapshot(run.snapshot_file(episodes), model, optimizer, episodes, config, metrics)
                 saved["snapshot"] = episodes
             if due_resume_point:
-                save_snapshot(snapshots / RESUME_FILE, model, optimizer, episodes, cfg, metrics)
+                save_snapshot(run.resume_file, model, optimizer, episodes, config, metrics)
                 saved["resume point"] = episodes
     bar.close()
     if ddp.is_main:
         history = {k: (v["steps"], v["values"]) for k, v in metrics.items()}
-        write_training_curves(history, run_dir / "curves.png", title=cfg.get("exp_name", ""))
+        write_training_curves(history, run.curves_file, title=exp.exp_name)
     ddp.close()
-    return last_path if last_path is not None else snapshots / f"{episodes}.pth"
+    return last_path if last_path is not None else run.snapshot_file(episodes)

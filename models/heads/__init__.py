@@ -10,6 +10,11 @@ declares the encoder maps it reads in `feature_maps`, and may have `lr_multiplie
 the encoder supplies (contract.ENCODER_ARGUMENTS: `channels`), which `build_head` receives from
 build_model. Adding a method means one head file, one entry in HEADS below and one YAML file in
 configs/methods/.
+
+A head file whose reference code released checkpoints also declares how to read them, at module
+level: `REFERENCE_CHECKPOINT`, a models.heads.reference_format.ReferenceFormat (the key table and
+the keys that identify the format). `reference_formats()` collects them; models/engine/
+reference_checkpoints.py detects, renames and loads such checkpoints with them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import importlib
 from collections.abc import Mapping
 
 from models.heads.contract import check_head, config_options, constructor_parameters
+from models.heads.reference_format import ReferenceFormat
 
 # head name -> "module:Class"; imported lazily so that one head's dependencies never burden another
 HEADS = {
@@ -30,13 +36,32 @@ HEADS = {
 }
 
 
-def head_class(name: str):
+def head_module(name: str):
+    """The module of a registered head (imported on first use)."""
     if name not in HEADS:
         close = difflib.get_close_matches(name, list(HEADS), n=1)
         raise ValueError(f"unknown head {name!r}; available: {', '.join(sorted(HEADS))}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    module, cls = HEADS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return importlib.import_module(HEADS[name].split(":")[0])
+
+
+def head_class(name: str):
+    module = head_module(name)
+    return getattr(module, HEADS[name].split(":")[1])
+
+
+def reference_formats() -> dict[str, ReferenceFormat]:
+    """head name -> the `REFERENCE_CHECKPOINT` its file declares, for every registered head that
+    declares one (in HEADS order). Imports every head."""
+    formats = {}
+    for name in HEADS:
+        fmt = getattr(head_module(name), "REFERENCE_CHECKPOINT", None)
+        if fmt is not None:
+            if not isinstance(fmt, ReferenceFormat):
+                raise TypeError(f"{HEADS[name].split(':')[0]}.REFERENCE_CHECKPOINT must be a ReferenceFormat, "
+                                f"got {type(fmt).__name__}")
+            formats[name] = fmt
+    return formats
 
 
 def head_options(name: str) -> dict:

@@ -10,6 +10,19 @@ Reference behaviour (../shared/reference/adnet_qnet.md §2.2-2.5):
 - prototype alignment (training only): the query's hard prediction at feature resolution gives a
   query prototype, which segments the support with the same T; unweighted NLL on the support mask,
   averaged over shots; skipped (zero) when the query prediction is empty.
+
+Reference checkpoints (`REFERENCE_CHECKPOINT`; sha168/ADNet models/fewshot_anom.py, saved through
+`nn.DataParallel`, so a `module.` prefix), loaded by models/engine/reference_checkpoints.py:
+
+| reference key (as saved)                                           | our key                               |
+|--------------------------------------------------------------------|---------------------------------------|
+| `module.encoder.backbone.<conv1,bn1,layer1-4>.*`                   | `encoder.backbone.<same>.*`           |
+| `module.encoder.localconv.weight` (1x1, 2048->256)                 | `encoder.reduce.layer4.weight`        |
+| `module.t` (shape [1])                                             | `head.threshold` (shape [], reshaped) |
+| `module.encoder.asppconv.weight`, `module.encoder.aspp_out.*` (37) | dropped, ignored by design            |
+
+`aspp_out` is torchvision's ASPP followed by the DeepLab head's 3x3 conv; like `asppconv` it is
+never used in ADNet's forward pass (use_aspp=False), so these 38 tensors are the only ones dropped.
 """
 from __future__ import annotations
 
@@ -23,6 +36,30 @@ from models.heads.common import (
     per_shot_nll,
     two_class_log_probs,
     upsample_bilinear,
+)
+from models.heads.reference_format import ReferenceFormat
+
+
+def _bn(prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def _dead_aspp_keys() -> frozenset[str]:
+    """ADNet's `asppconv` and `aspp_out` = Sequential(torchvision ASPP(2048, [12, 24, 36]), 3x3 conv):
+    created, put in the optimiser, saved, never used (use_aspp=False)."""
+    aspp = [f"0.convs.{i}.0.weight" for i in range(4)] + [k for i in range(4) for k in _bn(f"0.convs.{i}.1")]
+    aspp += ["0.convs.4.1.weight", *_bn("0.convs.4.2"), "0.project.0.weight", *_bn("0.project.1"), "1.weight"]
+    return frozenset(["module.encoder.asppconv.weight"] + [f"module.encoder.aspp_out.{k}" for k in aspp])
+
+
+REFERENCE_CHECKPOINT = ReferenceFormat(
+    title="ADNet 2-D (sha168/ADNet)", method="adnet",
+    rules=(("module.encoder.backbone.", "encoder.backbone."),
+           ("module.encoder.localconv.", "encoder.reduce.layer4."),
+           ("module.t", "head.threshold")),
+    signature=frozenset({"module.encoder.localconv.weight", "module.t"}),
+    dead=_dead_aspp_keys(),
+    reshape=frozenset({"head.threshold"}),
 )
 
 

@@ -158,15 +158,3 @@ def check_head(head) -> None:
         problems.append("branch_counts must be a method branch_counts(reset=False) -> {name: count}")
     if problems:
         raise TypeError(f"head {type(head).__name__} breaks the head contract: " + "; ".join(problems))
-
-
-def check_output(out, B: int, Q: int, size: tuple[int, int]) -> None:
-    """Raise TypeError/ValueError if `out` is not a HeadOutput with B x Q x 2 x H x W log-probabilities
-    and scalar auxiliary losses."""
-    if not isinstance(out, HeadOutput):
-        raise TypeError(f"a head returns a HeadOutput, got {type(out).__name__}")
-    if tuple(out.log_probs.shape) != (B, Q, 2, *size):
-        raise ValueError(f"log_probs must be B x Q x 2 x H x W = {(B, Q, 2, *size)}, got {tuple(out.log_probs.shape)}")
-    for key, value in out.aux_losses.items():
-        if not (isinstance(value, torch.Tensor) and value.dim() == 0):
-            raise ValueError(f"aux_losses[{key!r}] must be a scalar tensor, got {getattr(value, 'shape', value)!r}")

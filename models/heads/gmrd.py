@@ -46,13 +46,37 @@ from models.heads.common import (
     upsample_adjoint,
     upsample_bilinear,
 )
-from models.heads.qnet import image_thresholds, predicted_foreground
+from models.heads.qnet import QNET_ENCODER_RULES, QNET_SIGNATURE, image_thresholds, predicted_foreground
+from models.heads.reference_format import ReferenceFormat
 
 FEATURE_MAP = "layer3"
 MAP_EPS = 1e-5                 # the reference's denominator guard in masked average pooling
 EDGE_ITERATIONS = 2            # cv2.erode / cv2.dilate iterations with the 3 x 3 kernel
 DECODER_HIDDEN = 100           # channels of the decoder's last 3x3 conv (fixed in the reference)
 BG_EDGES = ("reference", "outer")
+
+# Reference checkpoints (zmcheng9/GMRD, `torch.save(model.state_dict())`, plain keys), loaded by
+# models/engine/reference_checkpoints.py: Q-Net's encoder (reduce2 unused, still saved) plus the MLPs
+# and decoders of models/moudles.py. `mlp{1,2}` and `decoder{1,2}` are the foreground and background paths.
+REFERENCE_CHECKPOINT = ReferenceFormat(
+    title="GMRD (zmcheng9/GMRD)", method="gmrd",
+    rules=QNET_ENCODER_RULES + (
+           ("mlp1.reduce.0.", "head.fg_mlp.spatial."),          # Linear(H*W -> 100)
+           ("mlp1.reduce.2.", "head.fg_mlp.mix."),              # Linear(100 -> 100)
+           ("mlp2.reduce.0.", "head.bg_mlp.spatial."),          # Linear(H*W -> 600)
+           ("mlp2.reduce.2.", "head.bg_mlp.mix."),
+           ("decoder1.res1.0.", "head.fg_decoder.reduce."),     # 1x1 conv 102 -> 100
+           ("decoder1.res2.0.", "head.fg_decoder.res1."),       # 3x3 convs of the residual block
+           ("decoder1.res2.2.", "head.fg_decoder.res2."),
+           ("decoder1.down.0.", "head.fg_decoder.hidden."),     # 3x3 conv -> 100
+           ("decoder1.down.3.", "head.fg_decoder.logit."),      # 1x1 conv 100 -> 1
+           ("decoder2.res1.0.", "head.bg_decoder.reduce."),     # the same for the background (602 -> 600)
+           ("decoder2.res2.0.", "head.bg_decoder.res1."),
+           ("decoder2.res2.2.", "head.bg_decoder.res2."),
+           ("decoder2.down.0.", "head.bg_decoder.hidden."),
+           ("decoder2.down.3.", "head.bg_decoder.logit.")),
+    signature=QNET_SIGNATURE | {"mlp1.reduce.0.weight"},
+)
 
 
 # ----------------------------------------------------------------------------- masks

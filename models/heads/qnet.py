@@ -17,6 +17,18 @@ Reference behaviour (../shared/reference/adnet_qnet.md §2.2-2.8, ZJLAB-AMMI/Q-N
 - training: the alignment loss of §2.5 (Q-Net variant); no threshold loss;
 - evaluation (``eval()`` mode) with ``refine_steps > 0``: each query slice refines its own copy of
   each scale's prototype with Adam (§2.8) before the final prediction.
+
+Reference checkpoints (`REFERENCE_CHECKPOINT`; `torch.save(model.state_dict())`, plain keys;
+ZJLAB-AMMI/Q-Net models/encoder.py), loaded by models/engine/reference_checkpoints.py:
+
+| reference key (as saved)                          | our key (`FewShotSegmenter.state_dict()`) |
+|---------------------------------------------------|-------------------------------------------|
+| `encoder.backbone.<conv1,bn1,layer1-4,fc>.*`      | `encoder.backbone.<same>.*`               |
+| `encoder.reduce1.weight` (layer3 1x1, 1024->512)  | `encoder.reduce.layer3.weight`            |
+| `encoder.reduce2.weight` (layer4 1x1, 2048->512)  | `encoder.reduce.layer4.weight`            |
+| `encoder.reduce1d.{weight,bias}` (Linear 1000->1) | `encoder.threshold.{weight,bias}`         |
+
+RPT and GMRD, built on Q-Net's code, save the same encoder keys (`QNET_ENCODER_RULES`).
 """
 from __future__ import annotations
 
@@ -35,12 +47,26 @@ from models.heads.common import (
     two_class_log_probs,
     upsample_bilinear,
 )
+from models.heads.reference_format import ReferenceFormat
 
 SCALES = ("layer3", "layer4")       # scale index 0 (fine, weight a_0) and 1 (coarse, weight a_1)
 MAP_EPS = 1e-5                      # the references' denominator guard in masked average pooling
 ADAM_BETAS = (0.9, 0.999)           # torch's Adam defaults, which the reference uses
 ADAM_EPS = 1e-8
 REFINE_LOSSES = ("reference", "reconstruction")
+
+# Q-Net's encoder as Q-Net, RPT and GMRD save it (models/encoder.py of each: the same Res101Encoder)
+QNET_ENCODER_RULES = (("encoder.backbone.", "encoder.backbone."),
+                      ("encoder.reduce1.", "encoder.reduce.layer3."),
+                      ("encoder.reduce2.", "encoder.reduce.layer4."),
+                      ("encoder.reduce1d.", "encoder.threshold."))
+QNET_SIGNATURE = frozenset({"encoder.reduce1.weight", "encoder.reduce2.weight", "encoder.reduce1d.weight"})
+
+REFERENCE_CHECKPOINT = ReferenceFormat(
+    title="Q-Net (ZJLAB-AMMI/Q-Net)", method="qnet",
+    rules=QNET_ENCODER_RULES,
+    signature=QNET_SIGNATURE,
+)
 
 
 def predicted_foreground(fg_prob: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,37 @@ from models.heads.common import (
     two_class_log_probs,
     upsample_bilinear,
 )
-from models.heads.qnet import QNetHead, episode_prototype, image_thresholds, predicted_foreground
+from models.heads.qnet import (
+    QNET_ENCODER_RULES,
+    QNET_SIGNATURE,
+    QNetHead,
+    episode_prototype,
+    image_thresholds,
+    predicted_foreground,
+)
+from models.heads.reference_format import ReferenceFormat
 
 MAP_EPS = 1e-5                 # the references' denominator guard in masked average pooling
 SELECTION_PENALTY = -10000.0   # BATE: added to the scores of the regions below k_c
 FEATURE_MAP = "layer3"
+
+# Reference checkpoints (YazhouZhu19/RPT, `torch.save(model.state_dict())`, plain keys), loaded by
+# models/engine/reference_checkpoints.py: Q-Net's encoder (reduce2 unused, still saved) plus the
+# transformer of models/attention.py.
+REFERENCE_CHECKPOINT = ReferenceFormat(
+    title="RPT (YazhouZhu19/RPT)", method="rpt",
+    rules=QNET_ENCODER_RULES + (
+           ("MHA.w_qs.", "head.attention.w_q."),
+           ("MHA.w_ks.", "head.attention.w_k."),
+           ("MHA.w_vs.", "head.attention.w_v."),
+           ("MHA.fc.", "head.attention.fc."),
+           ("MHA.layer_norm.", "head.attention.norm."),
+           ("MLP.mlp.0.", "head.mlp.fc1."),
+           ("MLP.mlp.2.", "head.mlp.fc2."),
+           ("MLP.norm.", "head.mlp.norm."),
+           ("layer_norm.", "head.norm.")),
+    signature=QNET_SIGNATURE | {"MHA.w_qs.weight"},
+)
 
 
 # ----------------------------------------------------------------------------- regional prototypes
