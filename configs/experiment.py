@@ -419,7 +419,7 @@ def user_errors():
     traceback, and exit with status 1.
 
     SystemExit passes through Sacred's exception printing (Python prints its text to stderr); inside
-    a run Sacred still records the run as FAILED with the message in run.json's fail_trace."""
+    a run Sacred still records the run as FAILED with the message as its fail_trace."""
     try:
         yield
     except UserError as err:

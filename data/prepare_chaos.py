@@ -44,9 +44,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from data.core.cli import add_logging_arguments, run_cli
-from data.core.io import DataError, Geometry
+from data.core.io import DataError
 from data.core.specs import Preprocessing, load_spec
-from data.pipeline import ProcessedCase, image_from_array, prepare_scan, reorient
+from data.pipeline import ProcessedCase, prepare_scan
 from data.prepare import PrepareJob, add_common_arguments, run_prepare
 
 log = logging.getLogger(__name__)
@@ -277,15 +277,6 @@ def read_subject(t2spir: Path) -> tuple[sitk.Image, np.ndarray, list[Path]]:
     cols, rows = native.GetSize()[:2]
     label = read_ground_truth(t2spir / "Ground", paths, (rows, cols))
     return native, label, paths
-
-
-def load_subject(t2spir: Path) -> tuple[sitk.Image, np.ndarray, list[Path]]:
-    """`read_subject` in the dataset's orientation (LAS), i.e. laid out as dcm2nii wrote it; for
-    inspection (`process_subject` leaves the reorientation to the pipeline)."""
-    native, label, paths = read_subject(t2spir)
-    orientation = load_spec(DATASET).preprocessing.orientation
-    label = sitk.GetArrayFromImage(reorient(image_from_array(label, Geometry.of(native)), orientation))
-    return reorient(native, orientation), label, paths
 
 
 def process_subject(t2spir: Path, prep: Preprocessing) -> ProcessedCase:

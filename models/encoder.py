@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.core.errors import CheckpointError, UserError
 from data.core.checkpoint_files import load_checkpoint_file
+from data.core.errors import CheckpointError, UserError
+from data.core.run_folder import RunFolder
 from models.tv import resnet101
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def _refuse_training_snapshot(state, path: Path) -> None:
     """A snapshot written by training.py is a whole few-shot model with its config, not encoder
     weights; passing it as encoder.weights is a mix-up of keys, so say which key takes it."""
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
-        run = f" ({path.parent.parent})" if path.parent.name == "snapshots" else ""
+        run = f" ({RunFolder.of_snapshot(path)})" if RunFolder.is_snapshot_file(path) else ""
         raise PretrainedWeightsError(
             f"encoder.weights: {path} is a training snapshot of this project (a whole model with its config), "
             f"not pretrained encoder weights. To evaluate it, use evaluation.checkpoint={path}; to continue "

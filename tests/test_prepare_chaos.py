@@ -14,7 +14,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from data import prepare_chaos as pc
-from data.core.io import DataError, read_volume
+from data.core.io import DataError, Geometry, read_volume
+from data.core.specs import load_spec
+from data.pipeline import image_from_array, reorient
 
 ROWS, COLS, NZ = 48, 64, 6
 ROW_SPACING, COL_SPACING, SLICE_GAP = 1.6, 1.4, 7.0
@@ -91,7 +93,10 @@ def out_files(out: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------ raw reading
 def test_slices_are_sorted_by_position_and_reoriented_like_dcm2nii(raw_mr):
-    image, label, paths = pc.load_subject(raw_mr / "1" / "T2SPIR")
+    native, native_label, paths = pc.read_subject(raw_mr / "1" / "T2SPIR")
+    orientation = load_spec("CHAOST2").preprocessing.orientation          # LAS, as dcm2nii laid it out
+    image = reorient(native, orientation)
+    label = sitk.GetArrayFromImage(reorient(image_from_array(native_label, Geometry.of(native)), orientation))
     assert [p.stem for p in paths] == [_stem(k) for k in range(NZ)]
     assert image.GetDirection() == (1, 0, 0, 0, -1, 0, 0, 0, 1)                   # LAS
     assert image.GetPixelID() == sitk.sitkInt16

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from data.core.checkpoint_files import load_checkpoint_file
 from data.core.errors import CheckpointError
 from data.core.run_folder import TRAIN, RunFolder, experiment_folder, run_folders
-from data.core.checkpoint_files import load_checkpoint_file
 from models.engine.reference_checkpoints import detect_format, load_reference_state
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def find_checkpoint(log_dir: str | Path, exp_name: str, fingerprint: str | None 
         status = run.status()
         if status != "COMPLETED":
             unfinished.append((run, status, snapshot))
-        elif fingerprint is not None and run.fingerprint(TRAIN) != fingerprint:
+        elif fingerprint is not None and run.fingerprint(TRAIN) not in (fingerprint, None):   # None: no record
             other_config.append((run, snapshot))
         else:
             return snapshot
