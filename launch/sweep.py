@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sacred.arg_parser import get_config_updates
@@ -38,6 +38,7 @@ from data.core.specs import load_spec
 from evaluation.leaderboard import EvalRun, read_run
 from models.engine.builders import check_data_dir, check_encoder_weights, pseudolabel_folder
 from models.engine.checkpoints import find_checkpoint
+from models.engine.experiment import Experiment
 from models.engine.runs import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -178,13 +179,14 @@ def data_dir_of(sweep: Sweep, dataset: str) -> str:
     return sweep.data_dirs.get(dataset.upper(), default_data_dir(dataset))
 
 
-def cell_config(sweep: Sweep, cell: Cell) -> dict:
-    """The cell's complete config, as training.py assembles it from the cell's command line."""
+def cell_experiment(sweep: Sweep, cell: Cell) -> Experiment:
+    """The cell's experiment, as training.py assembles it from the cell's command line (data_dir as
+    the commands name it, relative to the sweep's working directory)."""
     updates = {**parse_updates(sweep.updates), "eval_fold": cell.fold, "test_labels": list(cell.test_labels)}
     cwd_data_dir = Path(sweep.cwd) / data_dir_of(sweep, cell.dataset)
-    cfg = build_config(cell.method, cell.dataset, cwd_data_dir, sweep.log_dir, cell.setting, updates)
-    cfg["data_dir"] = data_dir_of(sweep, cell.dataset)
-    return cfg
+    exp = Experiment.from_config(build_config(cell.method, cell.dataset, cwd_data_dir, sweep.log_dir, cell.setting,
+                                              updates))
+    return replace(exp, data_dir=data_dir_of(sweep, cell.dataset))
 
 
 def _sacred_words(sweep: Sweep, cell: Cell) -> list[str]:
@@ -217,11 +219,11 @@ def _same_file(a, b, cwd: str) -> bool:
     return (Path(cwd) / a).resolve() == (Path(cwd) / b).resolve()
 
 
-def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> EvalRun | None:
+def find_evaluation(sweep: Sweep, exp: Experiment, checkpoint: Path) -> EvalRun | None:
     """The newest evaluation run of the cell's exp_name that evaluated `checkpoint` with the cell's
     configuration (its evaluation fingerprint), or None."""
-    fingerprint = config_fingerprint(cfg, TEST)
-    for folder in reversed(run_folders(experiment_folder(Path(sweep.cwd) / cfg["log_dir"], TEST, cfg["exp_name"]))):
+    fingerprint = config_fingerprint(exp.to_config(), TEST)
+    for folder in reversed(run_folders(experiment_folder(Path(sweep.cwd) / exp.log_dir, TEST, exp.exp_name))):
         try:
             run = read_run(folder.path)
         except UserError:
@@ -233,16 +235,16 @@ def find_evaluation(sweep: Sweep, cfg: dict, checkpoint: Path) -> EvalRun | None
 
 def plan_state(sweep: Sweep, cell: Cell) -> Plan:
     """What the cell needs (module docstring), from its run folders; reads no snapshot."""
-    cfg = cell_config(sweep, cell)
-    fingerprint = config_fingerprint(cfg, TRAIN)
+    exp = cell_experiment(sweep, cell)
+    fingerprint = config_fingerprint(exp.to_config(), TRAIN)
     exp_name = cell.exp_name
     log_dir = Path(sweep.cwd) / sweep.log_dir
     try:
-        checkpoint = find_checkpoint(log_dir, exp_name, fingerprint)
+        checkpoint = find_checkpoint(log_dir, exp_name, exp.to_config())
     except CheckpointError:
         checkpoint = None
     if checkpoint is not None:
-        evaluation = find_evaluation(sweep, cfg, checkpoint)
+        evaluation = find_evaluation(sweep, exp, checkpoint)
         if evaluation is not None:
             return Plan(cell, DONE, evaluation=evaluation)
         return Plan(cell, TO_EVALUATE)
@@ -284,7 +286,7 @@ def check_sweep_updates(sweep: Sweep, cells: list[Cell]) -> None:
         if key not in seen:
             seen.add(key)
             try:
-                cell_config(sweep, cell)
+                cell_experiment(sweep, cell)
             except ConfigError as err:
                 raise SweepError(f"{cell.method} on {cell.dataset}, setting {cell.setting}: {err}") from None
 
@@ -303,29 +305,28 @@ def check_before_start(sweep: Sweep, plans: list[Plan], gpus: list[str] | None, 
     for plan in plans:
         if not commands(sweep, plan):
             continue
-        cfg = cell_config(sweep, plan.cell)
-        cfg["data_dir"] = str(Path(sweep.cwd) / cfg["data_dir"])
-        key = (cfg["dataset"], cfg["data_dir"], pseudolabel_folder(cfg))
+        exp = cell_experiment(sweep, plan.cell)
+        exp = replace(exp, data_dir=str(Path(sweep.cwd) / exp.data_dir))
+        training = plan.state != TO_EVALUATE
+        key = (exp.dataset, exp.data_dir, pseudolabel_folder(exp.data, exp.sampler))
         if key not in checked:
             checked.add(key)
             try:
-                data_dir = check_data_dir(cfg)
-                spec = load_spec(cfg["dataset"], cfg["data_dir"])
-                images = spec.image_folder(data_dir)
+                data_dir = check_data_dir(exp)
+                images = load_spec(exp.dataset, exp.data_dir).image_folder(data_dir)
                 if not Path(images).is_dir():
-                    problems.append(f"{cfg['dataset']}: image folder {images} not found (see data/README.md)")
-                labels = data_dir / pseudolabel_folder(cfg)
-                if plan.state != "to evaluate" and not cfg["sampler"]["use_gt"] and not labels.is_dir():
-                    problems.append(f"{cfg['dataset']}: training pseudolabels {labels} not found; make them with "
-                                    f"`python -m data.pseudolabels {cfg['data_dir']} --dataset {cfg['dataset']}` "
+                    problems.append(f"{exp.dataset}: image folder {images} not found (see data/README.md)")
+                labels = data_dir / pseudolabel_folder(exp.data, exp.sampler)
+                if training and not exp.sampler.use_gt and not labels.is_dir():
+                    problems.append(f"{exp.dataset}: training pseudolabels {labels} not found; make them with "
+                                    f"`python -m data.pseudolabels {exp.data_dir} --dataset {exp.dataset}` "
                                     f"(see data/README.md)")
             except UserError as err:
                 note(err)
-        weights = (cfg["encoder"]["layout"], str(cfg["encoder"]["weights"]), cfg["encoder"]["allow_partial"])
-        if plan.state != "to evaluate" and weights not in checked:
-            checked.add(weights)
+        if training and exp.encoder not in checked:
+            checked.add(exp.encoder)
             try:
-                check_encoder_weights(cfg)
+                check_encoder_weights(exp.encoder)
             except UserError as err:
                 note(err)
     for gpu in gpus or []:

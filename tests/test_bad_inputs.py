@@ -169,16 +169,16 @@ def test_resume_of_a_missing_folder_is_refused(phantom_dir, tmp_path):
 
 
 def test_a_second_resume_of_a_busy_folder_is_refused(phantom_dir, run_copy):
-    from models.engine.runs import lock_run, unlock_run
+    from data.core.run_folder import RunFolder
     log_dir, run_dir = run_copy
-    lock_run(run_dir)                       # this process trains into it
+    RunFolder(run_dir).lock()               # this process trains into it
     try:
         before = tree_state(log_dir)
         refused(train(log_dir, phantom_dir, "train.n_steps=2", f"train.resume={run_dir}"),
                 "being trained by another process", str(run_dir))
         assert tree_state(log_dir) == before
     finally:
-        unlock_run(run_dir)
+        RunFolder(run_dir).unlock()
 
 
 def test_resume_restores_the_metrics_of_its_resume_point_and_removes_stale_partials(phantom_dir, run_copy):

@@ -28,7 +28,15 @@ def test_train_then_validate_writes_everything(phantom_dir, tmp_path):
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["seed"] == 2021 and "torch" in prov["packages"] and prov["config"]["method"] == "adnet"
 
-    out = _run("validation.py", log_dir=log_dir, data_dir=phantom_dir)
+    # validation evaluates only a training of its own configuration: without train.n_steps=3 it names the
+    # run and the key that differs, and evaluates nothing
+    other = subprocess.run([sys.executable, "validation.py", "with", "demo", f"data_dir={phantom_dir}",
+                            f"log_dir={log_dir}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and str(run) in other.stderr and "train.n_steps: 3 -> 1000" in other.stderr, \
+        other.stderr
+    assert not (log_dir / "test").exists()
+
+    out = _run("validation.py", "train.n_steps=3", log_dir=log_dir, data_dir=phantom_dir)
     assert "LIVER" in out and "mean" in out and "slices/s" in out
     test = next((log_dir / "test").glob("*/1"))
     results = json.loads((test / "results.json").read_text())

@@ -59,10 +59,22 @@ def config_fingerprint(config: dict, kind: str) -> str:
     if kind not in (TRAIN, TEST):
         raise ValueError(f"kind must be {TRAIN!r} or {TEST!r}, got {kind!r}")
     flat = flatten_config(json.loads(json.dumps(config, default=str)))
-    kept = {k: v for k, v in flat.items() if k not in NOT_IN_FINGERPRINT
-            and not (kind == TRAIN and k.startswith("evaluation.") and k not in TRAINING_EVALUATION_KEYS)}
+    kept = {k: v for k, v in flat.items() if _decides(k, kind)}
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _decides(key: str, kind: str) -> bool:
+    return key not in NOT_IN_FINGERPRINT and not (
+        kind == TRAIN and key.startswith("evaluation.") and key not in TRAINING_EVALUATION_KEYS)
+
+
+def config_differences(old: dict, new: dict, kind: str, limit: int = 6) -> str:
+    """The keys that make two configurations' fingerprints differ, as 'key: old -> new; ...'."""
+    a, b = flatten_config(json.loads(json.dumps(old, default=str))), flatten_config(json.loads(json.dumps(new, default=str)))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and _decides(k, kind))
+    text = "; ".join(f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in keys[:limit])
+    return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 class RunBusyError(UserError):

@@ -102,12 +102,11 @@ def build_model(encoder_config: EncoderConfig, head: dict, load_weights: bool = 
         use_episode_batchnorm(encoder)
     elif stats != "batch":
         raise ValueError(f"encoder.bn_statistics must be 'batch' or 'episode', got {stats!r}")
-    name, head_cfg = head_name_and_options(head)
-    if "channels" in head_cfg:
+    name, head_cfg, given = head_name_and_options(head)
+    if given is not None:
         # configs saved before channels came from the encoder (DSPNet snapshots) hold head.channels:
         # accepted when it says what the encoder says. A user's head.channels never gets here
         # (check_config refuses it: not a head option).
-        given = head_cfg.pop("channels")
         if sorted(set(encoder.channels.values()) - {1}) != [given]:
             raise ConfigError(f"head.channels={given!r} is not a config key: a head's channels come from the "
                               f"encoder ('{encoder.layout_name}': {encoder.channels}); remove it")

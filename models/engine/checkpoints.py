@@ -14,21 +14,23 @@ import torch
 
 from data.core.checkpoint_files import load_checkpoint_file
 from data.core.errors import CheckpointError
-from data.core.run_folder import TRAIN, RunFolder, experiment_folder, run_folders
+from data.core.run_folder import TRAIN, RunFolder, config_differences, config_fingerprint, experiment_folder, run_folders
 from models.engine.reference_checkpoints import detect_format, load_reference_state
 
 log = logging.getLogger(__name__)
 
 
-def find_checkpoint(log_dir: str | Path, exp_name: str, fingerprint: str | None = None) -> Path:
-    """Last snapshot of the newest COMPLETED training run of `exp_name`; with `fingerprint` (a training
-    fingerprint, data.core.run_folder.config_fingerprint), of the newest such run trained with that
-    configuration: a run trained otherwise is named in the error, never evaluated silently.
+def find_checkpoint(log_dir: str | Path, exp_name: str, config: dict | None = None) -> Path:
+    """Last snapshot of the newest COMPLETED training run of `exp_name`; with `config`, of the newest
+    such run trained with that configuration (the same training fingerprint,
+    data.core.run_folder.config_fingerprint): a run trained otherwise is named in the error, with the
+    keys that differ, and never evaluated silently.
 
     A run that was killed (still RUNNING), FAILED or INTERRUPTED is never picked silently: its
     snapshots may be from before a divergence or from half a schedule. When only such runs have
     snapshots, the error names the newest one and the snapshot to pass explicitly."""
     base = experiment_folder(log_dir, TRAIN, exp_name)
+    fingerprint = None if config is None else config_fingerprint(config, TRAIN)
     unfinished, other_config = [], []
     for run in reversed(run_folders(base)):
         snapshot = run.last_snapshot()
@@ -45,8 +47,8 @@ def find_checkpoint(log_dir: str | Path, exp_name: str, fingerprint: str | None 
         run, snapshot = other_config[0]
         raise CheckpointError(
             f"no finished training run of this configuration under {base}: the newest finished run, {run}, was "
-            f"trained with another configuration (a key that decides the numbers differs; compare its "
-            f"{run.config_file.name}). Train this configuration first, or evaluate that run's snapshot knowingly "
+            f"trained with another one ({config_differences(run.config(), config, TRAIN)}). Give the same keys "
+            f"as its training, train this configuration first, or evaluate that run's snapshot knowingly "
             f"with evaluation.checkpoint={snapshot}")
     if unfinished:
         run, status, snapshot = unfinished[0]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data.core.io import DataError
 from data.core.specs import DatasetSpec, Fold
-from data.core.run_folder import TEST, TRAIN, RunFolder, config_fingerprint
+from data.core.run_folder import TEST, RunFolder
 from evaluation.protocol import (
     EvaluationResult,
     ProtocolOptions,
@@ -148,7 +148,7 @@ def resolve_checkpoint(exp: Experiment) -> str:
     newest training run of the same experiment (models/checkpoints.find_checkpoint)."""
     ckpt = exp.evaluation.checkpoint
     if ckpt in (None, "", "null"):
-        return str(find_checkpoint(exp.log_dir, exp.exp_name, config_fingerprint(exp.to_config(), TRAIN)))
+        return str(find_checkpoint(exp.log_dir, exp.exp_name, exp.to_config()))
     return str(ckpt)
 
 

@@ -268,10 +268,13 @@ def as_experiment(config: Experiment | dict) -> Experiment:
     return config if isinstance(config, Experiment) else Experiment.from_config(config)
 
 
-def head_name_and_options(head: dict) -> tuple[str, dict]:
-    """The head's name and its constructor options (a copy)."""
+def head_name_and_options(head: dict) -> tuple[str, dict, int | None]:
+    """The head's name, its constructor options (a copy), and the head.channels that configs saved
+    before a head's channels came from the encoder hold (DSPNet snapshots; None in any other config)."""
     options = dict(head)
-    return options.pop("name"), options
+    name = options.pop("name")
+    legacy_channels = options.pop("channels", None)
+    return name, options, legacy_channels
 
 
 # Keys added to configs/base.yaml after configs were first stored (snapshots, resume points), each

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.core.io import ConfigError, UserError, atomic_path
-from data.core.run_folder import NOT_IN_FINGERPRINT, TRAIN, RunFolder, config_fingerprint, flatten_config
+from data.core.run_folder import TRAIN, RunFolder, config_differences, config_fingerprint
 from dataloaders.augment_torch import augment_episode
 from dataloaders.episodes import Episode, collate_episodes
 from evaluation.reporting import write_training_curves
@@ -270,7 +270,7 @@ def warn_if_low_space(folder: Path, model: torch.nn.Module, optimizer_name: str 
 def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metrics: dict | None = None) -> Path:
     """Write a snapshot atomically: on any failure the previous file at `path` stays as it was.
 
-    `metrics` (Sacred's metrics.json layout) travels with the resume point, so a resumed run gets
+    `metrics` (Sacred's layout of recorded metrics) travels with the resume point, so a resumed run gets
     back every metric logged up to it, also those Sacred had not yet flushed when the run was killed."""
     state = {"format": SNAPSHOT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "episodes": episodes, "config": cfg, "rng": _rng_state(), "metrics": metrics or {}}
@@ -295,12 +295,9 @@ def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
     (paths, log cadence, worker counts and the device may differ, data.core.run_folder.NOT_IN_FINGERPRINT)."""
     if config_fingerprint(saved_cfg, TRAIN) == config_fingerprint(cfg, TRAIN):
         return
-    a, b = flatten_config(saved_cfg), flatten_config(cfg)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in NOT_IN_FINGERPRINT
-                  and not k.startswith("evaluation."))
-    detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6]) or "evaluation.fold_scheme"
-    raise ConfigError(f"cannot resume {source}: the configuration differs ({detail}). Resume with the "
-                      f"same named configs and updates as the original run; the run was left as it was.")
+    raise ConfigError(f"cannot resume {source}: the configuration differs "
+                      f"({config_differences(saved_cfg, cfg, TRAIN)}). Resume with the same named configs and "
+                      f"updates as the original run; the run was left as it was.")
 
 
 def load_resume_point(run_dir: Path) -> tuple[Path, dict]:
