@@ -5,8 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from data.core.io import read_volume
+from models.engine.checkpoints import open_trained_model
 from tests.conftest import PROJECT_ROOT
 
 
@@ -27,6 +29,13 @@ def test_train_then_validate_writes_everything(phantom_dir, tmp_path):
         assert (run / name).is_file(), name
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["seed"] == 2021 and "torch" in prov["packages"] and prov["config"]["method"] == "adnet"
+    assert prov["fingerprint"].startswith("train-")
+
+    # the run folder opens as a trained model: its last snapshot, under the experiment it was trained with
+    model, exp = open_trained_model(run)
+    snapshot = torch.load(run / "snapshots" / "3.pth", weights_only=True)["model"]
+    assert exp.method == "adnet" and exp.train.n_steps == 3
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
     # validation evaluates only a training of its own configuration: without train.n_steps=3 it names the
     # run and the key that differs, and evaluates nothing

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from data.core.checkpoint_files import load_checkpoint_file
-from data.core.errors import CheckpointError
+from data.core.errors import CheckpointError, ConfigError
 from data.core.run_folder import TRAIN, RunFolder, config_differences, config_fingerprint, experiment_folder, run_folders
+from models.engine.builders import build_model
+from models.engine.experiment import Experiment, upgrade_config
 from models.engine.reference_checkpoints import detect_format, load_reference_state
 
 log = logging.getLogger(__name__)
@@ -64,16 +66,32 @@ def find_checkpoint(log_dir: str | Path, exp_name: str, config: dict | None = No
         f"evaluate the model before training")
 
 
-def read_state_dict(path: str | Path) -> dict:
-    """The model state dict in a checkpoint file: our snapshot ({"model": ...}) or a plain state dict."""
+def read_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
+    """The one reader of a checkpoint to evaluate or segment with: its model state dict, and the
+    config stored with it (our snapshots) or None (a plain state dict, a reference checkpoint). A run
+    folder stands for its last snapshot."""
+    path = Path(path)
+    if path.is_dir():
+        snapshot = RunFolder(path).last_snapshot()
+        if snapshot is None:
+            raise CheckpointError(f"{path} holds no snapshot: pass a run folder with snapshots, or a .pth file")
+        path = snapshot
     obj = load_checkpoint_file(path, missing_hint="Check evaluation.checkpoint (a snapshot is written to "
                                                   "<run>/snapshots/<episodes>.pth during training)")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"]
+        stored = obj.get("config")
+        return obj["model"], stored if isinstance(stored, dict) else None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        raise CheckpointError(f"{path} has a config but no 'model' state dict")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+        return obj, None
     raise CheckpointError(f"{path} is not a model checkpoint (expected a state dict or a snapshot with a "
                           f"'model' entry)")
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """The model state dict in a checkpoint file: our snapshot ({"model": ...}) or a plain state dict."""
+    return read_checkpoint(path)[0]
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str | Path = "checkpoint") -> None:
@@ -96,13 +114,49 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str | Path = "
     model.load_state_dict(state)
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Load our snapshot, a plain state dict of our model, or a checkpoint written by the reference
-    Q-Net / ADNet training code (renamed by models/engine/reference_checkpoints.py; detected from its keys)."""
-    state = read_state_dict(path)
+def load_state(model: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """Load our state dict strictly, or a reference Q-Net / ADNet / RPT / GMRD checkpoint's, renamed by its
+    head's key table (detected from its keys)."""
     fmt = detect_format(state)
     if fmt is None:
-        load_model_state(model, state, source=path)
-        log.info("loaded checkpoint %s", path)
+        load_model_state(model, state, source=source)
+        log.info("loaded checkpoint %s", source)
     else:
-        load_reference_state(model, state, fmt, source=path)
+        load_reference_state(model, state, fmt, source=source)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Load our snapshot, a plain state dict of our model, or a checkpoint written by the reference
+    training code into `model`."""
+    load_state(model, read_checkpoint(path)[0], path)
+
+
+def trained_model(exp: Experiment, state: dict, source: str | Path) -> torch.nn.Module:
+    """The model `exp` describes (no pretrained weights read) with `state` loaded (load_state)."""
+    model = build_model(exp.encoder, exp.head, load_weights=False)
+    load_state(model, state, source)
+    return model
+
+
+def stored_experiment(stored: dict | None, path: str | Path) -> Experiment:
+    """The experiment a snapshot at `path` was trained with, from its stored config (read_checkpoint),
+    upgraded to the current keys; a file without one is refused (the model it holds would be unknown)."""
+    if stored is None:
+        raise CheckpointError(f"{path} has no experiment config: it was not written by training.py (a plain state "
+                              f"dict or a reference checkpoint), so the method, encoder and training data are "
+                              f"unknown. Use a snapshot from <run>/snapshots/<episodes>.pth")
+    try:
+        return Experiment.from_config(upgrade_config(stored))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its experiment config cannot be read: {err}") from None
+
+
+def open_trained_model(checkpoint: str | Path, exp: Experiment | None = None) -> tuple[torch.nn.Module, Experiment]:
+    """The one entry point to a trained model (a snapshot, a run folder's last snapshot, a plain or a
+    reference state dict), as nnU-Net's initialize_from_trained_model_folder: the model and the
+    experiment it is evaluated under. With `exp` (validation.py) the model is the one `exp` describes;
+    without (scripts.segment) the one the snapshot's own stored experiment describes."""
+    state, stored = read_checkpoint(checkpoint)
+    if exp is None:
+        exp = stored_experiment(stored, checkpoint)
+    return trained_model(exp, state, checkpoint), exp

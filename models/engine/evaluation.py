@@ -45,7 +45,7 @@ from models.engine.builders import (
     seed_everything,
     use_channels_last,
 )
-from models.engine.checkpoints import find_checkpoint, load_checkpoint
+from models.engine.checkpoints import find_checkpoint, open_trained_model
 from models.engine.experiment import Experiment, as_experiment
 from models.engine.predictor import Predictor, ScanImage, foreground_mask
 from models.engine.runs import write_provenance
@@ -158,10 +158,9 @@ def load_evaluated_model(exp: Experiment) -> tuple[torch.nn.Module, str]:
     validation.py calls this before Sacred records the run, so a missing, unfinished, truncated,
     unsafe or misfitting checkpoint is refused with nothing written."""
     checkpoint = resolve_checkpoint(exp)
-    model = build_model(exp.encoder, exp.head, load_weights=checkpoint == UNTRAINED)
-    if checkpoint != UNTRAINED:
-        load_checkpoint(model, checkpoint)
-    return model, checkpoint
+    if checkpoint == UNTRAINED:
+        return build_model(exp.encoder, exp.head, load_weights=True), checkpoint
+    return open_trained_model(checkpoint, exp)[0], checkpoint
 
 
 def evaluate(cfg: Experiment | dict, run_dir: Path | None, progress: bool = True, model=None,

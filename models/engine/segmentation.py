@@ -63,12 +63,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from data.core.errors import CheckpointError, ConfigError
 from data.core.io import DataError, Geometry, atomic_path, read_volume, safe_child_path, write_volume
 from data.core.specs import PROJECT_ROOT, DatasetSpec, Preprocessing, builtin_names, generic_spec, load_spec
 from data.pipeline import image_from_array, orientation_of, prepare_scan, reorient
 from data.prepare import read_nifti_pair
 from data.verify import MIN_SLICES
+from dataloaders.volumes import zscore
 from evaluation.protocol import (
     count_overlap,
     dice_score,
@@ -77,11 +77,9 @@ from evaluation.protocol import (
     support_slices,
 )
 from evaluation.reporting import pick_slices, render_prediction
-from dataloaders.volumes import zscore
-from data.core.checkpoint_files import load_checkpoint_file
-from models.engine.builders import autocast_dtype, build_model, eval_batch_size, fold_data, resolve_device
-from models.engine.checkpoints import load_model_state
-from models.engine.experiment import Experiment, upgrade_config
+from models.engine.builders import autocast_dtype, eval_batch_size, fold_data, resolve_device
+from models.engine.checkpoints import read_checkpoint, stored_experiment, trained_model
+from models.engine.experiment import Experiment
 from models.engine.predictor import Predictor, ScanImage, foreground_probability
 
 log = logging.getLogger(__name__)
@@ -222,21 +220,10 @@ class ModelChunkPredictor:
 
 
 def read_snapshot(path: Path) -> tuple[Experiment, dict]:
-    """Our snapshot ({"model": state dict, "config": experiment config, ...}) as its experiment (the
-    stored config with the keys added since it was written, `upgrade_config`) and the model's state dict."""
-    path = Path(path)
-    snapshot = load_checkpoint_file(path, missing_hint="training.py writes <run>/snapshots/<episodes>.pth")
-    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("config"), dict):
-        raise CheckpointError(f"{path} has no experiment config: it was not written by training.py (a plain state "
-                              f"dict or a reference checkpoint), so the method, encoder and training data are "
-                              f"unknown. Use a snapshot from <run>/snapshots/<episodes>.pth")
-    if not isinstance(snapshot.get("model"), dict):
-        raise CheckpointError(f"{path} has a config but no 'model' state dict")
-    try:
-        exp = Experiment.from_config(upgrade_config(snapshot["config"]))
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: its experiment config cannot be read: {err}") from None
-    return exp, snapshot["model"]
+    """Our snapshot as its experiment (the stored config with the keys added since it was written) and
+    the model's state dict; a file without a stored experiment is refused (the model would be unknown)."""
+    state, stored = read_checkpoint(path)
+    return stored_experiment(stored, path), state
 
 
 def model_predictor(exp: Experiment, state: dict, source: Path, device_name: str,
@@ -247,8 +234,7 @@ def model_predictor(exp: Experiment, state: dict, source: Path, device_name: str
         device = resolve_device(device_name)
     except RuntimeError as err:
         raise DataError(str(err).replace("device=", "--device ")) from None
-    model = build_model(exp.encoder, exp.head, load_weights=False)
-    load_model_state(model, state, source=source)
+    model = trained_model(exp, state, source)
     return ModelChunkPredictor(Predictor(
         model.to(device).eval(), device, eval_batch_size(exp.evaluation, device),
         autocast_dtype(amp or exp.evaluation.amp, device, "--amp")))
