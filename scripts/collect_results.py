@@ -5,7 +5,9 @@
 
 Every evaluation run folder (results.json + config.json, written by validation.py) under the given
 paths is considered. For each method, label group (setting 2 trains one model per group) and fold,
-the newest run (highest run id) is used; the table says which checkpoint each fold evaluated.
+the newest run (highest run id) is used; the table says which checkpoint each fold evaluated. Runs of
+one cell made with different configurations (another fingerprint: a key that decides the numbers
+differs) are never mixed: the newest is used, and a warning names the runs passed over.
 Per organ and fold, the Dice is the fold's mean over its query scans; the table gives the mean and
 standard deviation over folds, and the overall mean is the mean over organs (as the papers do).
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "mask as NIfTI in the query's own geometry, a PNG overlay and the organ volumes.",
         epilog="Rules (extent estimation, mapping back, label values): see the docstring of "
                "models/engine/segmentation.py and the README (Segment a new scan).")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a snapshot written by training.py")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a snapshot written by training.py, or a training run folder (its last snapshot)")
     parser.add_argument("--support-image", required=True, type=Path, help="the annotated scan (3-D)")
     parser.add_argument("--support-label", required=True, type=Path, help="its label (same grid)")
     parser.add_argument("--class-id", required=True, type=int, help="class to segment, an id of the training "

@@ -16,7 +16,7 @@ PROTOCOL = {"fold_scheme": "alpnet", "supp_idx": -1, "n_part": 3, "chunking": "z
 
 
 def fake_run(root, method="adnet", dataset="CHAOST2", setting=1, fold=0, run_id=1, dice=None, labels=(1, 2, 3, 4),
-             **protocol):
+             n_steps=50000, **protocol):
     group = "-".join(map(str, labels))
     folder = root / f"{method}_{dataset}_setting{setting}_labels{group}_fold{fold}" / str(run_id)
     folder.mkdir(parents=True)
@@ -24,7 +24,7 @@ def fake_run(root, method="adnet", dataset="CHAOST2", setting=1, fold=0, run_id=
     dice = dice or {names[c]: 0.5 + 0.1 * fold + 0.01 * c for c in labels}
     (folder / "config.json").write_text(json.dumps({
         "method": method, "dataset": dataset, "setting": setting, "eval_fold": fold, "test_labels": list(labels),
-        "evaluation": {**PROTOCOL, **protocol}}))
+        "evaluation": {**PROTOCOL, **protocol}, "train": {"n_steps": n_steps}}))
     (folder / "results.json").write_text(json.dumps({
         "checkpoint": f"runs/train/x/{fold}/snapshots/50000.pth", "classes": {k: {"dice": v} for k, v in dice.items()}}))
     return folder
@@ -79,6 +79,16 @@ def test_refuses_to_mix_settings_datasets_and_protocols(tmp_path, capsys):
     fake_run(tmp_path / "c", fold=1, supp_idx=2, chunking="count")
     assert collect_results.main([str(tmp_path / "c")]) == 1
     assert "different protocols" in capsys.readouterr().err
+
+
+def test_one_cell_never_mixes_two_configurations(tmp_path, caplog):
+    """Two evaluations of one cell made with different configurations (another fingerprint): the table
+    takes the newest and says which runs it passed over."""
+    old = fake_run(tmp_path, fold=0, run_id=1, n_steps=2, dice={"LIVER": 0.1, "RK": 0.1, "LK": 0.1, "SPLEEN": 0.1})
+    new = fake_run(tmp_path, fold=0, run_id=2, n_steps=3)
+    table = build_table(select(find_runs([tmp_path])))
+    assert table.dice["adnet"]["LIVER"] == {0: pytest.approx(0.51)}
+    assert "produced by different configurations" in caplog.text and str(old) in caplog.text and str(new) in caplog.text
 
 
 def test_setting2_groups_fill_the_organ_columns(tmp_path):
