@@ -136,8 +136,30 @@ class Table:
         return float(np.mean(values)), float(np.std(values)), len(values)
 
     def overall(self, method: str) -> float:
-        means = [self.organ_stats(method, o)[0] for o in self.organs]
-        return float(np.mean(means)) if means and not any(np.isnan(means)) else float("nan")
+        """The mean over organs of each organ's mean over folds, over the organs that have a fold (nan
+        when none has); `complete` says whether every organ has every fold."""
+        means = [m for m in (self.organ_stats(method, o)[0] for o in self.organs) if not np.isnan(m)]
+        return float(np.mean(means)) if means else float("nan")
+
+    def complete(self, method: str) -> bool:
+        return method in self.dice and not self.missing_folds(method)
+
+    def missing_note(self) -> str | None:
+        """One sentence naming every missing fold of the table (None when nothing is missing)."""
+        parts = []
+        for method in sorted(self.dice):
+            missing = self.missing_folds(method)
+            if not missing:
+                continue
+            if len(missing) == len(self.organs) and len({tuple(f) for f in missing.values()}) == 1:
+                parts.append(f"{method} folds {next(iter(missing.values()))}")
+            else:
+                parts.append(", ".join(f"{method} {organ} folds {folds}" for organ, folds in missing.items()))
+        if not parts:
+            return None
+        return (f"{self.dataset} setting {self.setting}: missing " + "; ".join(parts)
+                + f" (of {self.n_folds}); cells with fewer folds show (k/{self.n_folds}), means over fewer than "
+                  f"every organ and fold are marked *")
 
 
 def build_table(runs: list[EvalRun]) -> Table:
@@ -157,11 +179,30 @@ def build_table(runs: list[EvalRun]) -> Table:
 
 
 def _ours(table: Table, method: str, organ: str) -> str:
+    """mean ± std over folds; with fewer folds than the dataset has, (k/n) (and no std for one fold)."""
     if method not in table.dice:
         return "–"
     mean, std, n = table.organ_stats(method, organ)
-    mark = "" if n == table.n_folds else f" ({n}/{table.n_folds} folds)"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}{mark}" if n else "–"
+    if n == 0:
+        return "–"
+    if n == table.n_folds:
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    spread = "" if n == 1 else f" ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}{spread} ({n}/{table.n_folds})"
+
+
+def _overall(table: Table, method: str) -> str:
+    """The mean over organs; marked * when it is not over every organ and fold."""
+    if method not in table.dice or np.isnan(table.overall(method)):
+        return "–"
+    return f"{100 * table.overall(method):.2f}" + ("" if table.complete(method) else "*")
+
+
+def _footnote(table: Table) -> list[str]:
+    partial = [m for m in sorted(table.dice) if not table.complete(m)]
+    if not partial:
+        return []
+    return ["", f"* over the organs and folds present (fewer than {len(table.organs)} organs x {table.n_folds} folds)"]
 
 
 def _number(value: float | None) -> str:
@@ -176,8 +217,8 @@ def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str
                  "", head, "|" + "---|" * (len(table.organs) + 2)]
         for method in sorted(table.dice):
             cells = [_ours(table, method, organ) for organ in table.organs]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * table.overall(method):.2f} |")
-        return "\n".join(lines) + "\n"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_overall(table, method)} |")
+        return "\n".join(lines + _footnote(table)) + "\n"
     primary = {e.method: e for e in published if e.primary}
     columns = [c for organ in table.organs for c in (organ, f"{organ} pub.")] + ["Mean", "Mean pub.", "Published"]
     lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: ours mean ± std over folds; "
@@ -189,10 +230,10 @@ def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str
         for organ in table.organs:
             cells += [_ours(table, method, organ),
                       _number(e.dice.get(table.label_ids.get(organ, -1)) if e else None)]
-        overall = table.overall(method) if method in table.dice else float("nan")
-        cells += ["–" if np.isnan(overall) else f"{100 * overall:.2f}", _number(e.mean if e else None),
+        cells += [_overall(table, method), _number(e.mean if e else None),
                   f"{e.entry}: {e.source} [{e.status}]" if e else "none found"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += _footnote(table)
     others = [e for e in published if not e.primary]
     if others:
         lines += ["", f"Other published numbers for {table.dataset}, setting {table.setting}:", "",
@@ -224,7 +265,8 @@ def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | Non
             for organ in table.organs:
                 mean, std, n = table.organ_stats(method, organ)
                 w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
-            w.writerow([method, "Mean", f"{table.overall(method):.6f}", "", ""])
+            w.writerow([method, "Mean", f"{table.overall(method):.6f}", "",
+                        "all" if table.complete(method) else "partial"])
     text = markdown(table, published)
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(text)
@@ -265,10 +307,10 @@ def published_beside(table: Table) -> list[PublishedEntry]:
 
 
 def write_report(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
-    """Write folds.csv, summary.csv, table.md and dice.png into `out`, warn about every missing fold,
-    and return the table in Markdown."""
+    """Write folds.csv, summary.csv, table.md and dice.png into `out`, name the missing folds (once per
+    table), and return the table in Markdown."""
     text = write_outputs(table, out, published)
-    for method in sorted(table.dice):
-        for organ, folds in table.missing_folds(method).items():
-            log.warning("%s setting %s, %s %s: folds %s missing", table.dataset, table.setting, method, organ, folds)
+    note = table.missing_note()
+    if note:
+        log.warning("%s", note)
     return text

@@ -151,11 +151,15 @@ class ResNetEncoder(nn.Module):
         return out
 
     # ------------------------------------------------------------------ weights
-    def load_pretrained(self, weights: str | os.PathLike | None, allow_partial: bool = False) -> int:
+    def load_pretrained(self, weights: str | os.PathLike | None, allow_partial: bool = False,
+                        report: bool = True) -> int:
         """Load backbone weights; returns the number of tensors loaded (0 only for 'none').
-        `allow_partial` (encoder.allow_partial) accepts a file that fits only part of the trunk."""
+        `allow_partial` (encoder.allow_partial) accepts a file that fits only part of the trunk;
+        `report`: say what was loaded (a pre-flight check on the meta device says nothing, so each run
+        says it once)."""
         if weights in (None, "none", "None", ""):
-            log.info("encoder: no pretrained weights (random initialisation)")
+            if report:
+                log.info("encoder: no pretrained weights (random initialisation)")
             return 0
         weights = str(weights)
         if weights in PRETRAINED_FILES:
@@ -179,9 +183,9 @@ class ResNetEncoder(nn.Module):
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         _refuse_training_snapshot(state, path)
-        return self._load_backbone_state(state, source=path, allow_partial=allow_partial)
+        return self._load_backbone_state(state, source=path, allow_partial=allow_partial, report=report)
 
-    def _load_backbone_state(self, state: dict, source: Path, allow_partial: bool = False) -> int:
+    def _load_backbone_state(self, state: dict, source: Path, allow_partial: bool = False, report: bool = True) -> int:
         """Copy tensors whose names match the trunk, from torchvision classifier
         (``layer1.0.conv1.weight``) or segmentation (``backbone.layer1.0.conv1.weight``) checkpoints.
 
@@ -216,9 +220,10 @@ class ResNetEncoder(nn.Module):
                 f"or set encoder.allow_partial=True to train with the unmatched tensors left at initialisation")
         self.backbone.load_state_dict(loaded, strict=False)
         not_loaded = sorted(set(own) - set(loaded))
-        log.info("encoder: loaded %d of %d backbone tensors from %s%s", len(loaded), len(own), source,
-                 f" (left at initialisation: {', '.join(not_loaded[:4])}{'...' if len(not_loaded) > 4 else ''})"
-                 if not_loaded else "")
+        log.log(logging.INFO if report else logging.DEBUG, "encoder: loaded %d of %d backbone tensors from %s%s",
+                len(loaded), len(own), source,
+                f" (left at initialisation: {', '.join(not_loaded[:4])}{'...' if len(not_loaded) > 4 else ''})"
+                if not_loaded else "")
         return len(loaded)
 
 

@@ -83,3 +83,20 @@ def test_wrong_shapes_and_corrupt_file(tmp_path):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="unknown encoder layout"):
         ResNetEncoder("resnet50")
+
+
+def test_a_run_says_once_which_weights_it_loads(torchvision_state, tmp_path, caplog):
+    """The pre-flight check of encoder.weights (on the meta device) and the run's own load: one message."""
+    import logging
+
+    from models.engine.builders import check_encoder_weights
+    from models.engine.experiment import EncoderConfig
+    path = _write(tmp_path / "r101.pth", torchvision_state)
+    caplog.set_level(logging.INFO, logger="models.encoder")
+    for weights in ("none", str(path)):
+        caplog.clear()
+        config = EncoderConfig(layout="deeplab_r101", weights=weights, allow_partial=False, bn_statistics="batch")
+        check_encoder_weights(config)
+        ResNetEncoder(config.layout).load_pretrained(config.weights)
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(said) == 1 and ("no pretrained weights" in said[0] or "loaded 624 of 624" in said[0]), said

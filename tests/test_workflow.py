@@ -62,7 +62,21 @@ def test_missing_folds_are_reported(tmp_path, capsys):
         fake_run(tmp_path, fold=fold)
     assert collect_results.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
-    assert "folds [2, 4] missing" in captured.err and "(3/5 folds)" in captured.out
+    assert captured.err.count("missing") == 1 and "missing adnet folds [2, 4] (of 5)" in captured.err
+    assert "(3/5)" in captured.out
+
+
+def test_a_one_fold_table_shows_means_without_nan_or_a_zero_spread(tmp_path, capsys):
+    fake_run(tmp_path, fold=0)
+    fake_run(tmp_path, method="qnet", fold=0, labels=(1, 2), dice={"LIVER": 0.5, "RK": 0.7})
+    assert collect_results.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "nan" not in table and "± 0.00" not in table, table
+    assert "| adnet | 53.00 (1/5) | 52.00 (1/5) | 54.00 (1/5) | 51.00 (1/5) | 52.50* |" in table
+    assert "| qnet | – | 70.00 (1/5) | – | 50.00 (1/5) | 60.00* |" in table     # the mean of the organs present
+    assert "* over the organs and folds present" in table
+    assert captured.err.count("missing") == 1
 
 
 def test_refuses_to_mix_settings_datasets_and_protocols(tmp_path, capsys):

@@ -170,7 +170,7 @@ def check_encoder_weights(encoder_config: EncoderConfig) -> None:
         encoder = ResNetEncoder(encoder_config.layout)
     with warnings.catch_warnings():     # copying into meta tensors is a no-op, and torch says so
         warnings.simplefilter("ignore")
-        encoder.load_pretrained(encoder_config.weights, bool(encoder_config.allow_partial))
+        encoder.load_pretrained(encoder_config.weights, bool(encoder_config.allow_partial), report=False)
 
 
 def check_run_inputs(exp: Experiment, kind: str) -> None:
