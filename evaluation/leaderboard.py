@@ -275,10 +275,29 @@ def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | Non
 
 
 def _bar_chart(table: Table, path: Path) -> None:
+    """dice.png: mean Dice per organ and method (bars: spread over folds); the title names the folds
+    present ("all 5 folds", "fold 0 of 5", per method when the methods differ)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def fold_text(folds: list[int]) -> str:
+        if folds == list(range(table.n_folds)):
+            return f"all {table.n_folds} folds"
+        runs, start = [], None
+        for k, fold in enumerate(folds):
+            start = fold if start is None else start
+            if k + 1 == len(folds) or folds[k + 1] != fold + 1:
+                runs.append(str(start) if fold == start else f"{start}-{fold}")
+                start = None
+        return f"fold{'s' if len(folds) > 1 else ''} {', '.join(runs)} of {table.n_folds}"
+
     methods = sorted(table.dice)
+    present = {m: sorted({f for organ in table.dice[m].values() for f in organ}) for m in methods}
+    if len({tuple(f) for f in present.values()}) == 1:
+        folds = fold_text(present[methods[0]])
+    else:
+        folds = "; ".join(f"{m}: {fold_text(f)}" for m, f in present.items())
     x = np.arange(len(table.organs) + 1)
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(1.6 * len(x) + 1, 3.4))
@@ -290,7 +309,7 @@ def _bar_chart(table: Table, path: Path) -> None:
     ax.set_xticks(x, table.organs + ["Mean"])
     ax.set_ylabel("Dice (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{table.dataset}, setting {table.setting} ({table.n_folds}-fold)", fontsize=9)
+    ax.set_title(f"{table.dataset}, setting {table.setting} ({folds})", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data.core.io import atomic_path, safe_child_path, write_volume
 from data.core.run_folder import RunFolder
-from evaluation.protocol import EvaluationResult
+from evaluation.protocol import EvaluationResult, count_overlap, dice_score
 from dataloaders.volumes import VolumeStore
 
 
@@ -88,56 +89,202 @@ def write_predictions(result: EvaluationResult, store: VolumeStore, out_dir: Pat
 
 def save_figure(fig, path: Path, panels: int) -> Path:
     """Write a matplotlib figure as PNG atomically; the PNG's "Panels" text field records how many
-    panels it shows (read back by tests and tools)."""
+    panels it shows, "Title" the figure's title and "Panel titles" the panels' titles, one a line
+    (read back by tests and tools)."""
     import matplotlib.pyplot as plt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    suptitle = fig.get_suptitle() if hasattr(fig, "get_suptitle") else ""
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    metadata = {"Panels": str(panels), "Title": suptitle or "", "Panel titles": "\n".join(titles)}
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", metadata={"Panels": str(panels)})
+        fig.savefig(tmp, dpi=90, format="png", metadata={k: v for k, v in metadata.items() if v})
     plt.close(fig)
     return path
 
 
-def _contour(ax, mask: np.ndarray, color: str, label: str | None = None) -> None:
-    if mask.any():
-        ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.0)
-    if label:
-        ax.plot([], [], color=color, label=label)
+# ----------------------------------------------------------------------------- slices as a reader sees them
+PREDICTION_COLOR = (1.0, 0.0, 0.0)      # red: translucent fill and outline
+TRUTH_COLOR = (0.0, 1.0, 0.0)           # lime: outline
+SUPPORT_COLOR = (1.0, 1.0, 0.0)         # yellow: outline of the support label
+FILL_ALPHA = 0.35                       # opacity of the prediction's fill
+_MARKER_POINTS = 20                     # training curves with at most this many points get markers
 
 
-def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, per_class: int = 3) -> list[Path]:
-    """PNG per class: support slice(s) with the mask, then query slices with prediction and truth."""
+@dataclass(frozen=True)
+class SliceView:
+    """How an array slice (rows = array y, columns = array x) becomes the picture: transpose first,
+    then flip the rows (upside down) and/or the columns (left-right)."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+    plane: str = "axial"          # axial, coronal or sagittal: the plane the slice is closest to
+
+    def __call__(self, slice2d: np.ndarray) -> np.ndarray:
+        out = np.asarray(slice2d)
+        if self.transpose:
+            out = out.T
+        if self.flip_rows:
+            out = out[::-1, :]
+        if self.flip_cols:
+            out = out[:, ::-1]
+        return out
+
+    def aspect(self, spacing=None) -> float:
+        """Height / width of a displayed pixel, from the volume's spacing (x, y, z; None: square)."""
+        if spacing is None:
+            return 1.0
+        across, along = (spacing[1], spacing[0]) if self.transpose else (spacing[0], spacing[1])
+        return float(along) / float(across)
+
+
+# The radiological convention: what the picture's columns (left -> right) and rows (top -> bottom)
+# should run towards, in the LPS world frame (+x = patient left, +y = posterior, +z = superior).
+_L, _P, _I = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])
+_CONVENTION = {"axial": (_L, _P), "coronal": (_L, _I), "sagittal": (_P, _I)}
+
+
+def radiological_view(direction=None) -> SliceView:
+    """The transposition and flips that show a slice image[z] of a volume in the radiological
+    convention, from the volume's direction cosines (SimpleITK's 9 row-major floats: column j is
+    the LPS world direction of array index axis j, in (x, y, z) order; arrays are (z, y, x)).
+
+    Axial slice: anterior up and the patient's right on the image's left (picture columns run
+    towards patient left, rows towards posterior). Any direction works: LAS (CHAOS, the phantoms:
+    rows run anterior, so the rows are flipped), RPS (both flipped), LPS (as stored), or in-plane
+    axes swapped (transposed).
+
+    A slice that is not axial is classified by the world axis its normal is closest to, and shown
+    in that plane's usual convention: coronal with superior up and patient right on the left,
+    sagittal with superior up and anterior on the left. An oblique slice (CMR short axis, tilted
+    acquisitions) is treated as the plane it is closest to, and its in-plane axes are matched to
+    that plane's screen directions by their dominant world components; this is only a permutation
+    and flips of the pixel grid, never a resampling, so an oblique slice is shown as acquired,
+    turned to the nearest of the eight right-angle orientations. For the CMR scans (short axis, the
+    normal between the left-right and the anterior-posterior axis: "sagittal" or "coronal", both
+    giving the same picture for these scans) this puts the inferior wall at the bottom and the
+    septum and right ventricle on the left, as cardiac short-axis views are usually shown.
+
+    direction None: the identity (LPS), for arrays without geometry.
+    """
+    if direction is None:
+        return SliceView()
+    d = np.asarray(direction, np.float64).reshape(3, 3)
+    cols, rows = d[:, 0], d[:, 1]                     # world directions of array x (columns) and y (rows)
+    normal = np.cross(cols, rows)
+    plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+    right, down = _CONVENTION[plane]
+    keep = abs(cols @ right) + abs(rows @ down)
+    swap = abs(rows @ right) + abs(cols @ down)
+    transpose = bool(swap > keep + 1e-9)
+    across, along = (rows, cols) if transpose else (cols, rows)   # world direction of picture columns, rows
+    return SliceView(transpose, bool(along @ down < 0), bool(across @ right < 0), plane)
+
+
+def slice_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of one slice (NaN when both are empty)."""
+    return dice_score(*count_overlap(prediction > 0, truth > 0))
+
+
+def slice_title(class_name: str, scan, slice_label, dice: float | None = None) -> str:
+    """A panel's title: class and scan, then slice and (when a ground truth is drawn) that slice's Dice."""
+    scan = "" if scan is None else str(scan)
+    first = ", ".join(part for part in (class_name, f"scan {scan}" if scan else "") if part)
+    second = slice_label if isinstance(slice_label, str) else f"slice {slice_label}"
+    if dice is not None:
+        second += ", Dice " + ("n/a (both empty)" if np.isnan(dice) else f"{dice:.3f}")
+    return f"{first}\n{second}" if first else second
+
+
+def _draw_mask(ax, mask: np.ndarray, color, fill: bool) -> bool:
+    """Draw a 2-D mask on `ax` (already in picture orientation): its outline, and a translucent fill
+    when `fill`. The outline is traced on the mask padded with background, so a mask touching the
+    border (a whole-slice prediction) still gets one. Returns whether anything was drawn."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return False
+    h, w = mask.shape
+    if fill:
+        rgba = np.zeros((h, w, 4), np.float32)
+        rgba[mask] = (*color, FILL_ALPHA)
+        ax.imshow(rgba, interpolation="nearest")
+    padded = np.pad(mask.astype(np.float32), 1)
+    ax.contour(np.arange(-1, w + 1), np.arange(-1, h + 1), padded, levels=[0.5], colors=[color], linewidths=1.0)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    return True
+
+
+def _legend_handles(support: bool, truth: bool, prediction: bool) -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    handles = []
+    if support:
+        handles.append(Line2D([], [], color=SUPPORT_COLOR, label="support label (outline)"))
+    if truth:
+        handles.append(Line2D([], [], color=TRUTH_COLOR, label="ground truth (outline)"))
+    if prediction:
+        handles.append(Patch(facecolor=(*PREDICTION_COLOR, FILL_ALPHA), edgecolor=PREDICTION_COLOR,
+                             label="prediction"))
+    return handles
+
+
+def _panel(ax, image2d: np.ndarray, view: SliceView, masks, title: str, spacing=None) -> None:
+    """One slice: the image in grey and the masks [(mask, colour, fill)], all turned by `view`,
+    pixels drawn with the volume's in-plane spacing (x, y, z; None: square)."""
+    ax.imshow(view(image2d), cmap="gray")
+    for mask, color, fill in masks:
+        _draw_mask(ax, view(mask), color, fill)
+    ax.set_aspect(view.aspect(spacing))
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def _panels_figure(n: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(max(2.6 * n, 3.6), 3.4), squeeze=False, layout="constrained")
+    return fig, axes[0]
 
+
+def _finish(fig, handles, title: str) -> None:
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+
+
+def write_overlays(result: EvaluationResult, store: VolumeStore, out_dir: Path, per_class: int = 3) -> list[Path]:
+    """PNG per class: support slice(s) with the support label's outline, then query slices with the
+    prediction (translucent fill and outline) and the ground truth (outline), every slice in the
+    radiological convention (`radiological_view` of each scan's geometry)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     support = store.scan(result.support_id)
+    support_view = radiological_view(support.geometry.direction)
     paths = []
     for c in result.class_ids():
-        name = result.class_scores(c)[0].class_name
-        scan_id = result.class_scores(c)[0].scan_id
+        scores = result.class_scores(c)
+        name, scan_id = scores[0].class_name, scores[0].scan_id
         query = store.scan(scan_id)
+        query_view = radiological_view(query.geometry.direction)
         pred = result.predictions[(scan_id, c)]
         labelled = query.slices_with(c)
         picks = labelled[np.linspace(0, len(labelled) - 1, per_class).round().astype(int)] if len(labelled) else []
         s_zs = result.support_slices[c]
         n = len(s_zs) + len(picks)
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
-        for ax, z in zip(axes[0], s_zs):
-            ax.imshow(support.image[z], cmap="gray")
-            _contour(ax, support.label[z] == c, "yellow")
-            ax.set_title(f"support {result.support_id} z{z}", fontsize=8)
-        for ax, z in zip(axes[0][len(s_zs):], picks):
-            ax.imshow(query.image[z], cmap="gray")
-            _contour(ax, query.label[z] == c, "lime", "truth")
-            _contour(ax, pred[z] > 0, "red", "prediction")
-            ax.set_title(f"query {scan_id} z{z}", fontsize=8)
-        for ax in axes[0]:
-            ax.axis("off")
-        axes[0][-1].legend(loc="lower right", fontsize=6, framealpha=0.6)
-        fig.suptitle(f"{result.dataset} fold {result.fold}: {name} (dice {result.class_mean(c):.3f})", fontsize=9)
-        fig.tight_layout()
+        fig, axes = _panels_figure(n)
+        for ax, z in zip(axes, s_zs):
+            _panel(ax, support.image[z], support_view, [(support.label[z] == c, SUPPORT_COLOR, False)],
+                   slice_title(name, f"{result.support_id} (support)", int(z)), support.geometry.spacing)
+        for ax, z in zip(axes[len(s_zs):], picks):
+            truth, predicted = query.label[z] == c, pred[z] > 0
+            _panel(ax, query.image[z], query_view, [(truth, TRUTH_COLOR, False), (predicted, PREDICTION_COLOR, True)],
+                   slice_title(name, scan_id, int(z), slice_dice(predicted, truth)), query.geometry.spacing)
+        mean = result.class_mean(c)
+        _finish(fig, _legend_handles(len(s_zs) > 0, len(picks) > 0, len(picks) > 0),
+                f"{result.dataset} fold {result.fold}: {name} (mean Dice {mean:.3f} over {len(scores)} "
+                f"query scan{'s' if len(scores) != 1 else ''})")
         paths.append(save_figure(fig, safe_child_path(out_dir, f"overlay_{name}.png"), n))
     return paths
 
@@ -146,7 +293,8 @@ def write_training_curves(history: dict, path: Path, title: str = "") -> Path | 
     """PNG of the training losses and the learning rate against episodes.
 
     history: {metric name: (steps, values)} as Sacred records metrics ("loss.<part>", "lr", ...).
-    One panel for the losses, one for the learning rate.
+    One panel for the losses, one for the learning rate. Short series (a run that logged once or a
+    few times) are drawn with markers, so a single logged point is visible.
     """
     losses = {k: v for k, v in history.items() if k.startswith("loss.") and len(v[0])}
     if not losses:
@@ -155,21 +303,25 @@ def write_training_curves(history: dict, path: Path, title: str = "") -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def style(steps) -> dict:
+        return {"marker": "o", "markersize": 4} if len(steps) <= _MARKER_POINTS else {}
+
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, (steps, values) in sorted(losses.items()):
-        ax_loss.plot(steps, values, label=name[len("loss."):], linewidth=1.2)
+        ax_loss.plot(steps, values, label=name[len("loss."):], linewidth=1.2, **style(steps))
     ax_loss.set_xlabel("episodes")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=7)
     ax_loss.grid(alpha=0.3)
     if "lr" in history and len(history["lr"][0]):
-        ax_lr.plot(*history["lr"], color="tab:gray")
+        ax_lr.plot(*history["lr"], color="tab:gray", **style(history["lr"][0]))
     ax_lr.set_xlabel("episodes")
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, 2)
+
 
 
 def curves_from_metrics(run_dir: Path) -> dict:
@@ -189,23 +341,27 @@ def pick_slices(prediction: np.ndarray, truth: np.ndarray | None, n: int) -> lis
 
 
 def render_prediction(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None, slices, title: str,
-                      path: Path) -> Path:
-    """PNG with one panel per slice: the image, the prediction's contour (red) and, when known, the
-    ground truth's (green). image, prediction, truth: Z x H x W."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+                      path: Path, class_name: str = "", scan="", direction=None, slice_label=None,
+                      spacing=None) -> Path:
+    """PNG with one panel per slice: the image, the prediction (translucent red fill and outline)
+    and, when known, the ground truth (green outline). image, prediction, truth: Z x H x W.
 
+    direction: the volume's direction cosines (SimpleITK's 9 floats), so that each slice is shown in
+    the radiological convention (`radiological_view`; None: the array is taken as LPS); spacing
+    (x, y, z mm, as SimpleITK gives it) draws non-square pixels to scale. Each panel's
+    title names the class, the scan, the slice (`slice_label(z)`, default "slice z") and, with a
+    ground truth, that slice's Dice; `title` is the figure's."""
     slices = list(slices)
-    fig, axes = plt.subplots(1, len(slices), figsize=(2.6 * len(slices), 2.9), squeeze=False)
-    for ax, z in zip(axes[0], slices):
-        ax.imshow(image[z], cmap="gray")
+    view = radiological_view(direction)
+    fig, axes = _panels_figure(len(slices))
+    for ax, z in zip(axes, slices):
+        predicted = prediction[z] > 0
+        masks = [(predicted, PREDICTION_COLOR, True)]
+        dice = None
         if truth is not None:
-            _contour(ax, truth[z] > 0, "lime", "truth")
-        _contour(ax, prediction[z] > 0, "red", "prediction")
-        ax.set_title(f"z{z}", fontsize=8)
-        ax.axis("off")
-    axes[0][-1].legend(loc="lower right", fontsize=6, framealpha=0.6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+            masks.insert(0, (truth[z] > 0, TRUTH_COLOR, False))
+            dice = slice_dice(predicted, truth[z] > 0)
+        label = slice_label(z) if slice_label else int(z)
+        _panel(ax, image[z], view, masks, slice_title(class_name, scan, label, dice), spacing)
+    _finish(fig, _legend_handles(False, truth is not None, True), title)
     return save_figure(fig, path, len(slices))

@@ -5,7 +5,10 @@
 
 A prediction file is named scan_<id>_<CLASS>.nii.gz; the scan's image (and its label, for the
 ground-truth contour) come from the dataset folder. Without --slices, up to --n slices evenly spread
-over those where the prediction or the ground truth is non-empty are drawn.
+over those where the prediction or the ground truth is non-empty are drawn. The prediction is a
+translucent red fill with its outline, the ground truth a green outline; slices are shown in the
+radiological convention (anterior up, the patient's right on the image's left), and each panel is
+titled with class, scan, slice and that slice's Dice.
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ def render(pred_path: Path, store: VolumeStore, out_dir: Path, slices=None, n: i
                         f"is --data-dir the dataset it was predicted on?")
     truth = scan.label == class_id
     zs = slices if slices else pick_slices(prediction, truth, n)
-    return render_prediction(scan.image, prediction, truth, zs, f"scan {scan_id}: {class_name}",
-                             safe_child_path(out_dir, f"{pred_path.name.split('.')[0]}.png"))
+    return render_prediction(scan.image, prediction, truth, zs, f"{store.spec.name} scan {scan_id}: {class_name}",
+                             safe_child_path(out_dir, f"{pred_path.name.split('.')[0]}.png"),
+                             class_name=class_name, scan=scan_id, direction=scan.geometry.direction,
+                             spacing=scan.geometry.spacing)
 
 
 def main(argv=None) -> int:

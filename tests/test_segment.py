@@ -17,6 +17,7 @@ from models.engine.experiment import Experiment
 from models.engine.predictor import Predictor
 from scripts import segment
 from tests.helpers import full_config
+from tests.test_pictures import panel_boxes, read_png
 
 QUERY_SPACING = (2.0, 3.1, 6.0)          # the phantoms are 2.5 x 2.5 x 8.0 mm, LAS
 
@@ -89,7 +90,27 @@ def test_mask_comes_back_aligned_with_the_query_voxel_for_voxel(scans, tmp_path,
     assert volume_ml == pytest.approx(np.count_nonzero(mask) * np.prod(QUERY_SPACING) / 1000, rel=1e-4)
     table = capsys.readouterr().out
     assert f"query_{orientation}" in table and f"{volume_ml:.2f}" in table and "(label)" in table
-    assert (out / f"query_{orientation}_{name}.png").stat().st_size > 1000
+    _check_overlay(out / f"query_{orientation}_{name}.png", f"query_{orientation}", name, volume_ml, with_dice=True)
+
+
+def _check_overlay(path, query, class_name, volume_ml, with_dice):
+    """The PNG: titled with query, class, volume (and Dice with a query label); every panel names
+    class, query, slice (and its Dice); the prediction (LIVER or RK, both on the patient's right)
+    is a red tint on the image's left, the right kidney also in the bottom (posterior) half."""
+    rgb, text = read_png(path)
+    assert text["Title"].startswith(f"{query}: {class_name}, {volume_ml:.1f} ml")
+    assert ("Dice" in text["Title"]) == with_dice
+    titles = text["Panel titles"].split("\n")
+    assert len(titles) == 2 * int(text["Panels"])
+    for first, second in zip(titles[::2], titles[1::2]):
+        assert first == f"{class_name}, scan {query}" and second.startswith("slice ")
+        assert ("Dice" in second) == with_dice
+    reddish = (rgb[..., 0] - rgb[..., 1] > 60) & (np.abs(rgb[..., 1] - rgb[..., 2]) < 12)
+    for top, bottom, left, right in panel_boxes(rgb):
+        ys, xs = np.nonzero(reddish[top:bottom, left:right])
+        assert len(xs) > 20 and xs.mean() < 0.45 * (right - left), (path, xs.mean(), right - left)
+        if class_name == "RK":
+            assert ys.mean() > 0.55 * (bottom - top), (path, ys.mean(), bottom - top)
 
 
 def test_without_a_query_label_the_extent_is_estimated(scans, tmp_path, capsys):
@@ -110,8 +131,10 @@ def test_without_a_query_label_the_extent_is_estimated(scans, tmp_path, capsys):
     assert calls[0] == [oracle.shape[0]]                    # first pass: every slice, one chunk
     assert len(calls[1]) == 3 and sum(calls[1]) < oracle.shape[0]   # then the estimated extent in 3 chunks
     assert "(estimated)" in capsys.readouterr().out
-    mask, _ = read_volume(out / "query_RPS_LIVER.nii.gz")
+    mask, geometry = read_volume(out / "query_RPS_LIVER.nii.gz")
     assert _dice(mask > 0, label) >= 0.9
+    _check_overlay(out / "query_RPS_LIVER.png", "query_RPS", "LIVER",
+                   np.count_nonzero(mask) * np.prod(geometry.spacing) / 1000, with_dice=False)
 
 
 def test_extent_rule():

@@ -37,6 +37,12 @@ def _panels(path):
         return int(im.text["Panels"])
 
 
+def _titles(path):
+    """The panels' titles a PNG records (evaluation.reporting.save_figure)."""
+    with Image.open(path) as im:
+        return im.text.get("Panel titles", "")
+
+
 def test_five_folds_become_one_table(tmp_path):
     for fold in range(5):
         fake_run(tmp_path, fold=fold)
@@ -55,6 +61,7 @@ def test_five_folds_become_one_table(tmp_path):
     assert "| Method | LK | RK | SPLEEN | LIVER | Mean |" in md and "| qnet |" in md
     assert len((out / "folds.csv").read_text().splitlines()) == 1 + 2 * 4 * 5
     assert _panels(out / "dice.png") == 1
+    assert _titles(out / "dice.png") == "CHAOST2, setting 1 (all 5 folds)"
 
 
 def test_missing_folds_are_reported(tmp_path, capsys):
@@ -64,6 +71,7 @@ def test_missing_folds_are_reported(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.count("missing") == 1 and "missing adnet folds [2, 4] (of 5)" in captured.err
     assert "(3/5)" in captured.out
+    assert _titles(tmp_path / "out" / "dice.png") == "CHAOST2, setting 1 (folds 0-1, 3 of 5)"
 
 
 def test_a_one_fold_table_shows_means_without_nan_or_a_zero_spread(tmp_path, capsys):
@@ -77,6 +85,7 @@ def test_a_one_fold_table_shows_means_without_nan_or_a_zero_spread(tmp_path, cap
     assert "| qnet | – | 70.00 (1/5) | – | 50.00 (1/5) | 60.00* |" in table     # the mean of the organs present
     assert "* over the organs and folds present" in table
     assert captured.err.count("missing") == 1
+    assert _titles(tmp_path / "out" / "dice.png") == "CHAOST2, setting 1 (fold 0 of 5)"     # not "(5-fold)"
 
 
 def test_refuses_to_mix_settings_datasets_and_protocols(tmp_path, capsys):
@@ -132,5 +141,7 @@ def test_render_overlays_for_a_saved_prediction(tmp_path):
     pred_path = write_volume(tmp_path / "preds" / "scan_2_C1.nii.gz", label, GEOMETRY)
     assert render_overlays.main([str(pred_path), "--data-dir", str(root), "--dataset", "TOY", "--n", "3"]) == 0
     assert _panels(tmp_path / "preds" / "scan_2_C1.png") == 3
+    titles = _titles(tmp_path / "preds" / "scan_2_C1.png").split("\n")
+    assert titles[0] == "C1, scan 2" and titles[1].startswith("slice ") and ", Dice " in titles[1]
     bad = write_volume(tmp_path / "preds" / "scan_2_NOPE.nii.gz", label, GEOMETRY)
     assert render_overlays.main([str(bad), "--data-dir", str(root), "--dataset", "TOY"]) == 1

@@ -36,8 +36,10 @@ What it does, per query:
    to half a prepared voxel.
 5. **Outputs** in OUT_DIR: `<query>_<CLASS>.nii.gz` (uint8: the class id inside the organ, 0
    elsewhere, as validation.py's predictions; uint16 for ids above 255) in the query's geometry,
-   `<query>_<CLASS>.png` (the query in the training orientation with the prediction in red and,
-   when given, the label in green), and `volumes_<CLASS>.csv`; the table printed at the end lists
+   `<query>_<CLASS>.png` (slices cut as the training scans were, shown anterior up with the
+   patient's right on the left; the prediction a translucent red fill with its outline and, when
+   given, the label a green outline; titled with class, query, slice, volume and, with a query
+   label, the Dice), and `volumes_<CLASS>.csv`; the table printed at the end lists
    each query's organ volume in ml (voxels x voxel volume of the original grid / 1000) and, with a
    query label, its Dice on the original grid (whole volume). Every output path is checked before
    anything is written, so a refused name leaves OUT_DIR as it was.
@@ -341,18 +343,38 @@ def write_mask(path: Path, mask: np.ndarray, class_id: int, original: sitk.Image
     return write_volume(path, mask.astype(dtype) * dtype(class_id), Geometry.of(original))
 
 
-def write_overlay(path: Path, query: PreparedScan, mask: np.ndarray, orientation: str | None, title: str) -> Path:
-    """PNG of the original query in the training orientation: prediction red, label green."""
+def write_overlay(path: Path, query: PreparedScan, mask: np.ndarray, orientation: str | None, class_name: str,
+                  volume_ml: float, dice: float | None) -> Path:
+    """PNG of the original query cut as the training scans were (reoriented to `orientation`) and
+    shown in the radiological convention: prediction red (fill and outline), label green (outline).
+
+    Title: query, class, volume in ml and, with a query label, the whole-volume Dice; each panel
+    names class, query, slice (the slice index in the query file when the cut keeps its slices) and,
+    with a query label, that slice's Dice."""
 
     geometry = Geometry.of(query.original)
 
     def oriented(array):
         return sitk.GetArrayFromImage(reorient(image_from_array(array, geometry), orientation))
 
-    image = sitk.GetArrayFromImage(reorient(query.original, orientation))
+    reoriented = reorient(query.original, orientation)
+    image = sitk.GetArrayFromImage(reoriented)
     pred = oriented(mask.astype(np.uint8))
     truth = None if query.original_mask is None else oriented(query.original_mask.astype(np.uint8))
-    return render_prediction(image, pred, truth, pick_slices(pred, truth, 4), title, path)
+    n_slices = query.original.GetSize()[2]
+    file_z = oriented(np.broadcast_to(np.arange(n_slices, dtype=np.uint16)[:, None, None],
+                                      sitk.GetArrayViewFromImage(query.original).shape).copy())
+
+    def slice_label(z: int) -> str:
+        values = np.unique(file_z[z])
+        return f"slice {int(values[0])}" if len(values) == 1 else f"slice {z} (cut as {orientation})"
+
+    title = f"{query.name}: {class_name}, {volume_ml:.1f} ml"
+    if dice is not None:
+        title += f", Dice {dice:.3f}" if np.isfinite(dice) else ", Dice n/a"
+    return render_prediction(image, pred, truth, pick_slices(pred, truth, 4), title, path, class_name=class_name,
+                             scan=query.name, direction=reoriented.GetDirection(), slice_label=slice_label,
+                             spacing=reoriented.GetSpacing())
 
 
 def format_table(results: Sequence[QueryResult], class_name: str) -> str:
@@ -465,9 +487,8 @@ def segment_scans(job: SegmentationJob, predictor: ChunkPredictor | None = None)
         voxels = int(mask.sum())
         dice = None if query_mask is None else dice_score(*count_overlap(mask, query_mask))
         mask_path = write_mask(mask_path, mask, job.class_id, image)
-        overlay = write_overlay(overlay_path, query, mask, prep.orientation,
-                                f"{name}: {class_name}, {voxels * np.prod(image.GetSpacing()) / 1000:.1f} ml")
-        results.append(QueryResult(name, mask_path, overlay, voxels,
-                                   voxels * float(np.prod(image.GetSpacing())) / 1000.0, dice, extent))
+        volume_ml = voxels * float(np.prod(image.GetSpacing())) / 1000.0
+        overlay = write_overlay(overlay_path, query, mask, prep.orientation, class_name, volume_ml, dice)
+        results.append(QueryResult(name, mask_path, overlay, voxels, volume_ml, dice, extent))
     write_csv(csv_path, results, class_name, job.class_id)
     return Segmentation(class_name, results, csv_path)
