@@ -202,7 +202,7 @@ def _footnote(table: Table) -> list[str]:
     partial = [m for m in sorted(table.dice) if not table.complete(m)]
     if not partial:
         return []
-    return ["", f"* over the organs and folds present (fewer than {len(table.organs)} organs x {table.n_folds} folds)"]
+    return ["", f"* the mean over the organs and folds present, not over all {table.n_folds} folds of every organ"]
 
 
 def _number(value: float | None) -> str:

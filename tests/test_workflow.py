@@ -83,7 +83,7 @@ def test_a_one_fold_table_shows_means_without_nan_or_a_zero_spread(tmp_path, cap
     assert "nan" not in table and "± 0.00" not in table, table
     assert "| adnet | 53.00 (1/5) | 52.00 (1/5) | 54.00 (1/5) | 51.00 (1/5) | 52.50* |" in table
     assert "| qnet | – | 70.00 (1/5) | – | 50.00 (1/5) | 60.00* |" in table     # the mean of the organs present
-    assert "* over the organs and folds present" in table
+    assert "* the mean over the organs and folds present" in table
     assert captured.err.count("missing") == 1
     assert _titles(tmp_path / "out" / "dice.png") == "CHAOST2, setting 1 (fold 0 of 5)"     # not "(5-fold)"
 
