@@ -110,8 +110,11 @@ def test_a_sweep_resumes_a_killed_job_collects_the_table_and_then_has_nothing_to
     steps = json.loads((run_dir / "metrics.json").read_text())["loss.total"]["steps"]
     assert steps == [1, 2]            # the metrics of the resume point, then those after it, once each
 
-    # a changed configuration: the finished cells are stale (trained again into new runs), not done
+    # a changed configuration: the finished cells are stale (trained again into new runs), not done; a dry
+    # run writes nothing (no lock file either)
+    before = sorted(str(p) for p in log_dir.rglob("*"))
     assert sweep.main([*_argv(log_dir, phantoms, ["adnet"], [0]), "train.n_steps=3", "--dry-run"]) == 0
+    assert sorted(str(p) for p in log_dir.rglob("*")) == before
     out = capsys.readouterr().out
     assert f"{ADNET_FOLD0}  stale" in out and "1 cells: 1 stale" in out and "done" not in out
     for snapshots in tmp_path.glob("*/train/*/*/snapshots"):     # 0.35 GB each: not kept by pytest's tmp dirs

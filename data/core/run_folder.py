@@ -235,14 +235,20 @@ class RunFolder:
             os.close(fd)
 
     def is_locked(self) -> bool:
-        """Whether another process trains into the folder now (probes the lock and lets it go)."""
+        """Whether another process trains into the folder now (probes the lock and lets it go); writes
+        nothing (a folder without a lock file is not being trained: a training creates it first)."""
         if self.path.resolve() in _held_locks:
             return False
         try:
-            self.lock()
-        except RunBusyError:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
             return True
-        self.unlock()
+        finally:
+            os.close(fd)
         return False
 
     # ------------------------------------------------------------------ metrics
