@@ -16,6 +16,12 @@ Every named config in configs/methods, configs/datasets and configs/protocols is
 file name (`with qnet chaost2 protocol_qnet`), and configs/demo.yaml as `demo`. A key that is not
 one of the experiment's (models.engine.experiment), in any YAML layer or a config file of your own,
 is an error naming the file, the key and the closest known key; so is an unknown named config.
+
+Every value is checked before Sacred records a run (`check_config`, from the config hook, before the
+run folder exists): its kind (that of its default), its word choices (CHOICES, AUTO_CHOICES), that
+every number is finite, its range (RANGES), the fold and support scan against the dataset, names that
+become folders (method, dataset, exp_name), and the head's options by the head's own constructor.
+Every YAML file is read without aliases (data.core.specs.read_yaml).
 """
 from __future__ import annotations
 
@@ -24,24 +30,29 @@ import copy
 import difflib
 import json
 import logging
+import math
 import os
 import re
+import types
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
+import torch
 from sacred import Experiment
 from sacred.config import config_files
 from sacred.utils import NamedConfigNotFoundError
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from configs.runs import ResumableFileStorageObserver
-from data.core.io import ConfigError, UserError
-from data.core.specs import load_spec
+from data.core.io import SAFE_NAME_RULE, ConfigError, UserError, is_safe_name
+from data.core.specs import DatasetSpec, load_spec, read_yaml, read_yaml_file
+from models.encoder import LAYOUTS, ResNetEncoder
+from models.engine.builders import supp_idx_problem
 from models.engine.experiment import SECTIONS as TYPED_SECTIONS
 from models.engine.experiment import Experiment as TypedExperiment
+from models.engine.experiment import head_name_and_options
 from models.engine.trainer import OPTIMIZERS
-from models.heads import HEADS, head_options
+from models.heads import HEADS, build_head, head_options
 from models.heads.contract import ENCODER_ARGUMENTS
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -54,7 +65,8 @@ _METHOD_META = ("description", "overrides")
 
 
 def load_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {}
+    """A YAML layer, read without aliases (data.core.specs.read_yaml: a ConfigError names the file)."""
+    return read_yaml_file(path) or {}
 
 
 TOP_LEVEL_KEYS = TypedExperiment.top_level_keys()
@@ -156,7 +168,7 @@ def method_names() -> list[str]:
 
 def _method_yaml(method: str) -> dict:
     path = METHOD_DIR / f"{method}.yaml"
-    if not path.is_file():
+    if method not in method_names():
         close = difflib.get_close_matches(method, method_names(), n=1)
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(method_names())}"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -209,6 +221,7 @@ def _defaults_cached(method: str, dataset: str, setting: int, data_dir: str | No
 
 def method_defaults(method: str, dataset: str, setting: int = 1, data_dir: str | None = None) -> dict:
     """All defaults for a method on a dataset and setting (layers 1-3 of the module docstring)."""
+    _raise(name_problems({"method": method, "dataset": dataset}))
     if setting not in (1, 2):
         raise ConfigError(f"setting must be 1 or 2, got {setting!r}")
     return copy.deepcopy(_defaults_cached(str(method), str(dataset), int(setting),
@@ -318,11 +331,194 @@ CHOICES = {
     "evaluation.amp": ("off", "bf16", "auto"),
     "exclude_rule": ("any", "all"),
     "optim.name": OPTIMIZERS,
+    "encoder.layout": tuple(LAYOUTS),
+    "encoder.bn_statistics": ("batch", "episode"),
+    "sampler.name": ("supervoxel", "superpixel"),
+    "sampler.pair_rule": ("adnet", "qnet"),
+    "sampler.id_draw": ("present", "reference"),
+    "evaluation.chunking": ("zrange", "count"),
+    "evaluation.scored": ("range", "labelled"),
+    "evaluation.fold_scheme": ("alpnet", "qnet"),
+    "data.normalize": ("volume", "dataset"),
 }
 
 
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scalar(test):
+    """A range test of a number; a value of another kind passes here (wrong_types names it)."""
+    return lambda value: not _number(value) or test(value)
+
+
+def _ordered_range(value) -> bool:
+    """[lo, hi] with 0 < lo <= hi (augment.gamma, augment.scale)."""
+    if not isinstance(value, (list, tuple)):
+        return True                                      # wrong_types: "must be a list"
+    return len(value) == 2 and all(_number(v) for v in value) and 0 < value[0] <= value[1]
+
+
+def _betas(value) -> bool:
+    if not isinstance(value, (list, tuple)):
+        return True
+    return len(value) == 2 and all(_number(v) and 0 <= v < 1 for v in value)
+
+
+def _loss_weights(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) and v >= 0 for k, v in value.items())
+
+
+# the range of every number whose meaning bounds it (README, "Configuration keys"): key -> (test, what
+# the value must be); a test sees the value as configured, and one of another kind is left to wrong_types.
+# A key that only some methods have (sampler.superpixel_min_size) is checked where it is present.
+RANGES = {
+    "loss.bg_weight": (_scalar(lambda v: v >= 0), ">= 0 (the background's class weight)"),
+    "loss.ignore_index": (_scalar(lambda v: v not in (0, 1)), "a label value other than the classes 0 and 1 (255)"),
+    "loss.weights": (_loss_weights, "a mapping of auxiliary losses to weights >= 0, like {align: 1.0}"),
+    "sampler.min_size": (_scalar(lambda v: v >= 0), ">= 0 (pixels)"),
+    "sampler.reverse_p": (_scalar(lambda v: 0 <= v <= 1), "a probability in [0, 1]"),
+    "sampler.superpixel_min_size": (_scalar(lambda v: v >= 1), ">= 1 (pixels; the folder superpixels_<this>)"),
+    "augment.gamma": (_ordered_range, "a range [lo, hi] with 0 < lo <= hi"),
+    "augment.scale": (_ordered_range, "a range [lo, hi] with 0 < lo <= hi"),
+    "augment.rotate": (_scalar(lambda v: v >= 0), ">= 0 (degrees, +-)"),
+    "augment.shift": (_scalar(lambda v: v >= 0), ">= 0 (pixels, +-)"),
+    "augment.shear": (_scalar(lambda v: v >= 0), ">= 0 (degrees, +-)"),
+    "augment.elastic_alpha": (_scalar(lambda v: v >= 0), ">= 0"),
+    "augment.elastic_sigma": (_scalar(lambda v: v > 0), "> 0 (the Gaussian's sigma, pixels)"),
+    "optim.lr": (_scalar(lambda v: v > 0), "> 0"),
+    "optim.momentum": (_scalar(lambda v: 0 <= v < 1), "in [0, 1)"),
+    "optim.weight_decay": (_scalar(lambda v: v >= 0), ">= 0"),
+    "optim.betas": (_betas, "two numbers [beta1, beta2], each in [0, 1)"),
+    "optim.eps": (_scalar(lambda v: v > 0), "> 0"),
+    "optim.warmup_episodes": (_scalar(lambda v: v >= 0), ">= 0 (episodes; 0: no warm-up)"),
+    "optim.lr_step_gamma": (_scalar(lambda v: 0 < v <= 1), "in (0, 1] (the lr's factor every lr_step_every episodes)"),
+    "optim.lr_step_every": (_scalar(lambda v: v >= 1), ">= 1 (episodes)"),
+    "train.n_steps": (_scalar(lambda v: v >= 1), ">= 1 (training episodes)"),
+    "train.snapshot_every": (_scalar(lambda v: v >= 1), ">= 1 (episodes)"),
+    "train.print_every": (_scalar(lambda v: v >= 1), ">= 1 (episodes)"),
+    "train.checkpoint_every": (_scalar(lambda v: v >= 1), ">= 1 (episodes)"),
+    "train.num_workers": (_scalar(lambda v: v >= 0), ">= 0 (0: episodes drawn in the training process)"),
+    "evaluation.supp_idx": (_scalar(lambda v: v >= -1), "-1 (the scan after the test scans) or a scan index >= 0"),
+    "evaluation.n_part": (_scalar(lambda v: v >= 1), ">= 1 (support slices per class)"),
+    "evaluation.n_overlays": (_scalar(lambda v: v >= 0), ">= 0"),
+    "data.n_sv": (_scalar(lambda v: v >= 1), ">= 1 (voxels; the folder supervoxels_<this>)"),
+}
+
+EXP_NAME_MAX = 200
+# exp_name is a folder of <log_dir>/<train|test>/: data.core.io's safe-name characters, up to EXP_NAME_MAX
+_EXP_NAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.+ -]{0,%d}[A-Za-z0-9_.+-])?" % (EXP_NAME_MAX - 2))
+
+
+def name_problems(config: dict) -> list[str]:
+    """method, dataset and exp_name become file and folder names: each must be a simple name (no path
+    separator, not '.' or '..'), so that no run is read or written outside its folder."""
+    found = []
+    for key in ("method", "dataset"):
+        if key in config and not is_safe_name(config[key]):
+            found.append(f"{key} must be a simple name ({SAFE_NAME_RULE}), got {config[key]!r}")
+    name = config.get("exp_name", "")
+    if "exp_name" in config and not (isinstance(name, str) and _EXP_NAME_RE.fullmatch(name)):
+        found.append(f"exp_name must be a simple name (up to {EXP_NAME_MAX} letters, digits, spaces, '_', '-', "
+                     f"'+' and '.', starting with a letter, digit or '_'; no path), got {name!r}")
+    return found
+
+
+def _value(config: dict, key: str):
+    """The value of a dotted key, or None where the config does not hold it."""
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _names(problems: list[str], key: str) -> bool:
+    return any(p.startswith((f"{key} ", f"'{key}' ", f"unknown config key '{key}'")) for p in problems)
+
+
+def non_finite(value, name: str) -> list[str]:
+    """Every NaN or infinite number in `value` (sections, lists, head options), by its key."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{name}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{name} must be a finite number, got {value!r}"]
+    return []
+
+
+def wrong_ranges(config: dict, named: list[str]) -> list[str]:
+    """Numbers outside their RANGES, and train.batch_episodes above train.n_steps (keys `named` by an
+    earlier problem are not judged again)."""
+    found = []
+    for key, (test, rule) in RANGES.items():
+        value = _value(config, key)
+        if value is not None and not _names(named, key) and not test(value):
+            found.append(f"{key} must be {rule}, got {value!r}")
+    batch, n_steps = _value(config, "train.batch_episodes"), _value(config, "train.n_steps")
+    if _number(batch) and _number(n_steps) and not _names(named + found, "train.n_steps") and batch > n_steps:
+        found.append(f"train.batch_episodes must be at most train.n_steps ({n_steps} episodes: one step would "
+                     f"hold fewer episodes than its lr is scaled for), got {batch!r}")
+    return found
+
+
+def _scans_per_fold(spec: DatasetSpec, fold: int, data_dir) -> int | None:
+    """How many scans fold `fold` holds: the dataset's explicit folds, or the fold of the scans its
+    folder lists (file names only; expected_ids are not used: the data may hold other scans, e.g. the
+    phantoms). None where neither says (check_run_inputs checks supp_idx against the data then)."""
+    if spec.folds is not None:
+        return len(spec.folds[fold])
+    try:
+        return len(spec.fold(spec.scan_ids(data_dir), fold).test_ids)
+    except (UserError, ValueError, OSError, TypeError):
+        return None
+
+
+def fold_problems(config: dict, named: list[str]) -> list[str]:
+    """eval_fold below the dataset's number of folds, and evaluation.supp_idx within the fold's scans
+    where the dataset's description or folder says how many it holds."""
+    fold, supp_idx = config.get("eval_fold"), _value(config, "evaluation.supp_idx")
+    if not _whole(fold) or fold < 0 or _names(named, "eval_fold"):
+        return []
+    try:
+        spec = load_spec(config["dataset"], config.get("data_dir"))
+    except UserError:
+        return []           # known_keys read it already; a dataset.json that changed since is read again later
+    if fold >= spec.n_folds:
+        return [f"eval_fold must be a fold index 0..{spec.n_folds - 1} ({spec.name} has {spec.n_folds} folds), "
+                f"got {fold!r}"]
+    n_scans = _scans_per_fold(spec, fold, config.get("data_dir"))
+    if n_scans is None or not _whole(supp_idx) or _names(named, "evaluation.supp_idx"):
+        return []
+    problem = supp_idx_problem(supp_idx, n_scans, fold, spec.name)
+    return [problem] if problem else []
+
+
+@lru_cache(maxsize=None)
+def encoder_channels(layout: str) -> dict[str, int]:
+    """ResNetEncoder(layout).channels ({map: C}, what build_model gives the head), computed from the
+    layout alone: the property reads only the layout, so no ResNet-101 is built for it."""
+    return dict(ResNetEncoder.channels.fget(types.SimpleNamespace(layout_name=layout, layout=LAYOUTS[layout])))
+
+
+def head_problems(config: dict) -> list[str]:
+    """The head's own refusal of its options: the head is built on the meta device (no memory, no
+    random draws) with the channels of the configured encoder, as build_model builds it."""
+    layout = _value(config, "encoder.layout")
+    if layout not in LAYOUTS:
+        return []                                       # CHOICES names it
+    name, options, _ = head_name_and_options(config["head"])
+    try:
+        with torch.device("meta"):
+            build_head(name, channels=encoder_channels(layout), **options)
+    except (ValueError, TypeError) as err:
+        message = str(err).rstrip(".")
+        return [message if "head." in message else f"head ({name}): {message}"]
+    return []
 
 
 def wrong_run_keys(config: dict) -> list[str]:
@@ -374,7 +570,9 @@ def wrong_types(config: dict, tree: dict, prefix: str = "") -> list[str]:
 
 
 def check_config(config: dict) -> None:
-    """Reject keys no layer defines (typos) and values of the wrong kind, naming the fix."""
+    """Reject keys no layer defines (typos) and values of the wrong kind, out of range or not finite,
+    naming the fix: everything Sacred will record is checked here, before the run folder exists."""
+    _raise(name_problems({k: config.get(k) for k in ("method", "dataset")}))    # before any file is read by them
     tree = known_keys(config)
     head_name = config.get("head", {}).get("name")
     if head_name in HEADS:
@@ -389,8 +587,13 @@ def check_config(config: dict) -> None:
         problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     problems += wrong_types(config, tree)
     problems += wrong_run_keys(config)
-    if problems:
-        raise ConfigError("; ".join(problems) + ". `python training.py print_config` lists every key.")
+    problems += name_problems({"exp_name": config.get("exp_name")})
+    problems += [p for p in non_finite(config, "") if not _names(problems, p.split(" ", 1)[0])]
+    problems += wrong_ranges(config, problems)
+    problems += fold_problems(config, problems)
+    if head_name in HEADS and not any(p.startswith(("head.", "'head.", "unknown config key 'head.")) for p in problems):
+        problems += head_problems(config)
+    _raise(problems)
 
 
 class _AutoKeyTypeChangeFilter(logging.Filter):
@@ -440,14 +643,20 @@ def _read_config_files_as_plain_data() -> None:
 
     Sacred 0.8 would unpickle `.pickle` files, decode `.json` with jsonpickle (whose "py/reduce"
     entries call any function) and read YAML with FullLoader; here `.pickle` is refused before the
-    file is read, JSON is plain json.load and YAML is yaml.safe_load (as configs/*.yaml are read).
+    file is read, JSON is plain json.load and YAML is yaml.safe_load without aliases (read_yaml, as
+    configs/*.yaml are read).
     Writing (Sacred's save_config) is unchanged."""
     handlers = config_files.HANDLER_BY_EXT
     handlers[".pickle"] = config_files.Handler(_refuse_pickle_config, handlers[".pickle"].dump, "b")
     handlers[".json"] = config_files.Handler(_checked_reader(json.load), handlers[".json"].dump, "")
     for extension in config_files.yaml_extensions:
         if extension in handlers:
-            handlers[extension] = config_files.Handler(_checked_reader(yaml.safe_load), handlers[extension].dump, "")
+            handlers[extension] = config_files.Handler(_checked_reader(_read_yaml_config), handlers[extension].dump, "")
+
+
+def _read_yaml_config(fp):
+    """A YAML config file as plain data, refusing aliases (data.core.specs.read_yaml)."""
+    return read_yaml(fp, getattr(fp, "name", "config file"))
 
 
 def _checked_reader(read):

@@ -7,6 +7,10 @@ image_<id>.nii.gz / label_<id>.nii.gz. Each problem is printed on one line namin
 summary; the exit code is 1 if there is any error.
 
 Errors (the dataset cannot be used as it is):
+- the dataset's description (its dataset.json, or the built-in configs/datasets/*.yaml) says something
+  impossible or misleading (label ids outside 0-255 or named twice, a scan twice in `folds`, an
+  `image_dir` outside the dataset folder, text where a number belongs, ...: data.core.specs checks it
+  when the spec is loaded): printed as `error: <file>: <field>: ...`, exit code 1, no scan read;
 - the folder or its image folder is missing; a scan stored as .nii instead of .nii.gz;
 - an image without its label or a label without its image;
 - an expected scan id missing, or an unexpected one present (`spec.expected_ids`; with --ids only

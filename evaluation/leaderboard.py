@@ -8,16 +8,18 @@ standard deviation over folds, and the overall mean is the mean over organs (as 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data.core.io import UserError, atomic_path
+from data.core.io import DataError, UserError, atomic_path
 from data.core.run_folder import TEST, RunFolder, evaluation_folders
-from data.core.specs import load_spec
+from data.core.specs import DatasetSpec, builtin_names, load_spec
 from evaluation.published import PublishedEntry, published_for
 from evaluation.reporting import save_figure
 
@@ -44,6 +46,10 @@ class EvalRun:
     checkpoint: str
     class_dice: dict[str, float]      # class name -> mean Dice over the fold's query scans
     fingerprint: str | None = None    # of the configuration that produced the numbers (data.core.run_folder)
+    data_dir: str | None = None       # the data folder and log folder as the run recorded them (config.json),
+    log_dir: str | None = None        # relative to where its command ran
+    class_ids: dict[str, int] = field(default_factory=dict)    # class name -> label id (results.json per_scan)
+    finished: float = 0.0             # when its results were written (results.json's modification time)
 
 
 def read_run(folder: Path) -> EvalRun | None:
@@ -53,15 +59,23 @@ def read_run(folder: Path) -> EvalRun | None:
     r, c = _read_json(run.results_json), _read_json(run.config_file)
     try:
         e = c["evaluation"]
+        class_ids = {str(s["class"]): int(s["class_id"]) for s in r.get("per_scan") or ()
+                     if isinstance(s, dict) and "class" in s and "class_id" in s}
         return EvalRun(run.path, int(run.path.name) if run.path.name.isdigit() else 0, c["method"], c["dataset"],
                        int(c["setting"]), int(c["eval_fold"]), tuple(c["test_labels"]),
                        tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
-                       {name: float(v["dice"]) for name, v in r["classes"].items()}, run.fingerprint(TEST))
+                       {name: float(v["dice"]) for name, v in r["classes"].items()}, run.fingerprint(TEST),
+                       _recorded_path(c.get("data_dir")), _recorded_path(c.get("log_dir")), class_ids,
+                       run.results_json.stat().st_mtime)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CollectError(f"{folder}: {run.results_json.name} or {run.config_file.name} lacks an entry "
                            f"({type(err).__name__}: {err}); "
                            f"it was not written by this version of validation.py. Re-run the evaluation of "
                            f"this run, or move its folder out of the collected paths") from None
+
+
+def _recorded_path(value) -> str | None:
+    return str(value) if isinstance(value, (str, os.PathLike)) and str(value) else None
 
 
 def _read_json(path: Path):
@@ -89,7 +103,8 @@ def _single(runs, attr, what, flag):
 
 
 def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> list[EvalRun]:
-    """Filter, refuse mixtures, and keep the newest run per (method, label group, fold)."""
+    """Filter, refuse mixtures, keep the newest run per (method, label group, fold), and give each organ of
+    a fold one run (`_one_run_per_organ`)."""
     runs = [r for r in runs if (not methods or r.method in methods)
             and (dataset is None or r.dataset.upper() == dataset.upper())
             and (setting is None or r.setting == setting)]
@@ -112,7 +127,29 @@ def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> lis
                         "the table uses the newest, %s", r.method, r.fold, older.path, r.path, older.fingerprint,
                         r.fingerprint, r.path)
         newest[cell] = r
-    return list(newest.values())
+    return _one_run_per_organ(list(newest.values()))
+
+
+def _one_run_per_organ(runs: list[EvalRun]) -> list[EvalRun]:
+    """Runs of one method and fold with different test_labels (e.g. [1, 2, 3, 4] and [1]) may give the
+    same organ: the table cell takes the newest run's number (results written last) and a warning names
+    both; the older run keeps its other organs, and is left out when none is left."""
+    owner: dict[tuple, EvalRun] = {}
+    for r in sorted(runs, key=lambda r: (r.finished, r.run_id, str(r.path))):
+        for organ in r.class_dice:
+            older = owner.get((r.method, r.fold, organ))
+            if older is not None:
+                log.warning("%s fold %d: %s was evaluated twice, with test_labels %s (%s) and with test_labels %s "
+                            "(%s); the table uses the newer, %s. To table the other, collect its folder without "
+                            "this one", r.method, r.fold, organ, list(older.test_labels), older.path,
+                            list(r.test_labels), r.path, r.path)
+            owner[(r.method, r.fold, organ)] = r
+    kept = []
+    for r in runs:
+        organs = {o: v for o, v in r.class_dice.items() if owner[(r.method, r.fold, o)] is r}
+        if organs:
+            kept.append(r if organs == r.class_dice else dataclasses.replace(r, class_dice=organs))
+    return kept
 
 
 @dataclass
@@ -163,19 +200,92 @@ class Table:
 
 
 def build_table(runs: list[EvalRun]) -> Table:
-    spec = load_spec(runs[0].dataset)
-    order = spec.table_order or spec.eval_labels
-    names = [spec.label_name(i) for i in order]
+    """The table of `runs` (one dataset and setting, as `select` returns them). The dataset's spec gives
+    the column order, the label ids and the number of folds: a built-in dataset's, or the dataset.json of
+    the runs' recorded data folder. When that folder is gone, the table uses the class names, their
+    order and ids as the runs' results.json record them (`classes`, `per_scan`), assumes the default 5
+    folds (more when a run has a higher fold), and says so."""
+    spec = _dataset_spec(runs)
     found = {o for r in runs for o in r.class_dice}
+    if spec is not None:
+        order = spec.table_order or spec.eval_labels
+        names = [spec.label_name(i) for i in order]
+        label_ids = {spec.label_name(i): i for i in spec.eval_labels}
+        name, n_folds = spec.name, spec.n_folds
+    else:
+        label_ids = {o: i for r in runs for o, i in r.class_ids.items()}
+        names = list(dict.fromkeys(o for r in sorted(runs, key=lambda r: (r.fold, str(r.path))) for o in r.class_dice))
+        name, n_folds = runs[0].dataset, max([DEFAULT_N_FOLDS] + [r.fold + 1 for r in runs])
     organs = [o for o in names if o in found] + sorted(found - set(names))
     dice, ckpts = {}, {}
     for r in runs:
         for organ, value in r.class_dice.items():
             dice.setdefault(r.method, {}).setdefault(organ, {})[r.fold] = value
         ckpts.setdefault(r.method, {}).setdefault(r.fold, []).append(r.checkpoint)
-    label_ids = {spec.label_name(i): i for i in spec.eval_labels}
-    return Table(spec.name, runs[0].setting, organs, dice, ckpts, spec.n_folds,
+    return Table(name, runs[0].setting, organs, dice, ckpts, n_folds,
                  {o: label_ids[o] for o in organs if o in label_ids})
+
+
+DEFAULT_N_FOLDS = 5     # data.core.specs.DatasetSpec.n_folds when a description names none
+
+
+def _log_dir_of(run: EvalRun) -> Path:
+    """The log folder a run folder lies in: <log_dir>/test/<exp_name>/<run id> (or <log_dir>/<exp_name>/<run id>)."""
+    parents = run.path.parents
+    return parents[2] if len(parents) > 2 and parents[1].name == TEST else parents[1]
+
+
+def _data_dirs(run: EvalRun) -> list[Path]:
+    """Where the run's data folder may be: its recorded data_dir as given (absolute, or relative to this
+    command's folder), relative to the folder its command ran in (found by taking the recorded log_dir
+    off the log folder the run lies in), and relative to that log folder's parent."""
+    if not run.data_dir:
+        return []
+    recorded = Path(run.data_dir).expanduser()
+    if recorded.is_absolute():
+        return [recorded]
+    log_dir = _log_dir_of(run)
+    found = [recorded]
+    if run.log_dir and not Path(run.log_dir).is_absolute():
+        cwd = log_dir.absolute()
+        for part in reversed(Path(os.path.normpath(run.log_dir)).parts):
+            if part != cwd.name:
+                cwd = None
+                break
+            cwd = cwd.parent
+        if cwd is not None:
+            found.append(cwd / recorded)
+    found.append(log_dir.absolute().parent / recorded)
+    return list(dict.fromkeys(found))
+
+
+def _dataset_spec(runs: list[EvalRun]) -> DatasetSpec | None:
+    """The spec of the runs' dataset (built-in, or the dataset.json of a data folder the runs recorded),
+    or None, with a warning saying what the table uses instead, when no data folder is left."""
+    name = runs[0].dataset
+    if name.upper() in (n.upper() for n in builtin_names()):
+        return load_spec(name)
+    tried = []
+    for r in sorted(runs, key=lambda r: -r.finished):
+        for folder in _data_dirs(r):
+            if folder in tried:
+                continue
+            tried.append(folder)
+            if not (folder / "dataset.json").is_file():
+                continue
+            try:
+                spec = load_spec(name, folder)
+            except DataError as err:
+                log.warning("%s: not used for the table of %s: %s", folder / "dataset.json", name, err)
+                continue
+            log.info("%s: classes, column order and folds from %s", name, folder / "dataset.json")
+            return spec
+    recorded = sorted({r.data_dir for r in runs if r.data_dir})
+    log.warning("%s is not a built-in dataset and no dataset.json was found for it (the runs record data_dir %s; "
+                "looked in %s): the table uses the class names and ids recorded in the runs' results.json, in the "
+                "order it lists them, and assumes %d folds", name, ", ".join(recorded) or "none",
+                ", ".join(str(f) for f in tried) or "no folder", max([DEFAULT_N_FOLDS] + [r.fold + 1 for r in runs]))
+    return None
 
 
 def _ours(table: Table, method: str, organ: str) -> str:

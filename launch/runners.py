@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from data.core.io import write_json
-from launch.sweep import DONE, QUEUED, Cell, Plan, Sweep, SweepError, commands, plan_state
+from launch.sweep import DONE, QUEUED, Cell, Plan, Sweep, SweepError, claim, commands, plan_state
 from models.engine.runs import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,13 @@ class CellJob:
     gpu: str | None = None
 
     def __call__(self) -> str:
-        plan = plan_state(self.sweep, self.cell)
+        with claim(self.sweep, self.cell) as mine:
+            if not mine:
+                return f"{self.cell.exp_name}: running (claimed by another sweep process; left to it)"
+            return self._run()
+
+    def _run(self) -> str:
+        plan = plan_state(self.sweep, self.cell, mine=True)
         todo = commands(self.sweep, plan)
         if not todo:
             return f"{plan.exp_name}: {plan.state}"

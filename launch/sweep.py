@@ -23,6 +23,8 @@ configuration that produced it matches the cell's (config_fingerprint: the keys 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -228,13 +230,53 @@ def find_evaluation(sweep: Sweep, exp: Experiment, checkpoint: Path) -> EvalRun 
             run = read_run(folder.path)
         except UserError:
             continue                   # unreadable evaluation: not a result (evaluated again)
-        if run is not None and run.fingerprint == fingerprint and _same_file(run.checkpoint, checkpoint, sweep.cwd):
+        if (run is not None and run.fingerprint == fingerprint and folder.status() == "COMPLETED"
+                and _same_file(run.checkpoint, checkpoint, sweep.cwd)):
             return run
     return None
 
 
-def plan_state(sweep: Sweep, cell: Cell) -> Plan:
-    """What the cell needs (module docstring), from its run folders; reads no snapshot."""
+@contextlib.contextmanager
+def claim(sweep: Sweep, cell: Cell):
+    """Claim the cell for this process while it trains and evaluates it: yields True when claimed,
+    False when another process (another sweep) holds it. An advisory flock, dropped however the
+    process ends, on <log-dir>/sweep/claims/<exp_name>.lock."""
+    path = sweep.sweep_dir / "claims" / f"{cell.exp_name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def is_claimed(sweep: Sweep, cell: Cell) -> bool:
+    """Whether another process holds the cell's claim now (writes nothing)."""
+    try:
+        fd = os.open(sweep.sweep_dir / "claims" / f"{cell.exp_name}.lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def plan_state(sweep: Sweep, cell: Cell, mine: bool = False) -> Plan:
+    """What the cell needs (module docstring), from its run folders; reads no snapshot. A cell another
+    process has claimed is `running` (`mine`: this process holds the claim)."""
+    if not mine and is_claimed(sweep, cell):
+        return Plan(cell, RUNNING, note="claimed by another sweep process")
     exp = cell_experiment(sweep, cell)
     fingerprint = config_fingerprint(exp.to_config(), TRAIN)
     exp_name = cell.exp_name

@@ -79,6 +79,23 @@ def test_bad_run_values_are_refused_before_anything_is_written(phantom_dir, tmp_
     assert tree_state(tmp_path) == before
 
 
+def test_a_nan_in_a_config_file_is_refused_before_any_run_folder_exists(phantom_dir, tmp_path):
+    """`head.scaler: .nan` passed the config check and trained to Dice 0; every number is checked for
+    finiteness (and its range) before Sacred records anything."""
+    own = tmp_path / "my.yaml"
+    own.write_text("head:\n  scaler: .nan\n")
+    before = tree_state(tmp_path)
+    refused(train(tmp_path / "runs", phantom_dir, str(own)), "head.scaler must be a finite number, got nan")
+    assert tree_state(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_an_exp_name_that_leaves_log_dir_is_refused(phantom_dir, tmp_path):
+    log_dir = tmp_path / "logs" / "runs"
+    before = tree_state(tmp_path)
+    refused(train(log_dir, phantom_dir, "exp_name=../../x"), "exp_name must be a simple name", "'../../x'")
+    assert tree_state(tmp_path) == before and not (tmp_path / "logs").exists()
+
+
 def test_dataset_name_must_match_the_dataset_json(tmp_path):
     root = write_dataset(tmp_path / "toy")                          # its dataset.json says TOY
     before = tree_state(tmp_path)

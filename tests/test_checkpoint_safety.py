@@ -5,6 +5,11 @@ Every command that takes a checkpoint or weights path reads it with torch.load(w
 with a message, and its payload never runs (a marker file it would create never appears). Also:
 truncated files, partial encoder weights, a snapshot given as encoder weights, snapshots of format
 1 (numpy's RNG state as an ndarray), and Sacred's `with <file>.pickle` / jsonpickle configs.
+
+No silent wrong number from a damaged file: bytes overwritten inside a tensor (the zip member's CRC-32,
+and a snapshot's tensor digest), a NaN weight, a NaN optimizer state or NaN encoder weights are refused
+with the file and the tensor named; good snapshots, snapshots without a digest and legacy non-zip
+files still load.
 """
 import json
 import os
@@ -12,14 +17,26 @@ import pickle
 import random
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from models.engine.checkpoints import CheckpointError, load_checkpoint, load_checkpoint_file, read_state_dict
+from data.core.checkpoint_files import DIGEST_KEY, tensor_digest
+from models.engine.builders import check_encoder_weights
+from models.engine.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_file,
+    open_trained_model,
+    read_checkpoint,
+    read_state_dict,
+)
+from models.engine.experiment import EncoderConfig
 from models.encoder import PretrainedWeightsError, ResNetEncoder
 from models.engine.trainer import SNAPSHOT_FORMAT, restore, save_snapshot
 from tests.conftest import PROJECT_ROOT
@@ -58,7 +75,7 @@ def _command(*args, timeout=300):
 
 def _demo(script, phantom_dir, log_dir, *updates):
     return _command(script, "-l", "WARNING", "with", "demo", f"data_dir={phantom_dir}", f"log_dir={log_dir}",
-                    *updates)
+                    "train.batch_episodes=1", *updates)     # the demo's 4 episodes per step would exceed n_steps=2
 
 
 def _refused_unchanged(tmp_path, command, path, marker):
@@ -159,11 +176,11 @@ def test_json_config_file_is_plain_json(tmp_path):
 
 
 # ----------------------------------------------------------------------------- truncated snapshots
-def _tiny_training_state():
+def _tiny_training_state(n_in=4, n_out=2):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
+    model = torch.nn.Linear(n_in, n_out)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(3, 4)).sum().backward()
+    model(torch.randn(3, n_in)).sum().backward()
     optimizer.step()
     return model, optimizer
 
@@ -287,3 +304,140 @@ def test_training_snapshot_as_encoder_weights(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=rf"{shown} is a training snapshot of this project.*"
                                                      rf"evaluation\.checkpoint={shown}.*train\.resume=.*\({run}\)"):
         ResNetEncoder("deeplab_r101").load_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- damaged files
+def _overwrite_inside_a_tensor(path, size=4096):
+    """Overwrite `size` bytes (at most all) in the middle of the largest tensor's data, in place, as a
+    faulty disk or copy would: the archive stays a valid zip, only that member's CRC-32 is now wrong.
+    Returns the member's name."""
+    with zipfile.ZipFile(path) as archive:
+        member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    assert member.compress_type == zipfile.ZIP_STORED        # torch.save stores tensors uncompressed
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset)
+        name_length, extra_length = struct.unpack("<HH", f.read(30)[26:30])
+        size = min(size, member.file_size)
+        f.seek(member.header_offset + 30 + name_length + extra_length + (member.file_size - size) // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return member.filename
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "plain state dict"])
+def test_bytes_overwritten_inside_a_tensor_are_refused(tmp_path, kind):
+    model, optimizer = _tiny_training_state(64, 32)                # an 8 KB weight: 4 KB overwritten in it
+    run = tmp_path / "run"
+    if kind == "snapshot":                                        # with its digest: the CRC still comes first
+        path = save_snapshot(run / "snapshots" / "6.pth", model, optimizer, 6, CFG)
+    else:                                                         # no digest: the CRC alone
+        path = run / "snapshots" / "6.pth"
+        path.parent.mkdir(parents=True)
+        torch.save(model.state_dict(), path)
+    member = _overwrite_inside_a_tensor(path).split("/", 1)[1]              # data/<n>, inside the archive's folder
+    loaded = torch.load(path, weights_only=True)                  # the control: torch alone loads it silently
+    weights = loaded["model"]["weight"] if kind == "snapshot" else loaded["weight"]
+    assert not torch.equal(weights, model.weight)
+    damaged = rf"checkpoint {re.escape(str(path))} is damaged: the bytes of its part '{member}' no longer match " \
+              rf"the checksum \(CRC-32\).*Use an earlier snapshot of {re.escape(str(path.parent))}/"
+    with pytest.raises(CheckpointError, match=damaged):
+        read_checkpoint(path)
+    if kind == "snapshot":
+        path.rename(run / "snapshots" / "last.pth")
+        with pytest.raises(CheckpointError, match=r"resume point .*last\.pth is damaged: .*CRC-32"):
+            restore(run, model, optimizer, CFG)
+
+
+def test_changed_tensors_in_a_valid_archive_fail_the_digest(tmp_path):
+    """A snapshot rewritten with one value changed has valid CRCs: its digest alone tells."""
+    model, optimizer = _tiny_training_state()
+    path = save_snapshot(tmp_path / "snapshots" / "2.pth", model, optimizer, 2, CFG)
+    state = torch.load(path, weights_only=True)
+    state["model"]["weight"][0, 0] += 1e-3
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(path))} is damaged: its tensors do not "
+                                              rf"match the digest \(sha256\) written with them"):
+        read_checkpoint(path)
+
+
+def test_a_good_snapshot_loads_and_its_digest_verifies(tmp_path):
+    model, optimizer = _tiny_training_state()
+    path = save_snapshot(tmp_path / "snapshots" / "2.pth", model, optimizer, 2, CFG)
+    state = load_checkpoint_file(path)
+    n_tensors = 2 + 2 + 2           # weight and bias, their momentum buffers, the numpy and torch RNG states
+    assert state[DIGEST_KEY] == tensor_digest(state) and state[DIGEST_KEY]["tensors"] == n_tensors
+    assert tensor_digest(state) == tensor_digest({**state, DIGEST_KEY: None})          # the digest is not hashed
+    changed = {**state, "model": {**state["model"], "bias": state["model"]["bias"].clone()}}
+    changed["model"]["bias"][0] = torch.nextafter(changed["model"]["bias"][0], torch.tensor(1.0))
+    assert tensor_digest(changed) != state[DIGEST_KEY]                                 # one ulp changes it
+    assert torch.equal(read_state_dict(path)["weight"], model.weight)
+
+
+def test_files_without_a_digest_still_load(tmp_path, caplog):
+    """Snapshots written before the digest, and legacy (non-zip) files, which carry no checksums."""
+    model, optimizer = _tiny_training_state()
+    run = tmp_path / "run"
+    path = save_snapshot(run / "snapshots" / "last.pth", model, optimizer, 2, CFG)
+    state = torch.load(path, weights_only=True)
+    del state[DIGEST_KEY]
+    torch.save(state, path)
+    assert torch.equal(read_state_dict(path)["weight"], model.weight)
+    assert restore(run, model, optimizer, CFG)[0] == 2
+    legacy = tmp_path / "legacy.pth"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(legacy)["bias"], model.bias)
+    assert "legacy (non-zip) torch file: it carries no checksums" in caplog.text
+
+
+def _nan_snapshot(path, n_nan=1):
+    model, optimizer = _tiny_training_state()
+    with torch.no_grad():
+        model.weight.view(-1)[:n_nan] = float("nan")
+    return save_snapshot(path, model, optimizer, 4, CFG)
+
+
+def test_a_nan_weight_is_refused_by_the_segment_loader(tmp_path):
+    path = _nan_snapshot(tmp_path / "run" / "snapshots" / "4.pth", n_nan=3)
+    message = rf"checkpoint {re.escape(str(path))} holds non-finite values in the model weight 'weight' " \
+              rf"\(3 NaN of its 8 values\).*Use an earlier snapshot of {re.escape(str(path.parent))}/"
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):            # what scripts.segment --checkpoint calls
+        open_trained_model(path)
+
+
+def test_validation_refuses_a_nan_snapshot(phantom_dir, tmp_path):
+    path = _nan_snapshot(tmp_path / "given" / "4.pth")
+    log_dir = tmp_path / "runs"
+    out = _demo("validation.py", phantom_dir, log_dir, f"evaluation.checkpoint={path}")
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0] and "non-finite values in the model weight 'weight' (1 NaN" \
+        in errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and not log_dir.exists()
+
+
+def test_a_resume_point_with_nan_optimizer_state_is_refused(tmp_path):
+    model, optimizer = _tiny_training_state()
+    optimizer.state[model.bias]["momentum_buffer"][1] = float("inf")
+    run = tmp_path / "run"
+    path = save_snapshot(run / "snapshots" / "last.pth", model, optimizer, 2, CFG)
+    fresh = torch.nn.Linear(4, 2)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=rf"resume point {re.escape(str(path))} holds non-finite values in the "
+                                              rf"optimizer state 'state\.1\.momentum_buffer' \(1 inf of its 2 "
+                                              rf"values\)"):
+        restore(run, fresh, fresh_optimizer, CFG)
+    assert torch.equal(fresh.weight, before) and not fresh_optimizer.state       # nothing was loaded
+
+
+def test_encoder_weights_with_nan_are_refused_before_training(tmp_path):
+    weight = torch.randn(64, 64, 1, 1)
+    weight[3, 5, 0, 0] = float("nan")
+    path = tmp_path / "weights.pth"
+    torch.save({"layer1.0.conv1.weight": weight}, path)
+    encoder = EncoderConfig(layout="deeplab_r101", weights=str(path), allow_partial=True, bn_statistics="batch")
+    with pytest.raises(PretrainedWeightsError, match=rf"encoder\.weights: pretrained weights {re.escape(str(path))} "
+                                                     rf"holds non-finite values in 'layer1\.0\.conv1\.weight' "
+                                                     rf"\(1 NaN of its 4096 values\)"):
+        check_encoder_weights(encoder)

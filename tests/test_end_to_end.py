@@ -14,7 +14,7 @@ from tests.conftest import PROJECT_ROOT
 
 def _run(script, *updates, log_dir, data_dir):
     args = [sys.executable, script, "-l", "WARNING", "with", "demo", f"data_dir={data_dir}", f"log_dir={log_dir}",
-            "evaluation.batch_size=4", *updates]
+            "evaluation.batch_size=4", "train.batch_episodes=1", *updates]
     out = subprocess.run(args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout

@@ -1,4 +1,5 @@
-"""The optimizer (optim.name), the learning-rate schedule with warm-up, and lr_multipliers under both."""
+"""The optimizer (optim.name), the learning-rate schedule with warm-up, lr_multipliers under both, and
+the episodes each step trains on (the lazy sampler of models.engine.trainer)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +7,7 @@ import torch.nn as nn
 from configs.experiment import build_config, method_defaults
 from data.core.io import ConfigError
 from models.engine.experiment import OptimConfig, TrainConfig
-from models.engine.trainer import lr_at, make_optimizer, set_lr
+from models.engine.trainer import EpisodeIndices, episode_indices, lr_at, make_optimizer, set_lr
 
 
 class _Head(nn.Module):
@@ -83,3 +84,35 @@ def test_optimizer_name_is_checked():
         build_config("adnet", "SYNTH", "data/SYNTH", updates={"optim.betas": 0.9})
     with pytest.raises(ConfigError, match="optim.name must be one of"):
         make_optimizer(_Model(), _cfg(name="lbfgs")[0])
+
+
+def _listed(start, total, per_rank, world, rank, limit):
+    """The episode list the trainer used to build: every index of every step, those below the limit."""
+    return [i for i in ((k * world + rank) * per_rank + j for k in range(start, total) for j in range(per_rank))
+            if limit is None or i < limit]
+
+
+@pytest.mark.parametrize("start, total, per_rank, world, rank, limit", [
+    (0, 10, 1, 1, 0, 10), (0, 3, 4, 1, 0, 10), (2, 3, 4, 1, 0, 10),      # a short last step (n_steps 10, B 4)
+    (0, 4, 2, 2, 0, 16), (0, 4, 2, 2, 1, 16), (1, 4, 2, 2, 1, 15),      # two ranks, a resumed rank
+    (0, 3, 3, 3, 2, 25), (5, 5, 2, 1, 0, 10), (0, 6, 2, 1, 0, None), (0, 7, 4, 2, 1, 0),
+])
+def test_the_lazy_sampler_gives_the_episodes_of_the_old_list(start, total, per_rank, world, rank, limit):
+    indices = episode_indices(start, total, per_rank, world, rank, limit)
+    expected = _listed(start, total, per_rank, world, rank, limit)
+    assert list(indices) == expected and len(indices) == len(expected)
+    assert list(indices) == expected                                # iterable again (each epoch)
+
+
+def test_the_lazy_sampler_holds_nothing_in_proportion_to_n_steps():
+    import itertools
+    import sys
+    import time
+    n_steps = 10 ** 12
+    start = time.perf_counter()
+    indices = EpisodeIndices(0, n_steps // 8, 8, 1, 0, limit=n_steps)
+    assert len(indices) == n_steps
+    assert list(itertools.islice(iter(indices), 10)) == list(range(10))
+    loader = torch.utils.data.DataLoader(list(range(16)), batch_size=8, sampler=EpisodeIndices(0, 2, 8, 1, 0, 16))
+    assert [b.tolist() for b in loader] == [list(range(8)), list(range(8, 16))]
+    assert time.perf_counter() - start < 1.0 and sys.getsizeof(indices) < 1000

@@ -236,3 +236,20 @@ def test_the_local_executor_gives_each_job_one_gpu_and_reports_failures():
     assert {o.job.gpu for o in outcomes} == {"0", "1"}
     assert [o.message for o in outcomes if not o.ok] == ["cell2 failed, see its log"]
     assert [o.job.gpu for o in run_local(jobs[:2], [])] == [None, None]          # on the CPU, one after the other
+
+
+def test_a_cell_claimed_by_another_sweep_is_left_to_it(tmp_path):
+    """Two sweeps started together: the cell one of them claimed is `running` for the other, whose job
+    leaves it alone (nothing trained twice); the claim goes with the process that held it."""
+    from launch.runners import CellJob
+    from launch.sweep import Cell, Sweep, claim, plan_state
+    other = Sweep("runs", {"SYNTH": "data/SYNTH"}, ("train.n_steps=2",), cwd=str(tmp_path))
+    cell = Cell("adnet", "SYNTH", 1, (1,), 0)
+    with claim(other, cell) as mine:
+        assert mine
+        assert plan_state(other, cell).state == "running"
+        assert "claimed by another sweep process" in CellJob(other, cell)()
+        with claim(other, cell) as second:
+            assert not second
+    assert plan_state(other, cell).state == "to train"
+    assert not (tmp_path / "runs" / "train").exists()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 from data import verify as vf
 from data.classmap import build_classmaps, write_classmaps
 from data.core.io import Geometry, write_volume
-from data.core.specs import load_spec
+from data.core.specs import PROJECT_ROOT, load_spec
+from tests.helpers import write_dataset
 
 GEOMETRY = Geometry((1.25, 1.25, 7.7), (-150.0, 170.0, -80.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
 
@@ -183,3 +186,40 @@ def test_missing_folders(tmp_path, spec):
     assert report.errors == [f"{tmp_path / 'nowhere'}: dataset folder not found"]
     report = vf.verify_dataset(tmp_path, spec)
     assert report.errors[0].startswith(f"{tmp_path / 'chaos_MR_T2_normalized'}: image folder not found")
+
+
+# ------------------------------------------------------------------------------- the description itself
+MISLEADING = {
+    "label id above 255": ("labels", {"labels": {"BG": 0, "C1": 257, "C2": 2}}, "the id of 'C1' is 257"),
+    "scan twice in folds": ("folds", {"folds": [[1, 2, 2], [3, 4]]}, "fold 0 lists scan 2 twice"),
+    "image_dir elsewhere": ("image_dir", {"image_dir": "../OTHER/images"}, "leaves the dataset folder"),
+}
+
+
+def _mislead(root: Path, changes: dict) -> Path:
+    description = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**description, **changes}))
+    return root / "dataset.json"
+
+
+@pytest.mark.parametrize("case", MISLEADING)
+def test_command_refuses_a_misleading_description(tmp_path, case, capsys):
+    field, changes, problem = MISLEADING[case]
+    root = write_dataset(tmp_path / "toy", ids=(1, 2, 3, 4), with_supervoxels=False)
+    path = _mislead(root, changes)
+    assert vf.main([str(root), "--dataset", "TOY"]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {path}: {field}: " in captured.err and problem in captured.err, captured.err
+    assert "OK" not in captured.out
+
+
+def test_training_refuses_a_scan_twice_in_folds_before_any_run_folder(tmp_path):
+    root = write_dataset(tmp_path / "toy", ids=(1, 2, 3, 4), with_supervoxels=False)
+    path = _mislead(root, {"folds": [[1, 2, 2], [3, 4]]})
+    result = subprocess.run([sys.executable, "training.py", "-l", "WARNING", "with", "adnet", "dataset=TOY",
+                             f"data_dir={root}", f"log_dir={tmp_path / 'runs'}"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"{path}: folds: fold 0 lists scan 2 twice" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()

@@ -1,5 +1,7 @@
 """Experiment workflow: collecting five folds into a table, curves and overlays as PNG."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,17 +18,20 @@ PROTOCOL = {"fold_scheme": "alpnet", "supp_idx": -1, "n_part": 3, "chunking": "z
 
 
 def fake_run(root, method="adnet", dataset="CHAOST2", setting=1, fold=0, run_id=1, dice=None, labels=(1, 2, 3, 4),
-             n_steps=50000, **protocol):
+             n_steps=50000, names=None, config=None, **protocol):
+    """An evaluation run folder as validation.py leaves it (`config` adds recorded keys, e.g. data_dir)."""
     group = "-".join(map(str, labels))
     folder = root / f"{method}_{dataset}_setting{setting}_labels{group}_fold{fold}" / str(run_id)
     folder.mkdir(parents=True)
-    names = {1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"}
+    names = names or {1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"}
     dice = dice or {names[c]: 0.5 + 0.1 * fold + 0.01 * c for c in labels}
     (folder / "config.json").write_text(json.dumps({
         "method": method, "dataset": dataset, "setting": setting, "eval_fold": fold, "test_labels": list(labels),
-        "evaluation": {**PROTOCOL, **protocol}, "train": {"n_steps": n_steps}}))
+        "evaluation": {**PROTOCOL, **protocol}, "train": {"n_steps": n_steps}, **(config or {})}))
+    ids = {v: k for k, v in names.items()}
     (folder / "results.json").write_text(json.dumps({
-        "checkpoint": f"runs/train/x/{fold}/snapshots/50000.pth", "classes": {k: {"dice": v} for k, v in dice.items()}}))
+        "checkpoint": f"runs/train/x/{fold}/snapshots/50000.pth", "classes": {k: {"dice": v} for k, v in dice.items()},
+        "per_scan": [{"class": k, "class_id": ids[k], "scan": 1, "dice": v} for k, v in dice.items() if k in ids]}))
     return folder
 
 
@@ -145,3 +150,47 @@ def test_render_overlays_for_a_saved_prediction(tmp_path):
     assert titles[0] == "C1, scan 2" and titles[1].startswith("slice ") and ", Dice " in titles[1]
     bad = write_volume(tmp_path / "preds" / "scan_2_NOPE.nii.gz", label, GEOMETRY)
     assert render_overlays.main([str(bad), "--data-dir", str(root), "--dataset", "TOY"]) == 1
+
+
+def test_a_dataset_of_ones_own_is_tabled(tmp_path, monkeypatch, capsys):
+    """collect_results finds a dataset.json dataset's description through the data_dir its runs recorded
+    (relative to the folder they ran in), and builds the table without it when the folder is gone."""
+    work = tmp_path / "work"
+    root = write_dataset(work / "data" / "TOY", ids=(1, 2, 3, 4), with_supervoxels=False)
+    description = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**description, "table_order": [2, 1], "n_folds": 3}))
+    for fold in range(3):
+        fake_run(work / "runs" / "test", dataset="TOY", fold=fold, labels=(1, 2), names={1: "C1", 2: "C2"},
+                 config={"data_dir": "./data/TOY", "log_dir": "./runs"})
+    monkeypatch.chdir(tmp_path)                 # not the folder the runs ran in (work/)
+    out = tmp_path / "out"
+    assert collect_results.main([str(work / "runs"), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "Dice (%) on TOY, setting 1" in md and "| Method | C2 | C1 | Mean |" in md       # its table_order
+    assert "| adnet | 62.00 ± 8.16 | 61.00 ± 8.16 | 61.50 |" in md                           # its 3 folds, all there
+    assert _titles(out / "dice.png") == "TOY, setting 1 (all 3 folds)"
+    shutil.rmtree(work / "data")
+    capsys.readouterr()
+    assert collect_results.main([str(work / "runs"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no dataset.json was found for it (the runs record data_dir ./data/TOY" in err and "assumes 5 folds" in err
+    md = (out / "table.md").read_text()
+    assert "| Method | C1 | C2 | Mean |" in md and "| adnet | 61.00 ± 8.16 (3/5) |" in md    # results.json's order
+
+
+def test_one_fold_evaluated_with_two_label_groups_is_never_merged_silently(tmp_path, caplog):
+    """Two runs of one method and fold with different test_labels that both give an organ: its cell holds the
+    newer run's number, and a warning names both runs."""
+    wide = fake_run(tmp_path, fold=0, labels=(1, 2, 3, 4))
+    narrow = fake_run(tmp_path, fold=0, labels=(1,), dice={"LIVER": 0.9})
+    os.utime(wide / "results.json", (1000, 1000))
+    os.utime(narrow / "results.json", (2000, 2000))
+    table = build_table(select(find_runs([tmp_path])))
+    assert table.dice["adnet"]["LIVER"] == {0: 0.9} and table.dice["adnet"]["RK"] == {0: pytest.approx(0.52)}
+    assert "LIVER was evaluated twice, with test_labels [1, 2, 3, 4]" in caplog.text
+    assert f"the table uses the newer, {narrow}" in caplog.text and str(wide) in caplog.text
+    os.utime(narrow / "results.json", (500, 500))          # now the 4-class run is the newer: it gives every organ
+    caplog.clear()
+    table = build_table(select(find_runs([tmp_path])))
+    assert table.dice["adnet"]["LIVER"] == {0: pytest.approx(0.51)} and len(table.checkpoints["adnet"][0]) == 1
+    assert f"the table uses the newer, {wide}" in caplog.text and str(narrow) in caplog.text

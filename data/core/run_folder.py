@@ -13,6 +13,7 @@ cell done only when it matches, and the results table refuses to mix runs of dif
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ from data.core.io import atomic_path, write_json
 
 TRAIN, TEST = "train", "test"
 _SNAPSHOT_RE = re.compile(r"^(\d+)\.pth$")
-_held_locks: dict[Path, int] = {}
+_held_locks: dict[Path, list[int]] = {}
 
 
 # Keys that decide no number of a run: where things are, how often it logs and saves, how many
@@ -214,42 +215,53 @@ class RunFolder:
     def lock(self) -> None:
         """Hold an exclusive lock while this process trains into the folder.
 
-        An advisory flock on the lock file: the operating system drops it when the process ends,
-        however it ends (kill -9 included), so a stale lock file never blocks a later resume."""
+        Advisory flocks on the lock file and on the run folder itself: the operating system drops them
+        when the process ends, however it ends (kill -9 included), so a stale lock file never blocks a
+        later resume, and deleting the lock file by hand does not let a second process in (the folder's
+        own lock still holds; on file systems without directory locks the file's lock alone is used)."""
         key = self.path.resolve()
         if key in _held_locks:
             return
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fds = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RunBusyError(f"{key} is being trained by another process right now (it holds {self.lock_file}); "
-                               f"wait for that process to end, or stop it, before resuming this run") from None
-        _held_locks[key] = fd
+            fds.append(os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644))
+            folder = _open_folder(self.path)
+            if folder is not None:
+                fds.append(folder)
+            for fd in fds:
+                if not _try_flock(fd, fcntl.LOCK_EX):
+                    raise RunBusyError(
+                        f"{key} is being trained by another process right now (it holds {self.lock_file}); wait "
+                        f"for that process to end, or stop it, before resuming this run")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        _held_locks[key] = fds
 
     def unlock(self) -> None:
-        fd = _held_locks.pop(self.path.resolve(), None)
-        if fd is not None:
+        for fd in _held_locks.pop(self.path.resolve(), []):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def is_locked(self) -> bool:
-        """Whether another process trains into the folder now (probes the lock and lets it go); writes
-        nothing (a folder without a lock file is not being trained: a training creates it first)."""
+        """Whether another process trains into the folder now (probes the locks and lets them go);
+        writes nothing."""
         if self.path.resolve() in _held_locks:
             return False
+        fds = []
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
+            for opener in (lambda: os.open(self.lock_file, os.O_RDONLY), lambda: _open_folder(self.path)):
+                try:
+                    fd = opener()
+                except OSError:
+                    continue
+                if fd is not None:
+                    fds.append(fd)
+            return any(not _try_flock(fd, fcntl.LOCK_SH) for fd in fds)
         finally:
-            os.close(fd)
-        return False
+            for fd in fds:
+                os.close(fd)
 
     # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> dict:
@@ -293,6 +305,26 @@ class RunFolder:
         for p in stale:
             p.unlink()
         return stale
+
+
+def _open_folder(path: Path) -> int | None:
+    """A descriptor of the folder itself to lock (None where folders cannot be opened so)."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
+def _try_flock(fd: int, kind: int) -> bool:
+    """Take a non-blocking flock; False when another process holds a conflicting one. A file system
+    that cannot lock this descriptor at all (some network file systems, for folders) counts as free."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        return err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return True
 
 
 def run_folders(base: str | Path) -> list[RunFolder]:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import numbers
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,44 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_SPEC_DIR = PROJECT_ROOT / "configs" / "datasets"
 
 _IMAGE_RE = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
+
+
+# ----------------------------------------------------------------------------- YAML files
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (`*name`): no configuration needs them, and a few nested
+    ones (an "alias bomb") expand a small file into gigabytes once the values are copied or walked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, anchor, mark):
+        super().__init__(f"alias *{anchor}")
+        self.anchor, self.mark = anchor, mark
+
+
+def read_yaml(stream, source: str):
+    """The plain data of a YAML text or open file that a user gives (configs/*.yaml, `with my.yaml`,
+    configs/datasets/*.yaml), read as yaml.safe_load reads it but refusing aliases; a refused alias,
+    invalid YAML or nesting too deep for the parser is a ConfigError naming `source`."""
+    try:
+        return yaml.load(stream, Loader=_NoAliasLoader)
+    except _AliasRefused as err:
+        raise ConfigError(f"{source}: YAML aliases are not accepted (found *{err.anchor} at line "
+                          f"{err.mark.line + 1}); write the values out instead") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to be a configuration") from None
+
+
+def read_yaml_file(path: str | Path):
+    """`read_yaml` of the file at `path` (the ConfigError names it)."""
+    return read_yaml(Path(path).read_text(), str(path))
 _AXIS_LETTERS = ("RL", "AP", "SI")
 
 
@@ -76,6 +117,7 @@ class Preprocessing:
         unknown = [k for k in d if k not in known]
         if unknown:
             raise DataError(f"{source}: unknown preprocessing key(s) {unknown}; known keys are {known}")
+        _preprocessing_numbers(d, source)
         try:
             prep = cls(
                 orientation=check_orientation(d.get("orientation"), source),
@@ -124,6 +166,21 @@ class Preprocessing:
                 "border": self.border, "z_spacing": self.z_spacing, "size": self.size,
                 "intensity": self.intensity, "clip_percentile": self.clip_percentile,
                 "window": list(self.window), "compat": self.compat}
+
+
+def _preprocessing_numbers(d: dict, source: str) -> None:
+    """Numbers of a preprocessing block are numbers (not "1.25"), `size` a whole one (not 256.5)."""
+    for key in ("border", "z_spacing", "clip_percentile", "size"):
+        if d.get(key) is not None:
+            _real(d[key], source, f"preprocessing.{key}", key)
+    if d.get("size") is not None:
+        _whole(d["size"], source, "preprocessing.size", "size")
+    for key in ("spacing", "window"):
+        if d.get(key) is not None:
+            if not isinstance(d[key], (list, tuple)):
+                raise _refusal(source, f"preprocessing.{key}", f"must be a list of two numbers, got {_show(d[key])}")
+            for value in d[key]:
+                _real(value, source, f"preprocessing.{key}", f"a value of {key}")
 
 
 def check_orientation(code, source: str = "orientation") -> str | None:
@@ -206,6 +263,10 @@ class DatasetSpec:
             table = self.raw_label_values
         else:
             table = {v: v for v in self.labels.values()}
+        if not all(0 <= v <= MAX_LABEL_ID for v in table.values()):      # _from_mapping refuses such a table
+            raise DataError(f"the {self.name} label table holds ids outside 0-{MAX_LABEL_ID} "
+                            f"({sorted(v for v in table.values() if not 0 <= v <= MAX_LABEL_ID)[:10]}); class ids "
+                            f"are held as 8-bit values and would wrap onto other classes")
         unknown = [v for v in values.tolist() if v not in table]
         if unknown:
             raise DataError(f"{source} contains values {unknown[:10]} that are not in the {self.name} "
@@ -293,40 +354,302 @@ class DatasetSpec:
         return Fold(index, test, train)
 
 
+# ----------------------------------------------------------------------------- checking a description
+# A description decides which voxels count as which organ, which scans are scored, and where commands
+# write: everything it says is checked here, once, for every command that reads one (training,
+# validation, data.verify, data.classmap, data.pseudolabels, segment, the converter). Each refusal is a
+# `DataError` "<file>: <field>: <what is wrong and how to fix it>", its lists cut to a few items.
+MAX_LABEL_ID = 255               # labels are held as 8-bit class ids (DatasetSpec.map_labels -> uint8)
+MAX_LABELS = MAX_LABEL_ID + 1    # classes in `labels`, background included
+MAX_NAME_CHARS = 64              # a dataset or class name (data.core.io.SAFE_NAME_RULE)
+MAX_GROUP_CHARS = 120            # an evaluated group's ids joined by '-' in run folder names (255 bytes at most)
+ALLOW_OUTSIDE = "allow_outside"  # true: image_dir may be absolute or leave the dataset folder with '..'
+_SHOWN = 10                      # items quoted in one message
+
+
+def _refusal(source: str, key: str, text: str) -> DataError:
+    return DataError(f"{source}: {key}: {text}")
+
+
+def _show(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _few(items) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:_SHOWN]) + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _whole(value, source: str, key: str, what: str) -> int:
+    """`value` as an int: a number without a fraction (3, or 3.0), never a string ("3"), a bool or 2.5."""
+    if not (_is_number(value) and math.isfinite(value) and float(value).is_integer()):
+        raise _refusal(source, key, f"{what} is {_show(value)}, not a whole number; write it as a number "
+                                    f"without quotes or decimals (e.g. 3)")
+    return int(value)
+
+
+def _real(value, source: str, key: str, what: str) -> float:
+    """`value` as a float: a finite number, never a string ("1.25") or a bool."""
+    if not (_is_number(value) and math.isfinite(value)):
+        raise _refusal(source, key, f"{what} is {_show(value)}, not a number; write it without quotes (e.g. 1.25)")
+    return float(value)
+
+
+def _text(value, source: str, key: str, example: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _refusal(source, key, f"must be a non-empty text, e.g. {example}; got {_show(value)}")
+    return value
+
+
+def _id_list(value, source: str, key: str, what: str, low: int = 0) -> tuple[int, ...]:
+    """A non-empty list of distinct whole numbers >= `low`."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _refusal(source, key, f"must be a non-empty list of {what}s, e.g. [1, 4]; got {_show(value)}")
+    ids = tuple(_whole(v, source, key, f"a {what}") for v in value)
+    below = [i for i in ids if i < low]
+    if below:
+        raise _refusal(source, key, f"{what}s must be >= {low}, got {_few(below)}")
+    twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if twice:
+        raise _refusal(source, key, f"{what} {_few(twice)} listed twice; list each once")
+    return ids
+
+
+def _label_table(value, source: str) -> dict[str, int]:
+    """`labels`: class name -> id; ids 0-255 (8-bit label volumes), one name per id, background 0."""
+    key = "labels"
+    if not isinstance(value, dict) or not value:
+        raise _refusal(source, key, 'must map each class name to its id, background 0 included, e.g. '
+                                    '{"background": 0, "liver": 1}; got ' + _show(value))
+    if len(value) > MAX_LABELS:
+        raise _refusal(source, key, f"{len(value)} classes; at most {MAX_LABELS} (ids 0-{MAX_LABEL_ID}: label "
+                                    f"volumes are held as 8-bit class ids)")
+    labels: dict[str, int] = {}
+    name_of: dict[int, str] = {}
+    folded: dict[str, str] = {}
+    for name, label_id in value.items():
+        name = str(name)
+        if len(name) > MAX_NAME_CHARS:
+            raise _refusal(source, key, f"a class name of {len(name)} characters ({_show(name)}); at most "
+                                        f"{MAX_NAME_CHARS}, as class names become file names")
+        check_safe_name(name, f"{key}: label name", source)
+        label_id = _whole(label_id, source, key, f"the id of {name!r}")
+        if not 0 <= label_id <= MAX_LABEL_ID:
+            raise _refusal(source, key, f"the id of {name!r} is {label_id}; ids must be 0-{MAX_LABEL_ID}, as label "
+                                        f"volumes are held as 8-bit class ids (id {label_id} would be read as "
+                                        f"{label_id % (MAX_LABEL_ID + 1)}, another class). Number the classes "
+                                        f"0-{MAX_LABEL_ID}; label files that store other values map them to the "
+                                        f"ids with raw_label_values")
+        if label_id in name_of:
+            raise _refusal(source, key, f"{name_of[label_id]!r} and {name!r} both have id {label_id}; give each "
+                                        f"id one name")
+        if name.casefold() in folded:
+            raise _refusal(source, key, f"{folded[name.casefold()]!r} and {name!r} differ only in case; their files "
+                                        f"would collide on a case-insensitive file system: rename one")
+        labels[name], name_of[label_id], folded[name.casefold()] = label_id, name, name
+    if 0 not in name_of:
+        raise _refusal(source, key, "the label table must contain background with id 0")
+    return labels
+
+
+def _class_ids(value, source: str, key: str, labels: dict[str, int]) -> tuple[int, ...]:
+    """A list of class ids of `labels` (never background)."""
+    ids = _id_list(value, source, key, "class id")
+    known = {v: k for k, v in labels.items() if v}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        verb = "is not a class id" if len(unknown) == 1 else "are not class ids"
+        raise _refusal(source, key, f"{_few(unknown)} {verb} of labels ("
+                                    + _few(f"{i} {n}" for i, n in sorted(known.items()))
+                                    + "; background 0 is never evaluated)")
+    return ids
+
+
+def _fits_run_name(ids: tuple[int, ...], source: str, key: str, hint: str) -> None:
+    """Run folder names hold an evaluated group's ids joined by '-' (configs.experiment.experiment_name)."""
+    text = "-".join(str(i) for i in ids)
+    if len(text) > MAX_GROUP_CHARS:
+        raise _refusal(source, key, f"{len(ids)} classes evaluated together: run folder names hold their ids "
+                                    f"joined by '-', {len(text)} characters here where at most {MAX_GROUP_CHARS} "
+                                    f"fit a file name; {hint}")
+
+
+def _raw_values(value, source: str, labels: dict[str, int]) -> dict[int, int]:
+    """`raw_label_values`: value stored in the label files (a whole number) -> class id of `labels`."""
+    key = "raw_label_values"
+    if not isinstance(value, dict) or not value:
+        raise _refusal(source, key, 'must map each value stored in the label files to a class id, e.g. '
+                                    '{"0": 0, "200": 1}; got ' + _show(value))
+    table: dict[int, int] = {}
+    for raw, label_id in value.items():
+        try:
+            number = float(raw) if not isinstance(raw, (bool, np.bool_)) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number.is_integer()):
+            raise _refusal(source, key, f"the file value {_show(raw)} is not a whole number (label files store "
+                                        f"whole numbers, written as \"200\")")
+        if int(number) in table:
+            raise _refusal(source, key, f"the file value {int(number)} is listed twice")
+        label_id = _whole(label_id, source, key, f"the class id of file value {raw}")
+        if label_id not in labels.values():
+            raise _refusal(source, key, f"file value {raw} maps to {label_id}, which is not an id of labels ("
+                                        + _few(f"{v} {k}" for k, v in sorted(labels.items(), key=lambda kv: kv[1]))
+                                        + ")")
+        table[int(number)] = label_id
+    return table
+
+
+def _folds(value, source: str, expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], ...]:
+    """`folds`: test blocks of scan ids; no scan twice in a block nor in two blocks, two scans at least."""
+    key = "folds"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _refusal(source, key, "must be a list of test blocks, each a list of scan ids, e.g. "
+                                    f"[[1, 2, 3], [4, 5, 6]]; got {_show(value)}")
+    folds, fold_of = [], {}
+    for k, block in enumerate(value):
+        if not isinstance(block, (list, tuple)):
+            raise _refusal(source, key, f"fold {k} is {_show(block)}, not a list of scan ids")
+        ids = tuple(_whole(i, source, key, f"a scan id of fold {k}") for i in block)
+        negative = [i for i in ids if i < 0]
+        twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if negative:
+            raise _refusal(source, key, f"fold {k} lists scan ids {_few(negative)}; scan ids are >= 0")
+        if twice:
+            raise _refusal(source, key, f"fold {k} lists scan {_few(twice)} twice; it would be scored twice")
+        if len(ids) < 2:
+            raise _refusal(source, key, f"fold {k} holds {len(ids)} scan(s); a fold needs a support scan and at "
+                                        f"least one query")
+        for i in ids:
+            if i in fold_of:
+                raise _refusal(source, key, f"scan {i} is in the test blocks of fold {fold_of[i]} and fold {k}; "
+                                            f"each scan belongs to one fold's test block")
+            fold_of[i] = k
+        if expected is not None:
+            unknown = [i for i in ids if i not in expected]
+            if unknown:
+                raise _refusal(source, key, f"fold {k} lists scan(s) {_few(unknown)} that are not in expected_ids")
+        folds.append(ids)
+    return tuple(folds)
+
+
+def _image_dir(value, source: str, allow_outside) -> str:
+    """`image_dir`: a folder inside the dataset folder (commands write classmaps there), unless
+    `allow_outside` is true."""
+    key = "image_dir"
+    if not isinstance(allow_outside, bool):
+        raise _refusal(source, ALLOW_OUTSIDE, f"must be true or false, got {_show(allow_outside)}")
+    value = _text(value, source, key, '"images" (a folder of the dataset folder)')
+    if "\0" in value:
+        raise _refusal(source, key, f"{_show(value)} holds a NUL character")
+    path = Path(value)
+    leaves = "is an absolute path" if path.is_absolute() else "leaves the dataset folder ('..')" \
+        if ".." in path.parts else None
+    if leaves and not allow_outside:
+        raise _refusal(source, key, f"{value!r} {leaves}: image_dir must be a folder inside the dataset folder "
+                                    f"(e.g. \"images\"), because commands write into it (data.classmap writes "
+                                    f"classmap_<MIN>.json there). If the scans really are elsewhere, set "
+                                    f"\"{ALLOW_OUTSIDE}\": true in the description")
+    return value
+
+
+def _dataset_defaults(value, source: str) -> dict:
+    """`defaults`: n_sv a whole number >= 1 (the folder supervoxels_<n_sv> inside the dataset folder),
+    superpixel_threshold a number."""
+    if not isinstance(value, dict):
+        raise _refusal(source, "defaults", f"must be a mapping, e.g. {{\"n_sv\": 5000}}; got {_show(value)}")
+    if value.get("n_sv") is not None and _whole(value["n_sv"], source, "defaults.n_sv", "the supervoxel size") < 1:
+        raise _refusal(source, "defaults.n_sv", f"must be >= 1, got {value['n_sv']}")
+    if value.get("superpixel_threshold") is not None:
+        _real(value["superpixel_threshold"], source, "defaults.superpixel_threshold", "the superpixel threshold")
+    return dict(value)      # as written: the values reach run configurations and their fingerprints
+
+
 def _from_mapping(d: dict, source: str) -> DatasetSpec:
+    """The spec a description says, every field checked (see "checking a description" above)."""
+    if not isinstance(d, dict):
+        raise DataError(f"{source}: a dataset description is a mapping of keys (a JSON object), got "
+                        f"{type(d).__name__}")
     required = ("name", "modality", "image_dir", "labels")
     missing = [k for k in required if k not in d]
     if missing:
         raise DataError(f"dataset description {source} lacks {missing}")
-    check_safe_name(str(d["name"]), "dataset name", source)
-    labels = {str(k): int(v) for k, v in d["labels"].items()}
-    for label_name in labels:
-        check_safe_name(label_name, "label name", source)
-    if 0 not in labels.values():
-        raise DataError(f"{source}: the label table must contain background with id 0")
-    eval_labels = tuple(int(i) for i in d.get("eval_labels", [v for v in labels.values() if v]))
-    raw = d.get("raw_label_values")
+    _refuse_unknown_keys(d, source)
+    name = _text(d["name"], source, "name", '"MYDATA"')
+    if len(name) > MAX_NAME_CHARS:
+        raise _refusal(source, "name", f"{len(name)} characters ({_show(name)}); at most {MAX_NAME_CHARS}")
+    check_safe_name(name, "dataset name", source)
+    modality = _text(d["modality"], source, "modality", '"MR" or "CT"').upper()
+    if modality not in ("MR", "CT"):
+        raise DataError(f"{source}: modality must be MR or CT, got {modality!r}")
+    region = _text(d.get("region", "other"), source, "region", '"abdomen", "cardiac" or "other"')
+    description = d.get("description", "")
+    if not isinstance(description, str):
+        raise _refusal(source, "description", f"must be a text, got {_show(description)}")
+    image_dir = _image_dir(d["image_dir"], source, d.get(ALLOW_OUTSIDE, False))
+    labels = _label_table(d["labels"], source)
+    if d.get("eval_labels") is not None:
+        eval_labels = _class_ids(d["eval_labels"], source, "eval_labels", labels)
+        where = "eval_labels"
+    else:
+        eval_labels = tuple(v for v in labels.values() if v)
+        where = "eval_labels (absent: every class of labels)"
+    _fits_run_name(eval_labels, source, where, "list the classes to evaluate by default in eval_labels (others "
+                                               "can be evaluated with test_labels=[...])")
+    if d.get("setting2_groups") is not None:
+        raw_groups = d["setting2_groups"]
+        if not isinstance(raw_groups, (list, tuple)) or not raw_groups:
+            raise _refusal(source, "setting2_groups", f"must be a non-empty list of groups of class ids, e.g. "
+                                                      f"[[2, 3], [1, 4]]; got {_show(raw_groups)}")
+        groups = tuple(_class_ids(g, source, "setting2_groups", labels) for g in raw_groups)
+        group_of: dict[int, int] = {}
+        for k, group in enumerate(groups):
+            _fits_run_name(group, source, "setting2_groups", "use smaller groups")
+            for i in group:
+                if i in group_of:
+                    raise _refusal(source, "setting2_groups", f"class {i} is in group {group_of[i]} and group "
+                                                              f"{k}; an organ in two groups gets two Dice for one "
+                                                              f"table cell")
+                group_of[i] = k
+    else:
+        groups = (eval_labels,)
+    table_order = (_class_ids(d["table_order"], source, "table_order", labels)
+                   if d.get("table_order") is not None else None)
+    raw = _raw_values(d["raw_label_values"], source, labels) if d.get("raw_label_values") is not None else None
+    expected = (_id_list(d["expected_ids"], source, "expected_ids", "scan id")
+                if d.get("expected_ids") is not None else None)
+    folds = _folds(d["folds"], source, expected) if d.get("folds") is not None else None
+    if d.get("n_folds") is not None:
+        n_folds = _whole(d["n_folds"], source, "n_folds", "the number of folds")
+        if n_folds < 1:
+            raise _refusal(source, "n_folds", f"must be >= 1, got {n_folds}")
+        if folds is not None and n_folds != len(folds):
+            raise _refusal(source, "n_folds", f"is {n_folds} but folds lists {len(folds)} test blocks; drop n_folds")
+    else:
+        n_folds = len(folds) if folds is not None else 5
     spec = DatasetSpec(
-        name=str(d["name"]),
-        modality=str(d["modality"]).upper(),
-        region=str(d.get("region", "other")),
-        image_dir=str(d["image_dir"]),
+        name=name,
+        modality=modality,
+        region=region,
+        image_dir=image_dir,
         labels=labels,
         eval_labels=eval_labels,
-        setting2_groups=tuple(tuple(int(i) for i in g) for g in d.get("setting2_groups", [eval_labels])),
-        raw_label_values={int(float(k)): int(v) for k, v in raw.items()} if raw else None,
-        expected_ids=tuple(int(i) for i in d["expected_ids"]) if d.get("expected_ids") else None,
-        folds=tuple(tuple(int(i) for i in f) for f in d["folds"]) if d.get("folds") else None,
-        n_folds=int(len(d["folds"]) if d.get("folds") else d.get("n_folds", 5)),
-        table_order=tuple(int(i) for i in d["table_order"]) if d.get("table_order") else None,
-        description=str(d.get("description", "")),
-        defaults=dict(d.get("defaults", {})),
+        setting2_groups=groups,
+        raw_label_values=raw,
+        expected_ids=expected,
+        folds=folds,
+        n_folds=n_folds,
+        table_order=table_order,
+        description=description,
+        defaults=_dataset_defaults(d.get("defaults") or {}, source),
         preprocessing=Preprocessing.from_mapping(d["preprocessing"], source)
         if d.get("preprocessing") is not None else None,
     )
-    if spec.modality not in ("MR", "CT"):
-        raise DataError(f"{source}: modality must be MR or CT, got {spec.modality!r}")
-    spec.check_label_ids(spec.eval_labels, "eval_labels")
     return spec
 
 
@@ -334,12 +657,13 @@ def _from_mapping(d: dict, source: str) -> DatasetSpec:
 # a dataset supplies
 DESCRIPTION_KEYS = ("name", "description", "modality", "region", "image_dir", "labels", "raw_label_values",
                     "eval_labels", "table_order", "setting2_groups", "expected_ids", "folds", "n_folds",
-                    "defaults", "preprocessing")
+                    "defaults", "preprocessing", ALLOW_OUTSIDE)
 DATASET_DEFAULT_KEYS = ("n_sv", "superpixel_threshold")
 
 
-def _refuse_unknown_keys(d, path: Path) -> None:
-    """A misspelt key of a built-in description would be ignored silently: name it, and the closest key."""
+def _refuse_unknown_keys(d, path: Path | str) -> None:
+    """A misspelt key of a description (built-in or dataset.json) would be ignored silently: name it, and
+    the closest key."""
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a dataset description is a mapping of keys, got {type(d).__name__}")
     found = [(k, DESCRIPTION_KEYS, "") for k in d if k not in DESCRIPTION_KEYS]
@@ -354,14 +678,14 @@ def _refuse_unknown_keys(d, path: Path) -> None:
 
 
 def builtin_names() -> list[str]:
-    return sorted(yaml.safe_load(p.read_text())["name"] for p in BUILTIN_SPEC_DIR.glob("*.yaml"))
+    return sorted(read_yaml_file(p)["name"] for p in BUILTIN_SPEC_DIR.glob("*.yaml"))
 
 
 def load_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
     """The spec of a built-in dataset (by name, any case), or of the dataset.json in `data_dir`."""
     path = BUILTIN_SPEC_DIR / f"{name.lower()}.yaml"
     if path.is_file():
-        d = yaml.safe_load(path.read_text())
+        d = read_yaml_file(path)
         _refuse_unknown_keys(d, path)
         return _from_mapping(d, str(path))
     if data_dir is not None and (Path(data_dir) / "dataset.json").is_file():
@@ -381,16 +705,55 @@ def load_generic_spec(data_dir: str | Path) -> DatasetSpec:
     """Spec of a dataset folder described by its dataset.json (see README, "Bring your own data")."""
     path = Path(data_dir) / "dataset.json"
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(), object_pairs_hook=_JSONObject.of_pairs)
     except FileNotFoundError:
         raise DataError(f"{data_dir} has no dataset.json") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise DataError(f"{path}: the JSON is nested too deeply to be a dataset description") from None
+    twice = _JSONObject.first_duplicate(d)
+    if twice is not None:
+        where, key = twice
+        raise DataError(f"{path}: {where}: the key {key!r} appears twice; JSON keeps only the last, so the other "
+                        f"would be ignored silently. Keep one" + (" (one id per name)" if where == "labels" else ""))
     return generic_spec(d, str(path))
+
+
+class _JSONObject(dict):
+    """A JSON object that remembers the keys it held twice (json.loads keeps the last silently)."""
+
+    duplicates: list
+
+    @classmethod
+    def of_pairs(cls, pairs) -> "_JSONObject":
+        obj = cls()
+        obj.duplicates = []
+        for key, value in pairs:
+            if key in obj:
+                obj.duplicates.append(key)
+            obj[key] = value
+        return obj
+
+    @classmethod
+    def first_duplicate(cls, value, where: str = "") -> tuple[str, str] | None:
+        """(the field holding it, the key) of the first key written twice in `value`, or None."""
+        if isinstance(value, cls) and value.duplicates:
+            return where or "(the top level)", value.duplicates[0]
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            found = cls.first_duplicate(child, f"{where}[{key}]" if isinstance(key, int) else
+                                        f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
 
 
 def generic_spec(description: dict, source: str = "dataset.json") -> DatasetSpec:
     """Spec from the content of a dataset.json (`image_dir` defaults to the dataset folder itself)."""
+    if not isinstance(description, dict):
+        raise DataError(f"{source}: a dataset description is a JSON object of keys, got "
+                        f"{type(description).__name__}")
     return _from_mapping({"image_dir": ".", **description}, source)
 
 

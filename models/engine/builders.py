@@ -173,12 +173,26 @@ def check_encoder_weights(encoder_config: EncoderConfig) -> None:
         encoder.load_pretrained(encoder_config.weights, bool(encoder_config.allow_partial), report=False)
 
 
+def supp_idx_problem(supp_idx: int, n_scans: int, fold: int, dataset: str) -> str | None:
+    """What is wrong with evaluation.supp_idx for a fold of `n_scans` scans (None: nothing): -1 (the
+    scan after the test block) or an index into the fold's scans."""
+    if supp_idx == -1 or 0 <= supp_idx < n_scans:
+        return None
+    return (f"evaluation.supp_idx must be -1 or 0..{n_scans - 1} (fold {fold} of {dataset} holds {n_scans} "
+            f"scans), got {supp_idx!r}")
+
+
 def check_run_inputs(exp: Experiment, kind: str) -> None:
     """Read (and so check) every data file a training ("train") or evaluation ("test") run of this
     config will read, before the run records anything: a truncated, NaN-holding, constant or
-    misshapen scan or pseudolabel file is refused while the run folder does not exist yet."""
+    misshapen scan or pseudolabel file is refused while the run folder does not exist yet; so is an
+    evaluation.supp_idx outside the fold's scans (configs.experiment.check_config checks it already
+    where the dataset's description says how many scans a fold holds)."""
     spec, store, fold = fold_data(exp)
     spec.check_label_ids(exp.test_labels, "test_labels")
+    problem = supp_idx_problem(int(exp.evaluation.supp_idx), len(fold.test_ids), fold.index, spec.name)
+    if problem:
+        raise ConfigError(problem)
     if kind == "train":
         check_encoder_weights(exp.encoder)
         folder = pseudolabel_folder(exp.data, exp.sampler)

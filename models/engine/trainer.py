@@ -18,6 +18,8 @@ seen, RNG states, config). Both are written to a temporary file and renamed, so 
 never leaves a truncated snapshot and the previous resume point stays until the next is complete.
 Snapshots hold only tensors and plain data, and every snapshot is read with
 torch.load(weights_only=True) (data.core.checkpoint_files.load_checkpoint_file): a crafted file cannot run code.
+Each carries a sha256 digest of its tensors, checked on load with the archive's CRCs and the tensors'
+finiteness: a damaged or NaN-holding snapshot or resume point is refused by name, never used.
 `train.resume=<run folder>` continues that run in its own folder; on CPU the result is
 bit-identical to an uninterrupted run.
 """
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data.core.checkpoint_files import DIGEST_KEY, tensor_digest
 from data.core.io import ConfigError, UserError, atomic_path
 from data.core.run_folder import TRAIN, RunFolder, config_differences, config_fingerprint
 from dataloaders.augment_torch import augment_episode
@@ -204,9 +207,47 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def episode_indices(start_step: int, n_steps_total: int, per_rank: int, world: int, rank: int) -> list[int]:
-    """Global episode indices this rank trains on, step after step."""
-    return [(k * world + rank) * per_rank + j for k in range(start_step, n_steps_total) for j in range(per_rank)]
+class EpisodeIndices(torch.utils.data.Sampler):
+    """The global episode indices this rank trains on, step after step (the DataLoader's sampler): step
+    k in [start_step, n_steps_total) gives (k world + rank) per_rank + j for j < per_rank, and only the
+    indices below `limit` (n_steps; None: all). Produced lazily, so nothing is held in proportion to
+    n_steps; len() is computed, not counted."""
+
+    def __init__(self, start_step: int, n_steps_total: int, per_rank: int, world: int, rank: int,
+                 limit: int | None = None):
+        self.start, self.stop = int(start_step), int(n_steps_total)
+        self.per_rank, self.world, self.rank = int(per_rank), int(world), int(rank)
+        self.limit = None if limit is None else int(limit)
+
+    def _first(self, step: int) -> int:
+        return (step * self.world + self.rank) * self.per_rank
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            first = self._first(step)
+            for i in range(first, first + self.per_rank):
+                if self.limit is not None and i >= self.limit:
+                    return                      # the indices only grow: none after this one is below it
+                yield i
+
+    def __len__(self) -> int:
+        steps = max(self.stop - self.start, 0)
+        if self.limit is None or steps == 0:
+            return steps * self.per_rank
+        # steps wholly below the limit: first(k) + per_rank <= limit
+        stride = self.world * self.per_rank
+        last_full = (self.limit - (self.rank + 1) * self.per_rank) // stride
+        full = min(max(last_full + 1 - self.start, 0), steps)
+        partial = 0
+        if full < steps:                         # the next step holds the limit (if it is above its first)
+            partial = min(max(self.limit - self._first(self.start + full), 0), self.per_rank)
+        return full * self.per_rank + partial
+
+
+def episode_indices(start_step: int, n_steps_total: int, per_rank: int, world: int, rank: int,
+                    limit: int | None = None) -> EpisodeIndices:
+    """Global episode indices this rank trains on, step after step (an EpisodeIndices: lazy)."""
+    return EpisodeIndices(start_step, n_steps_total, per_rank, world, rank, limit)
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -271,9 +312,12 @@ def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metric
     """Write a snapshot atomically: on any failure the previous file at `path` stays as it was.
 
     `metrics` (Sacred's layout of recorded metrics) travels with the resume point, so a resumed run gets
-    back every metric logged up to it, also those Sacred had not yet flushed when the run was killed."""
+    back every metric logged up to it, also those Sacred had not yet flushed when the run was killed.
+    The snapshot carries the sha256 digest of all its tensors (model, optimizer, RNG states), which
+    every load checks (data.core.checkpoint_files.tensor_digest)."""
     state = {"format": SNAPSHOT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "episodes": episodes, "config": cfg, "rng": _rng_state(), "metrics": metrics or {}}
+    state[DIGEST_KEY] = tensor_digest(state)
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -414,7 +458,7 @@ def train(cfg: Experiment | dict, run_dir: Path, log_scalar: Callable[[str, floa
     total_steps = math.ceil(n_steps / per_step) if ddp.world == 1 else n_steps // per_step
     if episodes % per_step:
         raise ValueError(f"cannot resume after {episodes} episodes with {per_step} episodes per step")
-    indices = [i for i in episode_indices(episodes // per_step, total_steps, B, ddp.world, ddp.rank) if i < n_steps]
+    indices = episode_indices(episodes // per_step, total_steps, B, ddp.world, ddp.rank, limit=n_steps)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=B, sampler=indices, collate_fn=collate_episodes,
         num_workers=int(tcfg.num_workers), pin_memory=device.type == "cuda",

@@ -33,6 +33,7 @@ from models.heads.common import (
     HeadOutput,
     cosine_to_prototype,
     masked_average_pool,
+    number_option,
     per_shot_nll,
     two_class_log_probs,
     upsample_bilinear,
@@ -87,10 +88,10 @@ class ADNetHead(nn.Module):
     def __init__(self, scaler: float = 20.0, kappa: float = 0.5, init_threshold: float = -10.0,
                  align: bool = True):
         super().__init__()
-        self.scaler = float(scaler)
-        self.kappa = float(kappa)
+        self.scaler = number_option("scaler", scaler, 0, low_open=True)    # the threshold loss divides by it
+        self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.align = bool(align)
-        self.threshold = nn.Parameter(torch.tensor(float(init_threshold)))
+        self.threshold = nn.Parameter(torch.tensor(number_option("init_threshold", init_threshold)))
 
     def prototype(self, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """B x S x C x h x w, B x S x H x W -> B x C (mean over shots)."""

@@ -48,6 +48,7 @@ from models.heads.common import (
     HeadOutput,
     cosine_to_prototype,
     masked_average_pool_lowres,
+    number_option,
     per_shot_nll,
     support_target,
     upsample_bilinear,
@@ -149,18 +150,16 @@ class ALPNetHead(nn.Module):
                  fg_thresh: float = 0.95, bg_thresh: float = 0.95, norm_eps: float = 1e-4,
                  cos_eps: float = 1e-4, map_eps: float = 1e-5, align: bool = True):
         super().__init__()
-        for name, value in (("window", window), ("val_window", val_window), ("mode_window", mode_window)):
-            if int(value) < 1:
-                raise ValueError(f"head.{name} must be >= 1, got {value}")
-        self.scaler = float(scaler)
-        self.window = int(window)
-        self.val_window = int(val_window)
-        self.mode_window = int(mode_window)
-        self.fg_thresh = float(fg_thresh)
-        self.bg_thresh = float(bg_thresh)
-        self.norm_eps = float(norm_eps)
-        self.cos_eps = float(cos_eps)
-        self.map_eps = float(map_eps)
+        self.scaler = number_option("scaler", scaler, 0, low_open=True)
+        self.window = number_option("window", window, 1, whole=True)
+        self.val_window = number_option("val_window", val_window, 1, whole=True)
+        self.mode_window = number_option("mode_window", mode_window, 1, whole=True)
+        # the share of a cell inside the mask that a local prototype needs (strict >)
+        self.fg_thresh = number_option("fg_thresh", fg_thresh, 0, 1)
+        self.bg_thresh = number_option("bg_thresh", bg_thresh, 0, 1)
+        self.norm_eps = number_option("norm_eps", norm_eps, 0, low_open=True)
+        self.cos_eps = number_option("cos_eps", cos_eps, 0, low_open=True)
+        self.map_eps = number_option("map_eps", map_eps, 0, low_open=True)
         self.align = bool(align)
         self._counts: dict[str, torch.Tensor] = {}
 

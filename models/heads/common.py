@@ -5,6 +5,7 @@ H x W images.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -12,6 +13,34 @@ import torch
 import torch.nn.functional as F
 
 EPS_FLOAT32 = float(torch.finfo(torch.float32).eps)  # the references' clamp for log-probabilities
+
+
+# ----------------------------------------------------------------------------- constructor options
+def number_option(key: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                  high_open: bool = False, whole: bool = False):
+    """A head's option `head.<key>` as a float (an int with `whole`), refusing with a ValueError that
+    names it a value that is not a finite number or lies outside [low, high] (an open end with
+    low_open / high_open). Heads call this in their constructors; the config check builds the head
+    to run it before anything is written."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"head.{key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or (whole and not number.is_integer()):
+        raise ValueError(f"head.{key} must be a finite {'whole ' if whole else ''}number, got {value!r}")
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if below or above:
+        if high == math.inf:
+            rule = f"{'>' if low_open else '>='} {low:g}"
+        elif low == -math.inf:
+            rule = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"head.{key} must be {rule}, got {value!r}")
+    if whole:
+        return int(value) if isinstance(value, int) else int(number)
+    return number
 
 
 @dataclass

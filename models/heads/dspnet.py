@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from models.heads.alp import ALPNetHead
-from models.heads.common import masked_average_pool_lowres
+from models.heads.common import masked_average_pool_lowres, number_option
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -159,23 +159,28 @@ class DSPNetHead(ALPNetHead):
         super().__init__(scaler=scaler, window=window, val_window=val_window, mode_window=mode_window,
                          fg_thresh=fg_thresh, bg_thresh=bg_thresh, norm_eps=norm_eps, cos_eps=cos_eps,
                          map_eps=map_eps, align=align)
-        w = tuple(float(v) for v in w)
+        w = tuple(number_option("w", v) for v in w)
         if len(w) != 3:
             raise ValueError(f"head.w must be three numbers (w1, w2, w3), got {w}")
         if isinstance(channels, Mapping):     # the encoder's {map: C} (build_model)
             channels = channels[self.feature_maps[0]]
         if int(channels) < 3:
             raise ValueError(f"head.channels must be >= 3, got {channels}")
-        self.alpha_fg, self.alpha_bg, self.w = float(alpha_fg), float(alpha_bg), w
+        self.alpha_fg, self.alpha_bg = number_option("alpha_fg", alpha_fg), number_option("alpha_bg", alpha_bg)
+        self.w = w
         self.channels = int(channels)
         self.reset_cal_at_eval = bool(reset_cal_at_eval)
         self.cross_attention_slip = bool(cross_attention_slip)
-        self.attention_eps = float(attention_eps)
-        self.cluster_iters = int(cluster_iters)
-        self.cluster_feature_scale = float(cluster_feature_scale)
-        self.cluster_spatial_scale = float(cluster_spatial_scale)
-        self.seed_stride, self.max_seeds = int(seed_stride), int(max_seeds)
-        self.seed_area, self.min_seeds = float(seed_area), int(min_seeds)
+        self.attention_eps = number_option("attention_eps", attention_eps, 0, low_open=True)
+        self.cluster_iters = number_option("cluster_iters", cluster_iters, 0, whole=True)
+        # divisors of the squared distances
+        self.cluster_feature_scale = number_option("cluster_feature_scale", cluster_feature_scale, 0, low_open=True)
+        self.cluster_spatial_scale = number_option("cluster_spatial_scale", cluster_spatial_scale, 0, low_open=True)
+        self.seed_stride = number_option("seed_stride", seed_stride, 1, whole=True)
+        self.max_seeds = number_option("max_seeds", max_seeds, 1, whole=True)
+        self.seed_area = number_option("seed_area", seed_area, 0, low_open=True)       # area / seed_area seeds
+        # seeds are placed only if their count reaches min_seeds, and there are at most max_seeds
+        self.min_seeds = number_option("min_seeds", min_seeds, 1, self.max_seeds, whole=True)
         initial = band_matrix(self.channels, *w)
         self.cal = nn.Parameter(initial.clone(), requires_grad=bool(learn_cal))
         # buffers, not state: both follow from the options (non-persistent keeps checkpoints to `cal`)
@@ -183,7 +188,7 @@ class DSPNetHead(ALPNetHead):
         self.register_buffer("band", band_matrix(self.channels, 1.0, 1.0, 1.0), persistent=False)
         # parameter-name fragment -> lr factor (contract.HasLrMultipliers, make_optimizer); "head.cal" rather
         # than "cal", which the encoder's names could contain (e.g. a "localconv")
-        self.lr_multipliers = {"head.cal": float(cal_lr_multiplier)}
+        self.lr_multipliers = {"head.cal": number_option("cal_lr_multiplier", cal_lr_multiplier, 0)}
 
     # ------------------------------------------------------------------ BCMA
     def current_cal(self) -> torch.Tensor:

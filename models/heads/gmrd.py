@@ -40,6 +40,7 @@ from models.heads.common import (
     cpu_dropout,
     dilate,
     erode,
+    number_option,
     per_shot_nll,
     support_target,
     two_class_log_probs,
@@ -205,17 +206,17 @@ class GMRDHead(nn.Module):
                  bg_edge: str = "reference", fast: bool = False, align: bool = True):
         super().__init__()
         for key, value in (("image_size", image_size), ("n_fg", n_fg), ("n_bg", n_bg)):
-            if isinstance(value, bool) or int(value) != value or int(value) < 1:
-                raise ValueError(f"head.{key} must be a whole number >= 1, got {value!r}")
+            number_option(key, value, 1, whole=True)
         for key, value in (("mlp_dropout", mlp_dropout), ("decoder_dropout", decoder_dropout)):
-            if not 0.0 <= float(value) < 1.0:
+            if not 0.0 <= number_option(key, value) < 1.0:
                 raise ValueError(f"head.{key} must be a probability in [0, 1), got {value!r}")
         if bg_edge not in BG_EDGES:
             raise ValueError(f"head.bg_edge must be one of {', '.join(BG_EDGES)} (reference: the released "
                              f"dilate(1 - m) - m; outer: the ring outside the mask), got {bg_edge!r}")
         self.image_size = int(image_size)
         self.resize_grid = bool(resize_grid)
-        self.scaler, self.kappa = float(scaler), float(kappa)
+        self.scaler = number_option("scaler", scaler, 0, low_open=True)
+        self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
         self.fast, self.align = bool(fast), bool(align)
         n_pixels = self.image_size ** 2

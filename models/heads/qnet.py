@@ -43,6 +43,7 @@ from models.heads.common import (
     HeadOutput,
     feature_norms,
     masked_average_pool,
+    number_option,
     per_shot_nll,
     two_class_log_probs,
     upsample_bilinear,
@@ -184,21 +185,18 @@ class QNetHead(nn.Module):
                  align: bool = True, refine_steps: int = 7, refine_lr: float = 0.01,
                  refine_loss: str = "reference"):
         super().__init__()
-        alpha = tuple(float(a) for a in alpha)
+        alpha = tuple(number_option("alpha", a) for a in alpha)
         if len(alpha) != len(SCALES) or min(alpha) < 0 or sum(alpha) <= 0:
             raise ValueError(f"head.alpha must be two non-negative weights [layer3, layer4] with a positive "
                              f"sum (Q-Net: [0.9, 0.1] setting 1, [0.6, 0.4] setting 2), got {list(alpha)}")
         if refine_loss not in REFINE_LOSSES:
             raise ValueError(f"head.refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {refine_loss!r}")
-        if int(refine_steps) < 0 or float(refine_lr) <= 0:
-            raise ValueError(f"head.refine_steps must be >= 0 and head.refine_lr > 0, got "
-                             f"{refine_steps}, {refine_lr}")
-        self.scaler = float(scaler)
-        self.kappa = float(kappa)
+        self.scaler = number_option("scaler", scaler, 0, low_open=True)
+        self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.alpha = alpha
         self.align = bool(align)
-        self.refine_steps = int(refine_steps)
-        self.refine_lr = float(refine_lr)
+        self.refine_steps = number_option("refine_steps", refine_steps, 0, whole=True)
+        self.refine_lr = number_option("refine_lr", refine_lr, 0, low_open=True)
         self.refine_loss = refine_loss
 
     # ------------------------------------------------------------------ building blocks

@@ -54,6 +54,7 @@ from models.heads.common import (
     episode_nll,
     masked_average_pool,
     masked_average_pool_lowres,
+    number_option,
     per_shot_nll,
     support_target,
     two_class_log_probs,
@@ -256,16 +257,16 @@ class RPTHead(nn.Module):
         super().__init__()
         if isinstance(channels, Mapping):      # the encoder's {map: C} (build_model)
             channels = channels[FEATURE_MAP]
-        for key, value, low in (("fg_num", fg_num, 1), ("iterations", iterations, 1), ("n_heads", n_heads, 1),
-                                ("mlp_dim", mlp_dim, 1), ("channels", channels, 1)):
-            if int(value) != value or int(value) < low:
-                raise ValueError(f"head.{key} must be a whole number >= {low}, got {value!r}")
-        if not 0.0 <= float(dropout) < 1.0:
+        for key, value in (("fg_num", fg_num), ("iterations", iterations), ("n_heads", n_heads),
+                           ("mlp_dim", mlp_dim), ("channels", channels)):
+            number_option(key, value, 1, whole=True)
+        if not 0.0 <= number_option("dropout", dropout) < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {dropout!r} (the reference uses 0.1)")
-        if int(fps_seed) != fps_seed or not 0 <= int(fps_seed) < 2 ** 32:
+        if not 0 <= number_option("fps_seed", fps_seed, whole=True) < 2 ** 32:
             raise ValueError(f"head.fps_seed must be a whole number in [0, 2^32), got {fps_seed!r} "
                              f"(the reference's RandomState(1289))")
-        self.scaler, self.kappa = float(scaler), float(kappa)
+        self.scaler = number_option("scaler", scaler, 0, low_open=True)
+        self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.fg_num, self.iterations = int(fg_num), int(iterations)
         self.channels, self.fps_seed = int(channels), int(fps_seed)
         self.attention = RegionAttention(self.channels, int(n_heads), float(dropout))
