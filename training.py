@@ -37,11 +37,12 @@ def _refuse_unresumable_run(config, command_name, logger):
         return {}
     exp = Experiment.from_config(json.loads(json.dumps(config)))
     resume = exp.train.resume
-    state = check_resume(exp) if resume else None
-    check_run_inputs(exp, "train")
     if resume:
-        RunFolder(resume).lock()
-        _checked_resume["state"] = state
+        if not Path(resume).is_dir():
+            check_resume(exp)                   # names the missing folder
+        RunFolder(resume).lock(create_file=False)   # first: the resume point read next is the one continued
+        _checked_resume["state"] = check_resume(exp)
+    check_run_inputs(exp, "train")
     return {}
 
 

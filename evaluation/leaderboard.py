@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.core.io import DataError, UserError, atomic_path
+from data.core.io import UserError, atomic_path
 from data.core.run_folder import TEST, RunFolder, evaluation_folders
 from data.core.specs import DatasetSpec, builtin_names, load_spec
 from evaluation.published import PublishedEntry, published_for
@@ -275,7 +275,7 @@ def _dataset_spec(runs: list[EvalRun]) -> DatasetSpec | None:
                 continue
             try:
                 spec = load_spec(name, folder)
-            except DataError as err:
+            except UserError as err:            # a missing folder, or a description that is refused
                 log.warning("%s: not used for the table of %s: %s", folder / "dataset.json", name, err)
                 continue
             log.info("%s: classes, column order and folds from %s", name, folder / "dataset.json")

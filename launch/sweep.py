@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from data.core.specs import load_spec
 from evaluation.leaderboard import EvalRun, read_run
 from models.engine.builders import check_data_dir, check_encoder_weights, pseudolabel_folder
 from models.engine.checkpoints import find_checkpoint
-from models.engine.experiment import Experiment
+from models.engine.experiment import Experiment, upgrade_config
 from models.engine.runs import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -244,12 +245,21 @@ def claim(sweep: Sweep, cell: Cell):
     path = sweep.sweep_dir / "claims" / f"{cell.exp_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        yield False
-        return
+    for attempt in range(20):           # a re-planning sweep's probe holds the claim for microseconds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 19:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            yield False
+            return
+        except OSError as err:
+            os.close(fd)
+            raise SweepError(f"cannot lock {path}: {os.strerror(err.errno)}; put --log-dir on a file system "
+                             f"with file locks (flock)") from None
     try:
         yield True
     finally:
@@ -267,6 +277,8 @@ def is_claimed(sweep: Sweep, cell: Cell) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:
+        return False                    # no locks on this file system: the claim cannot be held either
     finally:
         os.close(fd)
     return False
@@ -292,14 +304,16 @@ def plan_state(sweep: Sweep, cell: Cell, mine: bool = False) -> Plan:
         return Plan(cell, TO_EVALUATE)
     runs = run_folders(experiment_folder(log_dir, TRAIN, exp_name))
     for run in reversed(runs):
-        if run.status() == "COMPLETED" or not run.has_resume_point() or run.fingerprint(TRAIN) != fingerprint:
+        if run.status() == "COMPLETED" or run.fingerprint(TRAIN, upgrade_config) != fingerprint:
             continue
-        if run.is_locked():
+        if run.is_locked():              # also before its first resume point
             return Plan(cell, RUNNING, note=f"{run} is being trained by another process")
+        if not run.has_resume_point():
+            continue
         # the run folder as the commands name it (relative to the sweep's working directory, as log_dir)
         return Plan(cell, TO_RESUME, resume=str(experiment_folder(sweep.log_dir, TRAIN, exp_name) / run.path.name))
     older = [run for run in runs if (run.last_snapshot() is not None or run.has_resume_point())
-             and run.fingerprint(TRAIN) != fingerprint]
+             and run.fingerprint(TRAIN, upgrade_config) != fingerprint]
     if older:
         return Plan(cell, STALE, note=f"{older[-1]} was trained with another configuration; a new run is trained")
     return Plan(cell, TO_TRAIN)
@@ -350,7 +364,7 @@ def check_before_start(sweep: Sweep, plans: list[Plan], gpus: list[str] | None, 
         exp = cell_experiment(sweep, plan.cell)
         exp = replace(exp, data_dir=str(Path(sweep.cwd) / exp.data_dir))
         training = plan.state != TO_EVALUATE
-        key = (exp.dataset, exp.data_dir, pseudolabel_folder(exp.data, exp.sampler))
+        key = (exp.dataset, exp.data_dir, pseudolabel_folder(exp.data, exp.sampler), training)
         if key not in checked:
             checked.add(key)
             try:

@@ -5,8 +5,7 @@
 # snapshot of the newest finished training run of its configuration (as trained by the
 # scripts/train_*.sh script with the same arguments), unless evaluation.checkpoint is given.
 #   scripts/val.sh [abd_mr|abd_ct|cmr] [method] [setting] [extra Sacred updates]
-#   scripts/val.sh abd_mr qnet 1 protocol_qnet     # Q-Net's protocol (trained with protocol_qnet too:
-#                                                  # its fold order decides fold 4's training scans)
+#   scripts/val.sh abd_mr qnet 1 protocol_qnet     # the same models under Q-Net's protocol
 #   DATA_DIR=/data/CHAOST2 FOLDS="0 1" scripts/val.sh abd_mr adnet 1  # data elsewhere, two folds
 # Environment: DATA_DIR (default ./data/<NAME>), FOLDS (default "0 1 2 3 4"), GROUPS_S2, GPUS,
 # LOG_DIR (default ./runs; a log_dir=... update also sets it), PYTHON; see scripts/common.sh.

@@ -30,11 +30,10 @@ from data.core.checkpoint_files import DIGEST_KEY, tensor_digest
 from models.engine.builders import check_encoder_weights
 from models.engine.checkpoints import (
     CheckpointError,
-    load_checkpoint,
     load_checkpoint_file,
+    load_state,
     open_trained_model,
     read_checkpoint,
-    read_state_dict,
 )
 from models.engine.experiment import EncoderConfig
 from models.encoder import PretrainedWeightsError, ResNetEncoder
@@ -196,7 +195,7 @@ def test_truncated_snapshot_is_named_for_evaluation_and_resume(tmp_path):
     full.write_bytes(data[:len(data) // 2])
     message = rf"cannot read .*{re.escape(str(full))}: the file is truncated or corrupt .*interrupted copy.*Copy it again"
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(model, full)
+        load_state(model, read_checkpoint(full)[0], full)
     with pytest.raises(CheckpointError, match=rf"cannot read resume point {re.escape(str(full))}: the file is truncated"):
         restore(run, model, optimizer, CFG)
 
@@ -250,7 +249,7 @@ def test_format_1_snapshot_still_loads_safely(tmp_path):
     expected = _draws()
     with pytest.raises(pickle.UnpicklingError):             # plain weights_only refuses the ndarray ...
         torch.load(path, weights_only=True)
-    assert torch.equal(read_state_dict(path)["weight"], model.weight)          # ... our loader rebuilds it
+    assert torch.equal(read_checkpoint(path)[0]["weight"], model.weight)          # ... our loader rebuilds it
     allowed = {str(g) for g in torch.serialization.get_safe_globals()}
     assert not any("numpy" in g for g in allowed)           # a scoped allowlist, not a global one
     _scramble()
@@ -369,7 +368,7 @@ def test_a_good_snapshot_loads_and_its_digest_verifies(tmp_path):
     changed = {**state, "model": {**state["model"], "bias": state["model"]["bias"].clone()}}
     changed["model"]["bias"][0] = torch.nextafter(changed["model"]["bias"][0], torch.tensor(1.0))
     assert tensor_digest(changed) != state[DIGEST_KEY]                                 # one ulp changes it
-    assert torch.equal(read_state_dict(path)["weight"], model.weight)
+    assert torch.equal(read_checkpoint(path)[0]["weight"], model.weight)
 
 
 def test_files_without_a_digest_still_load(tmp_path, caplog):
@@ -380,11 +379,11 @@ def test_files_without_a_digest_still_load(tmp_path, caplog):
     state = torch.load(path, weights_only=True)
     del state[DIGEST_KEY]
     torch.save(state, path)
-    assert torch.equal(read_state_dict(path)["weight"], model.weight)
+    assert torch.equal(read_checkpoint(path)[0]["weight"], model.weight)
     assert restore(run, model, optimizer, CFG)[0] == 2
     legacy = tmp_path / "legacy.pth"
     torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
-    assert torch.equal(read_state_dict(legacy)["bias"], model.bias)
+    assert torch.equal(read_checkpoint(legacy)[0]["bias"], model.bias)
     assert "legacy (non-zip) torch file: it carries no checksums" in caplog.text
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.encoder import ResNetEncoder
-from models.engine.checkpoints import CheckpointError, load_checkpoint
+from models.engine.checkpoints import CheckpointError, load_state, read_checkpoint
 from models.engine.reference_checkpoints import FORMATS, detect_format, load_reference_state
 from models.heads import head_module
 from models.fewshot import FewShotSegmenter, split_features
@@ -132,7 +132,7 @@ def test_qnet_reference_checkpoint_reproduces_outputs(tmp_path, qnet_source, qne
     torch.save(ref, path)
     target = _scramble(qnet_target)
     assert not torch.equal(_outputs(target)[0]["threshold"], expected[0]["threshold"])
-    load_checkpoint(target, path)                    # what evaluation.checkpoint=<path> calls
+    load_state(target, read_checkpoint(path)[0], path)   # what open_trained_model does with evaluation.checkpoint
     _assert_same(_outputs(target), expected)
 
 
@@ -176,7 +176,7 @@ def test_our_snapshots_still_load(tmp_path, qnet_source, qnet_target):
     torch.save({"model": model.state_dict(), "episodes": 100}, path)
     assert detect_format(model.state_dict()) is None
     target = _scramble(qnet_target)
-    load_checkpoint(target, path)
+    load_state(target, read_checkpoint(path)[0], path)
     _assert_same(_outputs(target), expected)
 
 

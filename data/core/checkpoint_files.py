@@ -109,9 +109,10 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint", missing_hin
 
 # ----------------------------------------------------------------------------- integrity
 def named_tensors(obj, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in nested dicts, lists and tuples, with its dotted path (dict keys as text)."""
+    """Every tensor in nested dicts, lists and tuples, with its dotted path (dict keys as text); a
+    sparse or otherwise non-strided tensor as its dense equivalent (no checkpoint of ours holds one)."""
     if isinstance(obj, torch.Tensor):
-        yield prefix, obj
+        yield prefix, obj if obj.layout == torch.strided else obj.to_dense()
     elif isinstance(obj, dict):
         for key, value in obj.items():
             yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))

@@ -8,8 +8,9 @@
         results.json, results.csv, predictions/, overlays/, curves.png
 
 Every other module asks a `RunFolder` for these paths; none spells a file name itself. The
-fingerprint (models.engine.fingerprint) says which configuration produced the run: the sweep counts a
-cell done only when it matches, and the results table refuses to mix runs of different fingerprints.
+fingerprint (`config_fingerprint`) says which configuration produced the run: the sweep counts a cell
+done only when it matches, validation evaluates only a training of its own configuration, and the
+results table keeps one configuration per cell (the newest, with a warning naming the others).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from data.core.checkpoint_files import load_checkpoint_file
@@ -27,7 +29,7 @@ from data.core.io import atomic_path, write_json
 
 TRAIN, TEST = "train", "test"
 _SNAPSHOT_RE = re.compile(r"^(\d+)\.pth$")
-_held_locks: dict[Path, list[int]] = {}
+_held_locks: dict[Path, list[tuple[int, bool]]] = {}     # folder -> (descriptor, is the lock file)
 
 
 # Keys that decide no number of a run: where things are, how often it logs and saves, how many
@@ -37,8 +39,6 @@ NOT_IN_FINGERPRINT = frozenset({
     "train.resume", "train.print_every", "train.snapshot_every", "train.checkpoint_every", "train.num_workers",
     "evaluation.checkpoint", "evaluation.save_predictions", "evaluation.n_overlays", "evaluation.batch_size",
 })
-# Of the evaluation keys, only the fold's scan order decides what a training run trains on.
-TRAINING_EVALUATION_KEYS = frozenset({"evaluation.fold_scheme"})
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:
@@ -66,8 +66,9 @@ def config_fingerprint(config: dict, kind: str) -> str:
 
 
 def _decides(key: str, kind: str) -> bool:
-    return key not in NOT_IN_FINGERPRINT and not (
-        kind == TRAIN and key.startswith("evaluation.") and key not in TRAINING_EVALUATION_KEYS)
+    """Whether `key` decides the numbers of a run of `kind`: no evaluation key decides what a training
+    learns (evaluation.fold_scheme orders a fold's test scans; both schemes train on the same ones)."""
+    return key not in NOT_IN_FINGERPRINT and not (kind == TRAIN and key.startswith("evaluation."))
 
 
 def config_differences(old: dict, new: dict, kind: str, limit: int = 6) -> str:
@@ -198,51 +199,63 @@ class RunFolder:
     def provenance(self) -> dict:
         return _read_json_or_empty(self.provenance_file)
 
-    def fingerprint(self, kind: str) -> str | None:
+    def fingerprint(self, kind: str, upgrade=None) -> str | None:
         """The fingerprint of the configuration that produced the run: the one it recorded, else (a run
-        written before runs recorded one) computed from the configuration Sacred recorded; None when
+        written before runs recorded one) computed from the configuration Sacred recorded, brought to
+        the current keys by `upgrade` (models.engine.experiment.upgrade_config) when given; None when
         neither is readable."""
         value = self.provenance().get("fingerprint")
         if value:
             return str(value)
         config = self.config()
-        return config_fingerprint(config, kind) if config else None
+        if not config:
+            return None
+        return config_fingerprint(upgrade(config) if upgrade else config, kind)
 
     def write_provenance(self, record: dict) -> None:
         write_json(self.provenance_file, json.loads(json.dumps(record, default=str)))
 
     # ------------------------------------------------------------------ the lock
-    def lock(self) -> None:
+    def lock(self, create_file: bool = True) -> None:
         """Hold an exclusive lock while this process trains into the folder.
 
-        Advisory flocks on the lock file and on the run folder itself: the operating system drops them
+        Advisory flocks on the run folder itself and on its lock file: the operating system drops them
         when the process ends, however it ends (kill -9 included), so a stale lock file never blocks a
         later resume, and deleting the lock file by hand does not let a second process in (the folder's
-        own lock still holds; on file systems without directory locks the file's lock alone is used)."""
+        own lock still holds; on file systems without folder locks the file's lock alone is used).
+        `create_file=False` writes nothing (a check before a resume that may still be refused): it locks
+        the folder and an existing lock file; a later lock() adds the file."""
         key = self.path.resolve()
-        if key in _held_locks:
-            return
+        held = _held_locks.setdefault(key, [])
         fds = []
         try:
-            fds.append(os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644))
-            folder = _open_folder(self.path)
-            if folder is not None:
-                fds.append(folder)
-            for fd in fds:
-                if not _try_flock(fd, fcntl.LOCK_EX):
+            if not held:
+                folder = _open_folder(self.path)
+                if folder is not None:
+                    fds.append((folder, True))
+            if not any(is_file for _, is_file in held) and (create_file or self.lock_file.exists()):
+                fds.append((os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644), False))
+            for fd, is_folder in fds:
+                if not _try_flock(fd, fcntl.LOCK_EX, is_folder, self.lock_file):
                     raise RunBusyError(
                         f"{key} is being trained by another process right now (it holds {self.lock_file}); wait "
                         f"for that process to end, or stop it, before resuming this run")
         except BaseException:
-            for fd in fds:
+            for fd, _ in fds:
                 os.close(fd)
+            if not held:
+                del _held_locks[key]
             raise
-        _held_locks[key] = fds
+        held += [(fd, not is_folder) for fd, is_folder in fds]
 
     def unlock(self) -> None:
-        for fd in _held_locks.pop(self.path.resolve(), []):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        for fd, _ in _held_locks.pop(self.path.resolve(), []):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass                            # closing the descriptor drops the lock all the same
+            finally:
+                os.close(fd)
 
     def is_locked(self) -> bool:
         """Whether another process trains into the folder now (probes the locks and lets them go);
@@ -258,7 +271,7 @@ class RunFolder:
                     continue
                 if fd is not None:
                     fds.append(fd)
-            return any(not _try_flock(fd, fcntl.LOCK_SH) for fd in fds)
+            return any(not _try_flock(fd, fcntl.LOCK_SH, folder=True) for fd in fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -315,16 +328,27 @@ def _open_folder(path: Path) -> int | None:
         return None
 
 
-def _try_flock(fd: int, kind: int) -> bool:
-    """Take a non-blocking flock; False when another process holds a conflicting one. A file system
-    that cannot lock this descriptor at all (some network file systems, for folders) counts as free."""
-    try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as err:
-        return err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    return True
+def _try_flock(fd: int, kind: int, folder: bool = False, path: Path | None = None) -> bool:
+    """Take a non-blocking flock; False when another process holds a conflicting one (tried for about
+    a second, so that a brief probe of another process is not taken for a holder). A file system that
+    cannot lock a folder counts as free there (the lock file still holds); one that cannot lock the lock
+    file is an error."""
+    for attempt in range(20):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if kind == fcntl.LOCK_SH or attempt == 19:
+                return False
+            time.sleep(0.05)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            if folder:
+                return True
+            raise RunBusyError(f"cannot lock {path}: {os.strerror(err.errno)}. Runs need a file system with file "
+                               f"locks (flock); put log_dir on a local or lock-capable file system") from None
+    return False
 
 
 def run_folders(base: str | Path) -> list[RunFolder]:

@@ -2,7 +2,8 @@
 (Q-Net, ADNet; models/engine/reference_checkpoints.py).
 
 `find_checkpoint` implements the rule validation.py uses when `evaluation.checkpoint` is null: the
-last snapshot (most episodes) of the newest COMPLETED training run of the same experiment
+last snapshot (most episodes) of the newest COMPLETED training run of the same experiment and
+configuration
 (<log_dir>/train/<exp_name>/<run id>/snapshots/<episodes>.pth); unfinished runs are refused by name.
 """
 from __future__ import annotations
@@ -39,9 +40,10 @@ def find_checkpoint(log_dir: str | Path, exp_name: str, config: dict | None = No
         if snapshot is None:
             continue
         status = run.status()
+        same = fingerprint is None or run.fingerprint(TRAIN, upgrade_config) in (fingerprint, None)  # None: no record
         if status != "COMPLETED":
-            unfinished.append((run, status, snapshot))
-        elif fingerprint is not None and run.fingerprint(TRAIN) not in (fingerprint, None):   # None: no record
+            unfinished.append((run, status, snapshot, same))
+        elif not same:
             other_config.append((run, snapshot))
         else:
             return snapshot
@@ -53,12 +55,15 @@ def find_checkpoint(log_dir: str | Path, exp_name: str, config: dict | None = No
             f"as its training, train this configuration first, or evaluate that run's snapshot knowingly "
             f"with evaluation.checkpoint={snapshot}")
     if unfinished:
-        run, status, snapshot = unfinished[0]
+        run, status, snapshot, same = unfinished[0]
+        finish = f"Finish it with `python training.py with <the configs it was started with> train.resume={run}`"
+        if not same:
+            finish = (f"It was trained with another configuration than this one "
+                      f"({config_differences(run.config(), config, TRAIN)}). " + finish)
         raise CheckpointError(
             f"no finished training run to evaluate under {base}: the newest run with snapshots, {run}, is "
             f"{status} (killed, failed or still running){f' and {len(unfinished) - 1} other unfinished run(s)' if len(unfinished) > 1 else ''}. "
-            f"Finish it with `python training.py with <the same configs> train.resume={run}`, or evaluate one "
-            f"of its snapshots knowingly with evaluation.checkpoint={snapshot}")
+            f"{finish}, or evaluate one of its snapshots knowingly with evaluation.checkpoint={snapshot}")
     raise CheckpointError(
         f"no checkpoint to evaluate: no snapshot under {base}/<run>/{RunFolder(base).snapshot_dir.name}/. Train "
         f"first (python training.py with <the same named configs and keys>), pass "
@@ -87,11 +92,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
         return obj, None
     raise CheckpointError(f"{path} is not a model checkpoint (expected a state dict or a snapshot with a "
                           f"'model' entry)")
-
-
-def read_state_dict(path: str | Path) -> dict:
-    """The model state dict in a checkpoint file: our snapshot ({"model": ...}) or a plain state dict."""
-    return read_checkpoint(path)[0]
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str | Path = "checkpoint") -> None:
@@ -123,12 +123,6 @@ def load_state(model: torch.nn.Module, state: dict, source: str | Path) -> None:
         log.info("loaded checkpoint %s", source)
     else:
         load_reference_state(model, state, fmt, source=source)
-
-
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Load our snapshot, a plain state dict of our model, or a checkpoint written by the reference
-    training code into `model`."""
-    load_state(model, read_checkpoint(path)[0], path)
 
 
 def trained_model(exp: Experiment, state: dict, source: str | Path) -> torch.nn.Module:

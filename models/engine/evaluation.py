@@ -145,7 +145,7 @@ class Evaluator:
 
 def resolve_checkpoint(exp: Experiment) -> str:
     """The checkpoint to evaluate: the configured path, 'untrained', or the last snapshot of the
-    newest training run of the same experiment (models/checkpoints.find_checkpoint)."""
+    newest training run of the same experiment (models/engine/checkpoints.find_checkpoint)."""
     ckpt = exp.evaluation.checkpoint
     if ckpt in (None, "", "null"):
         return str(find_checkpoint(exp.log_dir, exp.exp_name, exp.to_config()))
