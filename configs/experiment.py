@@ -50,6 +50,7 @@ from models.encoder import LAYOUTS, ResNetEncoder
 from models.engine.builders import supp_idx_problem
 from models.engine.experiment import SECTIONS as TYPED_SECTIONS
 from models.engine.experiment import Experiment as TypedExperiment
+from models.engine.experiment import did_you_mean
 from models.engine.experiment import head_name_and_options
 from models.engine.trainer import OPTIMIZERS
 from models.heads import HEADS, build_head, head_options
@@ -73,11 +74,6 @@ TOP_LEVEL_KEYS = TypedExperiment.top_level_keys()
 # top-level keys whose null default is derived from others (default_data_dir, the dataset's classes,
 # experiment_name)
 DERIVED_KEYS = ("data_dir", "test_labels", "exp_name")
-
-
-def _close(key: str, candidates) -> str:
-    found = difflib.get_close_matches(str(key), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean '{found[0]}'?)" if found else ""
 
 
 def _all_head_options() -> set[str]:
@@ -104,7 +100,7 @@ def layer_problems(values, tree: dict, source: str, prefix: str = "") -> list[st
     problems = []
     for key, value in values.items():
         if key not in tree:
-            problems.append(f"{source}: unknown config key '{prefix}{key}'" + _close(prefix + str(key),
+            problems.append(f"{source}: unknown config key '{prefix}{key}'" + did_you_mean(prefix + str(key),
                                                                                   [prefix + k for k in tree]))
         elif isinstance(tree[key], dict) and isinstance(value, dict):
             problems += layer_problems(value, tree[key], source, f"{prefix}{key}.")
@@ -583,8 +579,7 @@ def check_config(config: dict) -> None:
             problems.append(f"'{key}' is not a config key: the head gets it from the encoder "
                             f"(encoder.layout={config.get('encoder', {}).get('layout')!r})")
             continue
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        problems.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        problems.append(f"unknown config key '{key}'" + did_you_mean(key, candidates))
     problems += wrong_types(config, tree)
     problems += wrong_run_keys(config)
     problems += name_problems({"exp_name": config.get("exp_name")})
@@ -686,7 +681,7 @@ def unknown_named_config(name: str, known) -> str:
     """`with qnte`: which named configs there are, and the closest one."""
     groups = {"methods": method_names(), "datasets": [p.stem for p in sorted(DATASET_DIR.glob("*.yaml"))],
               "protocols": [f"protocol_{p.stem}" for p in sorted(PROTOCOL_DIR.glob("*.yaml"))]}
-    return (f"unknown named config {name!r}" + _close(name, list(known)) + "; named configs are the methods ("
+    return (f"unknown named config {name!r}" + did_you_mean(name, list(known)) + "; named configs are the methods ("
             + ", ".join(groups["methods"]) + "), datasets (" + ", ".join(groups["datasets"]) + "), protocols ("
             + ", ".join(groups["protocols"]) + ") and demo, or a .yaml/.json file of your own")
 

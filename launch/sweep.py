@@ -28,7 +28,6 @@ import fcntl
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +35,15 @@ from sacred.arg_parser import get_config_updates
 
 from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, experiment_name, load_yaml, method_names
 from data.core.errors import CheckpointError, ConfigError, UserError
-from data.core.run_folder import TEST, TRAIN, config_fingerprint, experiment_folder, flatten_config, run_folders
+from data.core.run_folder import (
+    TEST,
+    TRAIN,
+    config_fingerprint,
+    experiment_folder,
+    flatten_config,
+    run_folders,
+    try_flock,
+)
 from data.core.specs import load_spec
 from evaluation.leaderboard import EvalRun, read_run
 from models.engine.builders import check_data_dir, check_encoder_weights, pseudolabel_folder
@@ -245,21 +252,15 @@ def claim(sweep: Sweep, cell: Cell):
     path = sweep.sweep_dir / "claims" / f"{cell.exp_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    for attempt in range(20):           # a re-planning sweep's probe holds the claim for microseconds
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if attempt < 19:
-                time.sleep(0.05)
-                continue
-            os.close(fd)
-            yield False
-            return
-        except OSError as err:
-            os.close(fd)
-            raise SweepError(f"cannot lock {path}: {os.strerror(err.errno)}; put --log-dir on a file system "
-                             f"with file locks (flock)") from None
+    try:
+        mine = try_flock(fd, fcntl.LOCK_EX, path=path)      # retries: a re-planning sweep's probe is brief
+    except BaseException:
+        os.close(fd)
+        raise
+    if not mine:
+        os.close(fd)
+        yield False
+        return
     try:
         yield True
     finally:
@@ -274,14 +275,9 @@ def is_claimed(sweep: Sweep, cell: Cell) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False                    # no locks on this file system: the claim cannot be held either
+        return not try_flock(fd, fcntl.LOCK_SH, folder=True)  # no locks on this file system: not held either
     finally:
         os.close(fd)
-    return False
 
 
 def plan_state(sweep: Sweep, cell: Cell, mine: bool = False) -> Plan:

@@ -236,7 +236,7 @@ class RunFolder:
             if not any(is_file for _, is_file in held) and (create_file or self.lock_file.exists()):
                 fds.append((os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644), False))
             for fd, is_folder in fds:
-                if not _try_flock(fd, fcntl.LOCK_EX, is_folder, self.lock_file):
+                if not try_flock(fd, fcntl.LOCK_EX, is_folder, self.lock_file):
                     raise RunBusyError(
                         f"{key} is being trained by another process right now (it holds {self.lock_file}); wait "
                         f"for that process to end, or stop it, before resuming this run")
@@ -271,7 +271,7 @@ class RunFolder:
                     continue
                 if fd is not None:
                     fds.append(fd)
-            return any(not _try_flock(fd, fcntl.LOCK_SH, folder=True) for fd in fds)
+            return any(not try_flock(fd, fcntl.LOCK_SH, folder=True) for fd in fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -328,7 +328,7 @@ def _open_folder(path: Path) -> int | None:
         return None
 
 
-def _try_flock(fd: int, kind: int, folder: bool = False, path: Path | None = None) -> bool:
+def try_flock(fd: int, kind: int, folder: bool = False, path: Path | None = None) -> bool:
     """Take a non-blocking flock; False when another process holds a conflicting one (tried for about
     a second, so that a brief probe of another process is not taken for a holder). A file system that
     cannot lock a folder counts as free there (the lock file still holds); one that cannot lock the lock

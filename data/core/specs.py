@@ -685,9 +685,7 @@ def load_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
     """The spec of a built-in dataset (by name, any case), or of the dataset.json in `data_dir`."""
     path = BUILTIN_SPEC_DIR / f"{name.lower()}.yaml"
     if path.is_file():
-        d = read_yaml_file(path)
-        _refuse_unknown_keys(d, path)
-        return _from_mapping(d, str(path))
+        return _from_mapping(read_yaml_file(path), str(path))     # which refuses unknown keys
     if data_dir is not None and (Path(data_dir) / "dataset.json").is_file():
         spec = load_generic_spec(data_dir)
         if spec.name.upper() != str(name).upper():

@@ -27,15 +27,16 @@ from data.core.errors import ConfigError
 _EVERY_KEY = "`python training.py print_config` lists every key."
 
 
-def _did_you_mean(key: str, candidates) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+def did_you_mean(key, candidates) -> str:
+    """' (did you mean 'x'?)' with the closest of `candidates` to `key`, or '' (every config message)."""
+    close = difflib.get_close_matches(str(key), [str(c) for c in candidates], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _key_problems(given: dict, expected, prefix: str = "", optional=()) -> list[str]:
     """Unknown keys of `given` (with the closest expected key) and missing expected keys."""
     known = [prefix + k for k in expected]
-    problems = [f"unknown config key '{prefix}{k}'" + _did_you_mean(prefix + str(k), known)
+    problems = [f"unknown config key '{prefix}{k}'" + did_you_mean(prefix + str(k), known)
                 for k in given if k not in expected]
     problems += [f"missing config key '{prefix}{k}'" for k in expected if k not in given and k not in optional]
     return problems
