@@ -13,7 +13,14 @@ import torch.nn as nn
 from models.encoder import ResNetEncoder
 from models.episode_norm import episodes_of
 from models.heads.common import HeadOutput
-from models.heads.contract import QUERY_LABELS_ARGUMENT, Head, check_head, takes_query_labels
+from models.heads.contract import (
+    QUERY_LABELS_ARGUMENT,
+    Head,
+    check_head,
+    prepare_support,
+    segment_prepared,
+    takes_query_labels,
+)
 
 
 def _head_in_fp32(head: Head, support: dict, support_masks: torch.Tensor, query: dict,
@@ -85,3 +92,14 @@ class FewShotSegmenter(nn.Module):
     def segment(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         """Run the head on features computed beforehand (evaluation caches the support's)."""
         return _head_in_fp32(self.head, support, support_masks, query)
+
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """The head's support state (evaluation mode; models/heads/contract.py), in float32."""
+        with torch.autocast(support_masks.device.type, enabled=False):
+            return prepare_support(self.head, {k: v.float() for k, v in support.items()}, support_masks.float())
+
+    def segment_prepared(self, state: dict, query: dict) -> HeadOutput:
+        """Query features segmented with a support state from `prepare_support`: equal to
+        `segment(support, support_masks, query)`, without redoing the support's work."""
+        with torch.autocast(next(iter(query.values())).device.type, enabled=False):
+            return segment_prepared(self.head, state, {k: v.float() for k, v in query.items()})

@@ -13,11 +13,14 @@ from models.heads import HEADS, build_head, head_class, head_options
 from models.heads.common import HeadOutput
 from models.heads.contract import (
     ENCODER_ARGUMENTS,
+    HasSupportState,
     Head,
     branch_counts,
     check_head,
     check_head_class,
     lr_multipliers,
+    prepare_support,
+    segment_prepared,
 )
 
 
@@ -63,6 +66,25 @@ def test_every_registered_head_keeps_the_contract(name):
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.aux_losses.values())
         assert torch.isfinite(out.log_probs).all()
         assert bool(out.aux_losses) == training         # auxiliary losses in training only (all align there)
+    _support_state_gives_the_forward_predictions(head, support, masks, query)
+
+
+def _support_state_gives_the_forward_predictions(head, support, masks, query):
+    """Evaluation's support work once (contract: prepare_support / segment): the head's own pair, and
+    the state reused over query batches of 1 and 2 gives the log-probabilities of forward, episode
+    by episode (B = 1 as the predictor calls it), the random draws included."""
+    assert isinstance(head, HasSupportState), f"{type(head).__name__} has no prepare_support/segment pair"
+    head.eval()
+    for b in range(support[head.feature_maps[0]].shape[0]):
+        s = {k: v[b:b + 1] for k, v in support.items()}
+        q = {k: v[b:b + 1] for k, v in query.items()}
+        torch.manual_seed(3)
+        expected = head(s, masks[b:b + 1], q).log_probs
+        torch.manual_seed(3)
+        state = prepare_support(head, s, masks[b:b + 1])
+        parts = [segment_prepared(head, state, {k: v[:, i:j] for k, v in q.items()}).log_probs
+                 for i, j in ((0, 1), (1, None))]
+        torch.testing.assert_close(torch.cat(parts, dim=1), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_method_yamls_set_only_head_options():

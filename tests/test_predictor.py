@@ -14,18 +14,22 @@ class CountingModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.encoded, self.segmented = [], []
+        self.encoded, self.segmented, self.prepared = [], [], []
 
     def encode(self, images):                                   # N x 3 x H x W -> {"out": N x 1 x H x W}
         self.encoded.append(images.shape[0])
         return {"out": images[:, :1]}
 
-    def segment(self, support, support_masks, query):
+    def prepare_support(self, support, support_masks):
+        self.prepared.append(float(support_masks.sum()))
+        s = support["out"][:, :, 0]                                 # 1 x S x H x W
+        return {"fg": (s * support_masks).sum() / support_masks.sum(),
+                "bg": (s * (1 - support_masks)).sum() / (1 - support_masks).sum()}
+
+    def segment_prepared(self, state, query):
         self.segmented.append(query["out"].shape[1])
-        s, q = support["out"][:, :, 0], query["out"][:, :, 0]     # 1 x S x H x W, 1 x Q x H x W
-        fg_level = (s * support_masks).sum() / support_masks.sum()
-        bg_level = (s * (1 - support_masks)).sum() / (1 - support_masks).sum()
-        return HeadOutput(two_class_log_probs(((q - fg_level).abs() < (q - bg_level).abs()).float()))
+        q = query["out"][:, :, 0]                                   # 1 x Q x H x W
+        return HeadOutput(two_class_log_probs(((q - state["fg"]).abs() < (q - state["bg"]).abs()).float()))
 
 
 def _scans(seed=0, z=10, size=16):
@@ -51,6 +55,28 @@ def test_each_slice_is_encoded_once_in_full_batches():
     predictor.forget("query")
     predictor.predict_chunks(support, [1], masks[[1]], query, chunks[:1])
     assert model.encoded[4:] == [3]                     # the query was forgotten, the support was not
+
+
+def test_the_support_work_is_done_once_per_slice_and_mask():
+    """prepare_support runs once per (support slice, mask): every later chunk, batch and query scan
+    segmented with that slice and mask reuses its state; another mask of the same slice (another
+    class) gets its own."""
+    support, masks, query = _scans()
+    model = CountingModel()
+    predictor = Predictor(model, batch_size=2)
+    chunks = [np.array([2, 3, 4]), np.array([7, 8, 9])]
+    predictor.predict_chunks(support, [1, 5], masks[[1, 5]], query, chunks)
+    assert len(model.prepared) == 2 and model.segmented == [2, 1, 2, 1]
+    other_query = ScanImage("query 2", query.image[::-1].copy())
+    predictor.predict_chunks(support, [1, 5], masks[[1, 5]], other_query, chunks)
+    assert len(model.prepared) == 2
+    other_class = masks[[1]].copy()
+    other_class[:, :, :8] = False
+    predictor.predict_chunks(support, [1], other_class, query, chunks[:1])
+    assert len(model.prepared) == 3
+    predictor.forget("support")
+    predictor.predict_chunks(support, [1], masks[[1]], query, chunks[:1])
+    assert len(model.prepared) == 4
 
 
 def test_batches_cache_and_the_references_loop_give_the_same_log_probs():

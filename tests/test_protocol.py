@@ -59,12 +59,14 @@ class OracleModel(torch.nn.Module):
     def encode(self, images):
         return {"out": images[:, :1]}
 
-    def segment(self, support, support_masks, query):
-        s, q = support["out"][:, :, 0], query["out"][:, :, 0]     # 1 x S x H x W, 1 x Q x H x W
-        fg_level = (s * support_masks).sum() / support_masks.sum()
-        bg_level = (s * (1 - support_masks)).sum() / (1 - support_masks).sum()
-        fg = ((q - fg_level).abs() < (q - bg_level).abs()).float()
-        return HeadOutput(two_class_log_probs(fg))
+    def prepare_support(self, support, support_masks):
+        s = support["out"][:, :, 0]                                 # 1 x S x H x W
+        return {"fg": (s * support_masks).sum() / support_masks.sum(),
+                "bg": (s * (1 - support_masks)).sum() / (1 - support_masks).sum()}
+
+    def segment_prepared(self, state, query):
+        q = query["out"][:, :, 0]                                   # 1 x Q x H x W
+        return HeadOutput(two_class_log_probs(((q - state["fg"]).abs() < (q - state["bg"]).abs()).float()))
 
 
 def test_evaluator_assembles_3d_and_scores_each_query_scan(tmp_path):

@@ -4,8 +4,9 @@ one-shot segmentation of new scans (models/engine/segmentation.py, scripts/segme
 A scan is read as a stack of z-scored slices, `image` Z x H x W float32; a slice enters the encoder
 as its grey value repeated into 3 channels (3 x H x W). The model (models/fewshot.py) provides
     encode(images N x 3 x H x W) -> {name: N x C x h x w}
-    segment(support {name: 1 x S x C x h x w}, support masks 1 x S x H x W,
-            query {name: 1 x Q x C x h x w}) -> HeadOutput, log_probs 1 x Q x 2 x H x W ([bg, fg]).
+    prepare_support(support {name: 1 x S x C x h x w}, support masks 1 x S x H x W) -> state
+    segment_prepared(state, query {name: 1 x Q x C x h x w}) -> HeadOutput, log_probs 1 x Q x 2 x H x W
+        ([bg, fg]); equal to segment(support, support masks, query) (models/heads/contract.py).
 Every prediction is 1-way 1-shot: one support slice and its mask against query slices. Q-Net's
 test-time prototype refinement runs inside the head's `segment` call (in eval mode), per query slice.
 
@@ -13,7 +14,9 @@ Speed without changing the numbers. With `cache_features` (the default) each sli
 per scan and kept under the caller's key until `forget`: the support slices once for all classes
 and parts, each query slice once for all classes; the slices a caller `warm`s together are encoded
 in ascending z, `batch_size` per encoder call. The query slices of a chunk then go through the head
-`batch_size` at a time. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
+`batch_size` at a time, and the head's support state (prototypes, regions, descriptors: what it
+computes from the support alone) is computed once per support slice and mask and reused for every
+chunk, batch and query scan. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
 sizes and caching change no prediction. `cache_features=False` runs the references' loop instead:
 for every query slice, its support slice and it are encoded together (a batch of 2) and segmented
 alone; the benchmark's reference mode times it.
@@ -24,6 +27,7 @@ explicitly off, so the references' fp32 arithmetic holds even inside a caller's 
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +47,11 @@ def slice_batch(image: np.ndarray, zs: Sequence[int], device: torch.device) -> t
     """Slices zs of a Z x H x W volume -> N x 3 x H x W on the device (grey repeated into 3 channels)."""
     x = torch.from_numpy(np.ascontiguousarray(image[np.asarray(zs)])).to(device)
     return x[:, None].expand(-1, 3, -1, -1)
+
+
+def mask_digest(mask: torch.Tensor) -> str:
+    """A short digest of a support mask: support states are kept per slice and mask (one per class)."""
+    return hashlib.blake2b(mask.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def foreground_mask(log_probs: torch.Tensor) -> torch.Tensor:
@@ -77,6 +86,7 @@ class Predictor:
         self.autocast_dtype = autocast_dtype
         self.cache_features = bool(cache_features)
         self._cache: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}   # key -> z -> {name: C x h x w}
+        self._states: dict[tuple, dict] = {}     # (scan key, z, mask digest) -> the head's support state
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -112,25 +122,42 @@ class Predictor:
         return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
     def forget(self, key: Hashable) -> None:
-        """Drop the cached features of the scan named `key` (a query that is done)."""
+        """Drop the cached features (and support states) of the scan named `key` (a query that is done)."""
         self._cache.pop(key, None)
+        for state_key in [k for k in self._states if k[0] == key]:
+            del self._states[state_key]
 
     # ------------------------------------------------------------------ head
     @torch.no_grad()
+    def support_state(self, support: dict[str, torch.Tensor], support_mask: torch.Tensor,
+                      key: Hashable | None = None) -> dict:
+        """The head's support state (models/heads/contract.py) of one support slice, support
+        {name: C x h x w} and support_mask H x W; kept under `key` (until `forget(key[0])`) so
+        every chunk and query scan segmented with that slice and mask reuses it."""
+        if key is not None and key in self._states:
+            return self._states[key]
+        with self.autocast():
+            state = self.model.prepare_support({k: v[None, None] for k, v in support.items()},
+                                               support_mask[None, None])
+        if key is not None:
+            self._states[key] = state
+        return state
+
+    @torch.no_grad()
     def segment(self, support: dict[str, torch.Tensor], support_mask: torch.Tensor,
-                query: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One support slice against N query slices, `batch_size` query slices per head call.
+                query: dict[str, torch.Tensor], state_key: Hashable | None = None) -> torch.Tensor:
+        """One support slice against N query slices, `batch_size` query slices per head call, the
+        support's work done once (`support_state`, reused under `state_key` if given).
 
         support {name: C x h x w}, support_mask H x W float32, query {name: N x C x h x w}
         -> log-probabilities N x 2 x H x W. (Q-Net's refinement enables gradients itself.)"""
-        s = {k: v[None, None] for k, v in support.items()}                      # 1 x 1 x C x h x w
-        mask = support_mask[None, None]                                        # 1 x 1 x H x W
+        state = self.support_state(support, support_mask, state_key)
         n = next(iter(query.values())).shape[0]
         out = []
         for start in range(0, n, self.batch_size):
             q = {k: v[start:start + self.batch_size][None] for k, v in query.items()}   # 1 x n x C x h x w
             with self.autocast():
-                out.append(self.model.segment(s, mask, q).log_probs[0])
+                out.append(self.model.segment_prepared(state, q).log_probs[0])
         return torch.cat(out)
 
     def segment_uncached(self, support_image: np.ndarray, support_z: int, support_mask: torch.Tensor,
@@ -161,5 +188,5 @@ class Predictor:
         self.warm(support, support_zs)
         self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]))
         return [self.segment({k: v[0] for k, v in self.features(support, [z]).items()}, mask,
-                             self.features(query, zs))
+                             self.features(query, zs), state_key=(support.key, int(z), mask_digest(mask)))
                 for z, mask, zs in zip(support_zs, masks, chunks)]

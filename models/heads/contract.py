@@ -10,6 +10,21 @@ A head is a `torch.nn.Module` that conforms to the `Head` protocol below. It is 
   (`lr_multipliers(head)`, `branch_counts(head)`), so no caller reads it with an ad-hoc `getattr`;
 - type checkers check the call sites against `Head` (FewShotSegmenter.head is a `Head`).
 
+Support state (evaluation): everything a head computes from the support alone (prototypes, regions,
+descriptors, thresholds) is computed once per support slice and class and reused for every query
+slice and batch. A head provides the pair
+
+    prepare_support(support, support_masks) -> state      (B x S support features and masks as forward)
+    segment(state, query) -> HeadOutput                     (B x Q query features as forward)
+
+in evaluation mode (`self.training` False), such that `segment(prepare_support(s, m), q)` gives the
+log-probabilities `forward(s, m, q)` gives, bit-identical or at float rounding, for any split of the
+queries into calls (so a random draw per query image stays one draw per query image, in the order of
+the query images). The state is the head's own: a dict of tensors (and plain values), read only by
+its `segment`, never changed by it. `prepare_support(head, ...)` / `segment_prepared(head, ...)`
+call the pair, and fall back to `forward` for a head without it (its state is then just the
+support features and masks).
+
 `isinstance(x, Head)` only checks that the members exist, so `check_head_class` / `check_head` check
 the rest (an nn.Module, `feature_maps` a tuple of names, the forward signature, constructor options
 with defaults, the optional members' types). FewShotSegmenter calls `check_head` when it is built and
@@ -94,6 +109,35 @@ class HasBranchCounts(Protocol):
     def branch_counts(self, reset: bool = False) -> dict[str, int]: ...
 
 
+@runtime_checkable
+class HasSupportState(Protocol):
+    """Optional: the support work once (see the module docstring), evaluation mode only."""
+
+    def prepare_support(self, support: Mapping[str, torch.Tensor], support_masks: torch.Tensor) -> dict: ...
+
+    def segment(self, state: dict, query: Mapping[str, torch.Tensor]) -> HeadOutput: ...
+
+
+_FALLBACK_STATE = "__forward_inputs__"
+
+
+def prepare_support(head, support: Mapping[str, torch.Tensor], support_masks: torch.Tensor) -> dict:
+    """The head's support state (evaluation mode): its own `prepare_support`, or for a head without one
+    the support features and masks themselves, which `segment_prepared` hands to its forward."""
+    if isinstance(head, HasSupportState):
+        return head.prepare_support(support, support_masks)
+    return {_FALLBACK_STATE: (dict(support), support_masks)}
+
+
+def segment_prepared(head, state: dict, query: Mapping[str, torch.Tensor]) -> HeadOutput:
+    """The query segmented with a support state from `prepare_support(head, ...)`: equal to
+    head(support, support_masks, query) in evaluation mode."""
+    if _FALLBACK_STATE in state:
+        support, support_masks = state[_FALLBACK_STATE]
+        return head(support, support_masks, query)
+    return head.segment(state, query)
+
+
 def lr_multipliers(head) -> dict[str, float]:
     """The head's {parameter-name fragment: lr factor}; {} for a head without `lr_multipliers`."""
     return {str(k): float(v) for k, v in (head.lr_multipliers if isinstance(head, HasLrMultipliers) else {}).items()}
@@ -154,6 +198,10 @@ def check_head(head) -> None:
         if not (isinstance(m, Mapping) and all(isinstance(k, str) and isinstance(v, (int, float))
                                                and not isinstance(v, bool) for k, v in m.items())):
             problems.append(f"lr_multipliers must map parameter-name fragments to numbers, got {m!r}")
+    pair = [hasattr(head, m) and callable(getattr(head, m)) for m in ("prepare_support", "segment")]
+    if any(pair) and not all(pair):
+        problems.append("a head with a support state needs both prepare_support(support, support_masks) and "
+                        "segment(state, query)")
     if hasattr(head, "branch_counts") and not callable(head.branch_counts):
         problems.append("branch_counts must be a method branch_counts(reset=False) -> {name: count}")
     if problems:
