@@ -2,9 +2,12 @@
 into an existing one."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sacred.observers import FileStorageObserver
+
+log = logging.getLogger(__name__)
 
 
 class ResumableFileStorageObserver(FileStorageObserver):
@@ -25,3 +28,11 @@ class ResumableFileStorageObserver(FileStorageObserver):
         if not self.resume_dir.is_dir():
             raise FileNotFoundError(f"train.resume: run folder {self.resume_dir} does not exist")
         self.dir = str(self.resume_dir)
+
+    def failed_event(self, fail_time, fail_trace):
+        """Record the failure; when that write fails too (the disk that failed the run is full), say so
+        in one line instead of Sacred's observer traceback: the run's own error follows."""
+        try:
+            super().failed_event(fail_time, fail_trace)
+        except OSError as err:
+            log.warning("could not record the failure in %s: %s", self.dir, err.strerror or err)

@@ -162,6 +162,24 @@ def resampled_size(size: Sequence[int], spacing: Sequence[float], new_spacing: S
     return tuple(max(1, int(np.ceil(s - 1e-6))) for s in (size - 0.5) * ratio)
 
 
+MAX_RESAMPLED_VOXELS = 2 ** 28     # 1 GiB of float32: far beyond any scan of the field at its grids
+
+
+def check_resampled_size(out_size: Sequence[int], size: Sequence[int], spacing: Sequence[float],
+                         new_spacing: Sequence[float], source: str) -> None:
+    """Refuse a resampling whose output would not fit in memory before it is attempted: a header
+    spacing of 500 mm (a unit error, a broken conversion) would otherwise make a grid of billions
+    of voxels and end in an out-of-memory kill."""
+    voxels = float(np.prod(np.asarray(out_size, np.float64)))
+    if voxels > MAX_RESAMPLED_VOXELS:
+        extent = " x ".join(f"{n * s:.0f}" for n, s in zip(size, spacing))
+        raise DataError(f"{source}: its header's voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm "
+                        f"makes a field of view of {extent} mm, which resampled to "
+                        f"{tuple(float(s) for s in new_spacing)} mm would be {tuple(int(n) for n in out_size)} "
+                        f"voxels ({voxels * 4 / 2 ** 30:.0f} GiB). The spacing is almost certainly wrong (a "
+                        f"unit error or a broken conversion): fix the file's header and run again")
+
+
 def resample_image(image: sitk.Image, new_spacing: Sequence[float], compat: str = "reference",
                    size: Sequence[int] | None = None, origin: Sequence[float] | None = None) -> sitk.Image:
     """Linear resampling to `new_spacing` (x, y, z) on a grid with the input's direction.
@@ -352,6 +370,8 @@ def resample_to_spacing(array: np.ndarray, label: np.ndarray | None, geometry: G
     """
     sz = prep.z_spacing if prep.z_spacing is not None else geometry.spacing[2]
     new_spacing = (prep.spacing[0], prep.spacing[1], sz)
+    check_resampled_size(resampled_size(array.shape[::-1], geometry.spacing, new_spacing, prep.compat),
+                         array.shape[::-1], geometry.spacing, new_spacing, source)
     resampled = resample_image(image_from_array(array, geometry), new_spacing, prep.compat)
     res_array = sitk.GetArrayFromImage(resampled)
     out, (off_y, off_x) = centre_crop_or_pad(res_array, prep.size, pad_value=float(res_array.min()),

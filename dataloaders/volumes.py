@@ -43,15 +43,16 @@ class Scan:
 
 
 def zscore(volume: np.ndarray, mean: float | None = None, std: float | None = None,
-           source: str = "the volume") -> np.ndarray:
+           source: str = "the volume",
+           fix: str = "re-run the preprocessing for this scan, or remove it from the dataset") -> np.ndarray:
     """(volume - mean) / std, with the volume's own statistics by default; `source` names the scan
-    in the error raised when that is impossible (a constant or non-finite volume)."""
+    and `fix` says what to do in the error raised when that is impossible (a constant or non-finite
+    volume)."""
     volume = volume.astype(np.float32, copy=False)
     mean = float(volume.mean(dtype=np.float64)) if mean is None else mean
     std = float(volume.std(dtype=np.float64)) if std is None else std
     if not np.isfinite(std) or std <= 0:
-        raise DataError(f"cannot z-score {source}: {_why_no_spread(volume, mean, std)}; re-run the "
-                        f"preprocessing for this scan, or remove it from the dataset")
+        raise DataError(f"cannot z-score {source}: {_why_no_spread(volume, mean, std)}; {fix}")
     return ((volume - mean) / std).astype(np.float32)
 
 

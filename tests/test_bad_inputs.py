@@ -249,20 +249,33 @@ def test_the_default_checkpoint_is_never_from_a_killed_run(phantom_dir, run_copy
 
 # ----------------------------------------------------------------------------- full disk
 def test_a_full_disk_while_writing_a_snapshot_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The advice names what is on disk: the resume point to continue from, or, when the very first
+    resume point could not be written, that there is nothing to resume."""
+    from data.core.run_folder import RunFolder
     from models.engine import trainer
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    path = tmp_path / "snapshots" / "last.pth"
-    trainer.save_snapshot(path, model, optimizer, 1, {"seed": 1})
-    before = tree_state(tmp_path)
+    run = RunFolder(tmp_path / "run")
+    real_save = torch.save
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(trainer.SnapshotWriteError, match=r"no space left on the device.*last\.pth"):
-        trainer.save_snapshot(path, model, optimizer, 2, {"seed": 1})
-    assert tree_state(tmp_path) == before
+    with pytest.raises(trainer.SnapshotWriteError) as first:
+        trainer.save_snapshot(run.resume_file, model, optimizer, 1, {"seed": 1}, run=run)
+    assert f"Nothing was written to {run.resume_file}" in str(first.value)
+    assert "start the training again" in str(first.value) and "train.resume=" not in str(first.value)
+    assert not run.resume_file.exists()
+
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer.save_snapshot(run.resume_file, model, optimizer, 1, {"seed": 1}, run=run)
+    before = tree_state(tmp_path)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(trainer.SnapshotWriteError, match=r"no space left on the device.*last\.pth") as later:
+        trainer.save_snapshot(run.snapshot_file(2), model, optimizer, 2, {"seed": 1}, run=run)
+    assert f"continue from its resume point {run.resume_file} with train.resume={run.path}" in str(later.value)
+    assert run.resume_file.is_file() and tree_state(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- names and reports
@@ -297,3 +310,120 @@ def test_collect_results_names_a_truncated_results_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(folder / "results.json") in err and "truncated or not valid JSON" in err
     assert tree_state(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- unwritable folders, full disk
+def _fail_writes_under(monkeypatch, folder, code, only=""):
+    """Every folder creation and file write below `folder` (whose name contains `only`) fails with
+    OSError `code`, as a read-only mount (EROFS), a folder without write permission (EACCES) or a full
+    disk (ENOSPC) makes them fail, and the folder looks so to the checks made before writing
+    (statvfs's read-only flag, os.access, the free space). The suite may run as root, which ignores
+    permission bits, so the failure is injected where the project and Sacred create folders and write
+    files."""
+    import builtins
+    import os
+    import shutil
+    from collections import namedtuple
+    folder = str(folder)
+    real_open, real_mkdir, real_makedirs = builtins.open, os.mkdir, os.makedirs
+    real_statvfs, real_access, real_usage = os.statvfs, os.access, shutil.disk_usage
+
+    def below(path) -> bool:
+        path = os.path.abspath(os.fspath(path))
+        return path.startswith(folder) and only in os.path.basename(path)
+
+    if not only:
+        def statvfs(path):
+            flags = real_statvfs(path)
+            if below(path) and code == errno.EROFS:
+                return namedtuple("statvfs", ["f_flag"])(flags.f_flag | os.ST_RDONLY)
+            return flags
+
+        def access(path, mode, *args, **kwargs):
+            return False if below(path) and code == errno.EACCES else real_access(path, mode, *args, **kwargs)
+
+        def disk_usage(path):
+            usage = real_usage(path)
+            return usage._replace(free=0) if below(path) and code == errno.ENOSPC else usage
+
+        monkeypatch.setattr(os, "statvfs", statvfs)
+        monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+    def fail(path):
+        raise OSError(code, os.strerror(code), os.fspath(path))
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax+") and below(file):
+            fail(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if below(path) and not os.path.isdir(path):
+            fail(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def makedirs(path, *args, **kwargs):
+        if below(path) and not os.path.isdir(path):
+            fail(path)
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+
+
+def _validation_in_process(log_dir, data_dir):
+    """validation.py's experiment run in this process (Sacred's own run path, with the project's error
+    handling), as `python validation.py with demo ...` runs it."""
+    import importlib
+    validation = importlib.import_module("validation")
+    return validation.ex.run(named_configs=["demo"], config_updates={
+        "data_dir": str(data_dir), "log_dir": str(log_dir), "evaluation": {
+            "checkpoint": "untrained", "n_overlays": 0, "save_predictions": False}})
+
+
+@pytest.mark.parametrize("code, says", [(errno.EROFS, "the file system is read-only"),
+                                        (errno.EACCES, "permission denied"),
+                                        (errno.ENOSPC, "no space left on the device")])
+def test_an_unwritable_log_folder_or_a_full_disk_is_one_error_paragraph(phantom_dir, tmp_path, monkeypatch,
+                                                                        code, says):
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    before = tree_state(tmp_path)
+    _fail_writes_under(monkeypatch, log_dir, code)
+    with pytest.raises(SystemExit) as exit_:
+        _validation_in_process(log_dir, phantom_dir)
+    message = str(exit_.value.code)
+    assert message.startswith("error: cannot write ") and says in message and str(log_dir) in message
+    assert "\n" not in message and "Traceback" not in message
+    assert tree_state(tmp_path) == before
+
+
+def test_a_disk_that_fills_during_an_evaluation_is_one_error_paragraph(phantom_dir, tmp_path, monkeypatch,
+                                                                      capfd):
+    """The run has started (its folder exists) when the results cannot be written: the same error
+    paragraph, Sacred records the run as failed as far as it can, no traceback."""
+    log_dir = tmp_path / "runs"
+    _fail_writes_under(monkeypatch, log_dir, errno.ENOSPC, only="results")
+    with pytest.raises(SystemExit) as exit_:
+        _validation_in_process(log_dir, phantom_dir)
+    message = str(exit_.value.code)
+    assert message.startswith("error: cannot write ") and "no space left on the device" in message
+    assert "results" in message and "Traceback" not in capfd.readouterr().err
+    assert not list(log_dir.rglob("results*"))
+
+
+def test_a_full_disk_while_a_script_writes_is_one_error_paragraph(tmp_path, monkeypatch, capsys):
+    """The scripts (data.core.cli.run_cli) say the same as the experiments: here collect_results writing
+    its tables onto a full disk."""
+    from scripts import collect_results
+    from tests.test_workflow import fake_run
+    log_dir = tmp_path / "runs"
+    fake_run(log_dir)
+    out = tmp_path / "tables"
+    _fail_writes_under(monkeypatch, out, errno.ENOSPC)
+    assert collect_results.main([str(log_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and "no space left" in err and "Traceback" not in err
+    assert not out.exists()

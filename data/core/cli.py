@@ -4,7 +4,8 @@
   stderr through tqdm, so they never break a progress bar. `-v` shows debug messages, `-q` only
   warnings and errors, `--log-level` sets any level.
 - An error the user can fix (`data.core.errors.UserError`) is printed as one `error: ...`
-  paragraph without a traceback, exit status 1 (`run_cli`). training.py and validation.py follow
+  paragraph without a traceback, exit status 1 (`run_cli`); so is a write that fails on a read-only
+  or unwritable folder or a full disk (`data.core.errors.output_error`). training.py and validation.py follow
   the same convention through Sacred (configs/experiment.py).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from data.core.errors import UserError
+from data.core.errors import UserError, output_error
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXIT_USER_ERROR = 1
@@ -68,4 +69,10 @@ def run_cli(main_body: Callable[[], int], args: argparse.Namespace | None = None
         return main_body()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        fixable = output_error(err)
+        if fixable is None:
+            raise
+        print(f"error: {fixable}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -14,9 +14,11 @@ NIfTI files are also read with nibabel, which raises on a short file and returns
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
-from data.core.errors import ConfigError, DataError, UserError  # noqa: F401 - callers take the errors with the I/O
+from data.core.errors import ConfigError, DataError, OutputError, UserError, output_error  # noqa: F401 - callers take the errors with the I/O
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,28 @@ def read_geometry(path: str | os.PathLike, what: str = "volume") -> tuple[tuple[
         raise DataError(f"{what} {path} is {len(size)}-D; a 3-D volume is expected")
     geometry = Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
     return (size[2], size[1], size[0]), geometry
+
+
+MIN_FREE_BYTES = 64 * 2 ** 20      # less than this free and a run's records and reports may not fit
+
+
+def check_output_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before anything is written, an output folder that cannot be created or written (a
+    read-only file system, no write permission) or whose disk is full: the same `OutputError` a
+    failed write gives (data.core.errors.output_error). Only looks: creates nothing."""
+    folder = Path(folder).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise OutputError(f"cannot write {what} {folder}: {existing} is not a folder; choose another output folder")
+    code = None
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    elif shutil.disk_usage(existing).free < MIN_FREE_BYTES:
+        code = errno.ENOSPC
+    if code is not None:
+        raise output_error(OSError(code, os.strerror(code), str(folder)), what)
 
 
 def _umask() -> int:

@@ -308,30 +308,43 @@ def warn_if_low_space(folder: Path, model: torch.nn.Module, optimizer_name: str 
                     size / 2 ** 20)
 
 
-def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metrics: dict | None = None) -> Path:
+def save_snapshot(path: Path, model, optimizer, episodes: int, cfg: dict, metrics: dict | None = None,
+                  run: RunFolder | None = None) -> Path:
     """Write a snapshot atomically: on any failure the previous file at `path` stays as it was.
 
     `metrics` (Sacred's layout of recorded metrics) travels with the resume point, so a resumed run gets
     back every metric logged up to it, also those Sacred had not yet flushed when the run was killed.
     The snapshot carries the sha256 digest of all its tensors (model, optimizer, RNG states), which
-    every load checks (data.core.checkpoint_files.tensor_digest)."""
+    every load checks (data.core.checkpoint_files.tensor_digest). `run`: the run folder, so that a
+    failed write says how to go on from what is really on disk."""
     state = {"format": SNAPSHOT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "episodes": episodes, "config": cfg, "rng": _rng_state(), "metrics": metrics or {}}
     state[DIGEST_KEY] = tensor_digest(state)
+    existed = Path(path).is_file()
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     except (OSError, RuntimeError) as err:     # torch's zip writer reports a full disk as a RuntimeError
+        kept = f"The previous {path} is unchanged" if existed else f"Nothing was written to {path}"
         free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
         size = snapshot_bytes(model, type(optimizer).__name__.lower())      # optim.name: sgd, adamw
         if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < size):
             raise SnapshotWriteError(
                 f"no space left on the device writing {path} ({0 if free is None else free / 2 ** 20:.0f} MB "
-                f"free, a snapshot takes about {size / 2 ** 20:.0f} MB). The previous file there "
-                f"is unchanged; free some space and continue with train.resume=<this run's folder>") from None
-        raise SnapshotWriteError(f"cannot write snapshot {path}: {err}. The previous file there is unchanged") \
-            from None
+                f"free, a snapshot takes about {size / 2 ** 20:.0f} MB). {kept}; free some space and "
+                f"{how_to_go_on(run)}") from None
+        raise SnapshotWriteError(f"cannot write snapshot {path}: {err}. {kept}") from None
     return path
+
+
+def how_to_go_on(run: RunFolder | None) -> str:
+    """After a failed snapshot write: resume from the resume point that exists, or start again."""
+    if run is None:
+        return "run the command again"
+    if run.resume_file.is_file():
+        return f"continue from its resume point {run.resume_file} with train.resume={run.path}"
+    return (f"start the training again: run {run.path} has no resume point yet ({run.resume_file} was never "
+            f"written), so there is nothing to resume")
 
 
 def check_resumable(saved_cfg: dict, cfg: dict, source: Path) -> None:
@@ -507,10 +520,11 @@ def train(cfg: Experiment | dict, run_dir: Path, log_scalar: Callable[[str, floa
             since, t_last = 0, now
         if ddp.is_main:
             if due_snapshot:
-                last_path = save_snapshot(run.snapshot_file(episodes), model, optimizer, episodes, config, metrics)
+                last_path = save_snapshot(run.snapshot_file(episodes), model, optimizer, episodes, config, metrics,
+                                          run)
                 saved["snapshot"] = episodes
             if due_resume_point:
-                save_snapshot(run.resume_file, model, optimizer, episodes, config, metrics)
+                save_snapshot(run.resume_file, model, optimizer, episodes, config, metrics, run)
                 saved["resume point"] = episodes
     bar.close()
     if ddp.is_main:
