@@ -79,3 +79,23 @@ def test_threshold_gets_gradient_from_its_loss():
     out = head({"out": torch.randn(1, 1, 8, 4, 4)}, torch.ones(1, 1, 16, 16), {"out": torch.randn(1, 1, 8, 4, 4)})
     out.aux_losses["threshold"].backward()
     torch.testing.assert_close(head.threshold.grad, torch.tensor(1 / 20))
+
+
+def test_support_state_gives_forward_predictions_for_queries_split_in_two_calls():
+    # evaluation's support work once (models/heads/contract.py) on the deeplab_r101 grid: 32 x 32 features
+    # of 256 x 256 slices; the queries of each episode in two calls, 1 and 2 slices
+    torch.manual_seed(0)
+    head = build_head("adnet").eval()
+    fs, fq = torch.randn(2, 1, 16, 32, 32), torch.randn(2, 3, 16, 32, 32)
+    masks = torch.zeros(2, 1, 256, 256)
+    masks[0, :, 64:192, 80:200] = 1
+    masks[1, :, 120:130, 120:128] = 1                     # a small support: one prototype all the same
+    with torch.no_grad():
+        expected = head({"out": fs}, masks, {"out": fq}).log_probs
+        state = head.prepare_support({"out": fs}, masks)
+        before = state["prototype"].clone()
+        parts = [head.segment(state, {"out": fq[:, :1]}), head.segment(state, {"out": fq[:, 1:]})]
+        assert torch.equal(head.segment(state, {"out": fq}).log_probs, expected)   # forward runs this pair
+    torch.testing.assert_close(torch.cat([p.log_probs for p in parts], dim=1), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(state["prototype"], before) and parts[0].aux_losses == {}
+    torch.testing.assert_close(parts[0].extras["threshold"], torch.tensor(-10.0))

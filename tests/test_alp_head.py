@@ -224,3 +224,38 @@ def test_log_probs_and_bad_shapes():
         head({"out": _features()[0]}, torch.ones(1, 1, 64, 64), {"out": _features()})
     with pytest.raises(ValueError, match="not divisible by the pooling window"):
         ALPNetHead(val_window=3).eval()({"out": _features()}, torch.ones(1, 1, 64, 64), {"out": _features()})
+
+
+def test_support_state_gives_forward_predictions_for_queries_split_in_two_calls():
+    # evaluation's support work once (models/heads/contract.py) on the deeplab_r101 grid (32 x 32 features of
+    # 256 x 256 slices, val_window 2), for the three support-dependent branches: 'gridconv+', the 'mask'
+    # fallback of a support mask too small for a full 4 x 4 window on the feature grid, an empty background set
+    head = ALPNetHead().eval()
+    fs, fq = _features(B=3, C=16, h=32, w=32), _features(B=3, S=3, C=16, h=32, w=32, seed=1)
+    masks = torch.zeros(3, 1, 256, 256)
+    masks[0, :, 40:200, 60:180] = 1
+    masks[1, :, 100:120, 100:124] = 1                     # about 3 x 3 feature cells
+    masks[2] = 1
+    masks[2, :, 3::32, 3::32] = 0                         # seen by the bilinear sample: some background, no cell
+    expected = head({"out": fs}, masks, {"out": fq})
+    assert expected.extras["fg_grid_mode"].tolist() == [True, False, True]
+    assert expected.extras["bg_local_empty"].tolist() == [False, False, True]
+    head.branch_counts(reset=True)
+    for b in range(3):                                    # one episode at a time, as the predictor
+        state = head.prepare_support({"out": fs[b:b + 1]}, masks[b:b + 1])
+        parts = [head.segment(state, {"out": fq[b:b + 1, i:j]}) for i, j in ((0, 1), (1, 3))]
+        torch.testing.assert_close(torch.cat([p.log_probs for p in parts], dim=1), expected.log_probs[b:b + 1],
+                                   rtol=1e-5, atol=1e-5)
+        for key in ("fg_grid_mode", "bg_local_empty", "n_fg_local"):
+            assert parts[1].extras[key].tolist() == expected.extras[key][b:b + 1].tolist()
+        assert all(p.aux_losses == {} for p in parts)
+    # the counters count per prediction (every segment call), as forward does; preparing counts nothing
+    counts = head.branch_counts()
+    assert counts["eval.episodes"] == 6 and counts["eval.fg_grid_mode"] == 4 and counts["eval.bg_local_empty"] == 2
+    # the pair is what forward runs: one call gives forward's numbers exactly, and leaves the state as it was
+    state = head.prepare_support({"out": fs}, masks)
+    before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert torch.equal(head.segment(state, {"out": fq}).log_probs, expected.log_probs)
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    with pytest.raises(RuntimeError, match="prepared in evaluation mode"):
+        head.train().segment(state, {"out": fq})

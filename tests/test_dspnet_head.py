@@ -303,3 +303,35 @@ def test_masks_are_downsampled_like_alpnet():
     torch.testing.assert_close(downsample_masks(mask, (32, 32)),
                                torch.nn.functional.interpolate(mask, size=(32, 32), mode="bilinear",
                                                                align_corners=False))
+
+
+# ----------------------------------------------------------------------------- support state
+def test_support_state_gives_forward_predictions_for_queries_split_in_two_calls():
+    # evaluation's support work once (models/heads/contract.py) on the deeplab_r101 grid (32 x 32 features of
+    # 256 x 256 slices) for FSPA's three support branches: clustered from seeds, no seeds (a small support),
+    # seeds placed around an empty ROI (stripes); the FSPA prototype depends on the query, the state must not
+    head = DSPNetHead(channels=8).eval()
+    g = torch.Generator().manual_seed(4)
+    fs, fq = torch.randn(3, 1, 8, 32, 32, generator=g), torch.randn(3, 3, 8, 32, 32, generator=g)
+    stripes = torch.zeros(256, 256)
+    stripes[8:248, 8:248] = 1
+    stripes[:, 3::8] = 0
+    masks = torch.stack([torch.from_numpy(_disk(100)), torch.from_numpy(_disk(30)), stripes])[:, None]
+    expected = head({"out": fs}, masks, {"out": fq})
+    assert expected.extras["fspa_clustered"][:, 0].tolist() == [True, False, False]
+    assert expected.extras["n_seeds"][:, 0].tolist() == [5, 0, 5] and expected.extras["fspa_roi_empty"][2, 0]
+    for b in range(3):                                    # one episode at a time, as the predictor
+        state = head.prepare_support({"out": fs[b:b + 1]}, masks[b:b + 1])
+        parts = [head.segment(state, {"out": fq[b:b + 1, i:j]}) for i, j in ((0, 1), (1, 3))]
+        torch.testing.assert_close(torch.cat([p.log_probs for p in parts], dim=1), expected.log_probs[b:b + 1],
+                                   rtol=1e-5, atol=1e-5)
+        for key in ("fspa_clustered", "n_seeds", "fspa_roi_empty"):
+            assert parts[0].extras[key].tolist() == expected.extras[key][b:b + 1].tolist()
+    # the pair is what forward runs: one call gives forward's numbers exactly, and leaves the state as it was
+    state = head.prepare_support({"out": fs}, masks)
+    before = {k: v.clone() for k, v in state["foreground"].items() if isinstance(v, torch.Tensor)}
+    assert torch.equal(head.segment(state, {"out": fq}).log_probs, expected.log_probs)
+    assert all(torch.equal(state["foreground"][k], v) for k, v in before.items())
+    # counted per prediction (forward, then two calls for each episode, then one): episode 0 clusters
+    counts = head.branch_counts()
+    assert counts["eval.episodes"] == 3 + 6 + 3 and counts["eval.fspa_clustered"] == 1 + 2 + 1

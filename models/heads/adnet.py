@@ -11,6 +11,12 @@ Reference behaviour (../shared/reference/adnet_qnet.md §2.2-2.5):
   query prototype, which segments the support with the same T; unweighted NLL on the support mask,
   averaged over shots; skipped (zero) when the query prediction is empty.
 
+Support state (models/heads/contract.py): `prepare_support` gives {"prototype": B x C, "image_size":
+(H, W)}; `segment` scores the queries against it with the current threshold T (a parameter, read
+at every call, not copied into the state). `forward` runs the same two steps, so the pair and the
+forward cannot drift; the alignment loss (training only) needs the query prediction of the whole
+episode and stays in `forward`.
+
 Reference checkpoints (`REFERENCE_CHECKPOINT`; sha168/ADNet models/fewshot_anom.py, saved through
 `nn.DataParallel`, so a `module.` prefix), loaded by models/engine/reference_checkpoints.py:
 
@@ -81,6 +87,8 @@ class ADNetHead(nn.Module):
 
     forward(support {"out": B x S x C x h x w}, support_masks B x S x H x W,
             query {"out": B x Q x C x h x w}) -> HeadOutput (log_probs B x Q x 2 x H x W)
+    prepare_support(support, support_masks) -> state {"prototype": B x C, "image_size": (H, W)}
+    segment(state, query) -> HeadOutput: forward's log_probs and extras, without auxiliary losses
     """
 
     feature_maps = ("out",)
@@ -97,13 +105,32 @@ class ADNetHead(nn.Module):
         """B x S x C x h x w, B x S x H x W -> B x C (mean over shots)."""
         return masked_average_pool(support, masks).mean(dim=1)
 
+    # ------------------------------------------------------------------ support state
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """The support's prototype: support {"out": B x S x C x h x w}, masks B x S x H x W ->
+        {"prototype": B x C, "image_size": (H, W)}."""
+        return {"prototype": self.prototype(support["out"], support_masks),
+                "image_size": tuple(support_masks.shape[-2:])}
+
+    def segment(self, state: dict, query: dict) -> HeadOutput:
+        """Query {"out": B x Q x C x h x w} against a `prepare_support` state -> HeadOutput
+        (log_probs B x Q x 2 x H x W, extras {"threshold"})."""
+        return self._segment(state, query["out"])[0]
+
+    def _segment(self, state: dict, fq: torch.Tensor) -> tuple[HeadOutput, torch.Tensor]:
+        """(HeadOutput, the foreground probability B x Q x h x w at feature resolution)."""
+        prototype = state["prototype"]
+        if fq.dim() != 5 or fq.shape[0] != prototype.shape[0] or fq.shape[2] != prototype.shape[1]:
+            raise ValueError(f"expected query features B x Q x C x h x w with the support's B x C = "
+                             f"{tuple(prototype.shape)}, got {tuple(fq.shape)}")
+        p_low = anomaly_fg_probability(fq, prototype, self.threshold, self.scaler, self.kappa)
+        p_full = upsample_bilinear(p_low, state["image_size"], align_corners=True)
+        return HeadOutput(two_class_log_probs(p_full), extras={"threshold": self.threshold.detach()}), p_low
+
+    # ------------------------------------------------------------------ forward
     def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         fs, fq = support["out"], query["out"]
-        size = support_masks.shape[-2:]
-        prototype = self.prototype(fs, support_masks)
-        p_low = anomaly_fg_probability(fq, prototype, self.threshold, self.scaler, self.kappa)
-        p_full = upsample_bilinear(p_low, size, align_corners=True)
-        out = HeadOutput(two_class_log_probs(p_full), extras={"threshold": self.threshold.detach()})
+        out, p_low = self._segment(self.prepare_support(support, support_masks), fq)
         if self.training:
             out.aux_losses["threshold"] = self.threshold / self.scaler
             if self.align:

@@ -32,6 +32,19 @@ background's global prototype), the same fallback the reference applies to a for
 without full windows. Both branches are counted (`HeadOutput.extras` per call,
 `branch_counts()` cumulative).
 
+Support state (models/heads/contract.py). Everything but the query's scores depends on the
+support alone and is computed once by `prepare_support`: the resized masks, the pooled cells and
+their selection (local prototypes, normalised), the background's global prototype, the foreground
+mode of the episode ('gridconv+' or 'mask', decided from the support mask) and the foreground
+hook's support part (ALPNet: the shots' global prototypes; DSPNet: seeds, clustered centres, BCMA
+cells), with the per-episode branch statistics. `segment` scores a batch of queries against it.
+`forward` is the same two steps (`support_state`, `query_scores`) plus, in training, the alignment
+loss, so the pair and the forward cannot drift. Each query image is scored on its own (no statistic
+over the query batch), so any split of the queries into calls gives the same log-probabilities.
+The branch counters count per prediction, as before the state existed: every `segment` call (and
+every forward) adds its B episodes and their branches; `prepare_support` counts nothing, so the
+counts do not depend on how often a support state is reused.
+
 Batching: episodes (B), shots (S) and queries (Q) are vectorised; the varying number of local
 prototypes is handled with masks (a masked softmax), and the per-episode mode choice with
 `torch.where` over both modes' scores, so the forward has no host synchronisation. The head runs
@@ -96,10 +109,14 @@ def prototype_similarities(query_n: torch.Tensor, prototypes: torch.Tensor, scal
     Returns:
         B x Q x P x h x w.
     """
-    p = safe_normalize(prototypes, dim=-1, eps=eps)
-    if p.dim() == 3:
-        return scaler * torch.einsum("bqchw,bpc->bqphw", query_n, p)
-    return scaler * torch.einsum("bqchw,bqpc->bqphw", query_n, p)
+    return normalized_similarities(query_n, safe_normalize(prototypes, dim=-1, eps=eps), scaler)
+
+
+def normalized_similarities(query_n: torch.Tensor, prototypes_n: torch.Tensor, scaler: float) -> torch.Tensor:
+    """`prototype_similarities` with the prototypes already normalised (a support state's)."""
+    if prototypes_n.dim() == 3:
+        return scaler * torch.einsum("bqchw,bpc->bqphw", query_n, prototypes_n)
+    return scaler * torch.einsum("bqchw,bqpc->bqphw", query_n, prototypes_n)
 
 
 def softmax_fusion(d: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +186,27 @@ class ALPNetHead(nn.Module):
         return cells, cells
 
     def support_context(self, support_masks: torch.Tensor, feature_size: tuple[int, int]):
-        """Per-support data computed once per forward from the full-resolution masks (DSPNet's seeds)."""
+        """Per-support data computed once per support from the full-resolution masks (DSPNet's seeds)."""
         return None
+
+    def foreground_support(self, support: torch.Tensor, fg_masks: torch.Tensor, context,
+                           alignment: bool) -> tuple[dict, dict]:
+        """The support's part of the global foreground prototypes (see `foreground_prototypes`).
+
+        Args:
+            support: B x S x C x h x w; fg_masks: B x S x h x w.
+            context: `support_context`'s result (None in the alignment pass).
+            alignment: True in the alignment pass.
+        Returns:
+            (state for `foreground_for_queries`, extras {name: B-shaped tensor}).
+            ALPNet: {"global": B x S x C}, the masked average of each shot.
+        """
+        return {"global": masked_average_pool_lowres(support, fg_masks, eps=self.map_eps)}, {}
+
+    def foreground_for_queries(self, state: dict, query: torch.Tensor) -> torch.Tensor:
+        """`foreground_support`'s state, query B x Q x C x h x w -> B x Q x S x C prototypes.
+        ALPNet: the same prototypes for every query."""
+        return state["global"][:, None].expand(-1, query.shape[1], -1, -1)
 
     def foreground_prototypes(self, support: torch.Tensor, fg_masks: torch.Tensor, query: torch.Tensor,
                               context, alignment: bool) -> tuple[torch.Tensor, dict]:
@@ -181,10 +217,10 @@ class ALPNetHead(nn.Module):
             context: `support_context`'s result (None in the alignment pass).
             alignment: True in the alignment pass.
         Returns:
-            (B x Q x S x C prototypes, extras). ALPNet: the masked average of each shot.
+            (B x Q x S x C prototypes, extras).
         """
-        g = masked_average_pool_lowres(support, fg_masks, eps=self.map_eps)        # B x S x C
-        return g[:, None].expand(-1, query.shape[1], -1, -1), {}
+        state, extras = self.foreground_support(support, fg_masks, context, alignment)
+        return self.foreground_for_queries(state, query), extras
 
     # ------------------------------------------------------------------ scores
     def class_scores(self, support: torch.Tensor, fg_masks: torch.Tensor, bg_masks: torch.Tensor,
@@ -198,37 +234,35 @@ class ALPNetHead(nn.Module):
         Returns:
             (logits B x Q x 2 x h x w, extras {name: B-shaped tensor}).
         """
+        state = self.support_state(support, fg_masks, bg_masks, window, context, alignment)
+        return self.query_scores(state, query), dict(state["extras"])
+
+    def support_state(self, support: torch.Tensor, fg_masks: torch.Tensor, bg_masks: torch.Tensor,
+                      window: int, context=None, alignment: bool = False) -> dict:
+        """What the scores take from the support alone (the first half of `class_scores`).
+
+        Args:
+            support: B x S x C x h x w; fg_masks, bg_masks: B x S x h x w (soft, feature size);
+            window: local-prototype pooling window; context, alignment: as `foreground_support`.
+        Returns:
+            {"bg_local", "fg_local": B x M x C normalised local prototypes (M cells of all shots),
+             "bg_valid", "fg_valid": B x M the cells kept, "bg_global": B x C, "fg_grid_mode": B,
+             "foreground": the `foreground_support` state, "extras": {name: B-shaped statistics}}.
+        """
         B, S, C, h, w = support.shape
-        Q = query.shape[1]
         if h % window or w % window:
             raise ValueError(f"the {h}x{w} feature map is not divisible by the pooling window {window} "
                              f"(head.window / head.val_window)")
-        cells = grid_cells(support, window)                                           # B x M x C
-        fg_cells, bg_cells = self.refine_cells(cells)
+        fg_cells, bg_cells = self.refine_cells(grid_cells(support, window))           # B x M x C
         y_fg, y_bg = mask_cells(fg_masks, window), mask_cells(bg_masks, window)        # B x M
-        query_n = safe_normalize(query, dim=2, eps=self.norm_eps)
-
         # background: local prototypes only ('gridconv'); no local prototype -> 'mask' mode
         valid_bg = y_bg > self.bg_thresh
-        d_bg = prototype_similarities(query_n, bg_cells, self.scaler, self.norm_eps)
-        bg_grid, bg_any = softmax_fusion(d_bg, valid_bg[:, None].expand(-1, Q, -1))
         bg_global = masked_average_pool_lowres(support, bg_masks, eps=self.map_eps).mean(1)   # B x C
-        bg_mask = self.scaler * cosine_to_prototype(query, bg_global[:, None], eps=self.cos_eps)
-        bg = torch.where(bg_any[..., None, None], bg_grid, bg_mask)
-
         # foreground: 'gridconv+' (local + one global per shot) or 'mask' (shot-averaged global)
-        g, extras = self.foreground_prototypes(support, fg_masks, query, context, alignment)  # B x Q x S x C
+        foreground, extras = self.foreground_support(support, fg_masks, context, alignment)
         valid_fg = y_fg > self.fg_thresh
-        d_fg = torch.cat([prototype_similarities(query_n, fg_cells, self.scaler, self.norm_eps),
-                          prototype_similarities(query_n, g, self.scaler, self.norm_eps)], dim=2)
-        valid = torch.cat([valid_fg[:, None].expand(-1, Q, -1),
-                           torch.ones(B, Q, S, dtype=torch.bool, device=support.device)], dim=-1)
-        fg_grid, _ = softmax_fusion(d_fg, valid)
-        fg_mask = self.scaler * cosine_to_prototype(query, g.mean(2), eps=self.cos_eps)
         mode_max = F.avg_pool2d(fg_masks.reshape(B * S, 1, h, w), self.mode_window).reshape(B, -1).amax(1)
         use_grid = mode_max >= self.fg_thresh
-        fg = torch.where(use_grid[:, None, None, None], fg_grid, fg_mask)
-
         extras.update({
             "fg_grid_mode": use_grid,
             "fg_local_empty": use_grid & ~valid_fg.any(1),
@@ -236,7 +270,80 @@ class ALPNetHead(nn.Module):
             "n_fg_local": valid_fg.sum(1),
             "n_bg_local": valid_bg.sum(1),
         })
-        return torch.stack([bg, fg], dim=2), extras
+        return {"bg_local": safe_normalize(bg_cells, dim=-1, eps=self.norm_eps), "bg_valid": valid_bg,
+                "bg_global": bg_global,
+                "fg_local": safe_normalize(fg_cells, dim=-1, eps=self.norm_eps), "fg_valid": valid_fg,
+                "fg_grid_mode": use_grid, "foreground": foreground, "extras": extras}
+
+    def query_scores(self, state: dict, query: torch.Tensor) -> torch.Tensor:
+        """`support_state`'s state, query B x Q x C x h x w -> [bg, fg] logits B x Q x 2 x h x w
+        (the second half of `class_scores`; every query image on its own)."""
+        B, Q = query.shape[:2]
+        query_n = safe_normalize(query, dim=2, eps=self.norm_eps)
+        d_bg = normalized_similarities(query_n, state["bg_local"], self.scaler)
+        bg_grid, bg_any = softmax_fusion(d_bg, state["bg_valid"][:, None].expand(-1, Q, -1))
+        bg_mask = self.scaler * cosine_to_prototype(query, state["bg_global"][:, None], eps=self.cos_eps)
+        bg = torch.where(bg_any[..., None, None], bg_grid, bg_mask)
+
+        g = self.foreground_for_queries(state["foreground"], query)                  # B x Q x S x C
+        S = g.shape[2]
+        d_fg = torch.cat([normalized_similarities(query_n, state["fg_local"], self.scaler),
+                          prototype_similarities(query_n, g, self.scaler, self.norm_eps)], dim=2)
+        valid = torch.cat([state["fg_valid"][:, None].expand(-1, Q, -1),
+                           torch.ones(B, Q, S, dtype=torch.bool, device=query.device)], dim=-1)
+        fg_grid, _ = softmax_fusion(d_fg, valid)
+        fg_mask = self.scaler * cosine_to_prototype(query, g.mean(2), eps=self.cos_eps)
+        fg = torch.where(state["fg_grid_mode"][:, None, None, None], fg_grid, fg_mask)
+        return torch.stack([bg, fg], dim=2)
+
+    # ------------------------------------------------------------------ support state (evaluation)
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """The support's work once (contract: models/heads/contract.py; see the module docstring).
+
+        Args:
+            support: {"out": B x S x C x h x w}; support_masks: B x S x H x W.
+        Returns:
+            `support_state`'s dict plus "training" (the mode it was prepared in: the window and
+            DSPNet's `cal` depend on it), "image_size" (H, W) and "query_shape" (B, C). Read only.
+        """
+        fs = support["out"]
+        if fs.dim() != 5 or support_masks.dim() != 4 or fs.shape[:2] != support_masks.shape[:2]:
+            raise ValueError(f"expected support B x S x C x h x w and masks B x S x H x W; "
+                             f"got {tuple(fs.shape)}, {tuple(support_masks.shape)}")
+        with fp32_region(fs.device):
+            return self._prepare(fs.float(), support_masks.float())
+
+    def segment(self, state: dict, query: dict) -> HeadOutput:
+        """Query {"out": B x Q x C x h x w} against a `prepare_support` state -> HeadOutput
+        (log_probs B x Q x 2 x H x W, extras: the episodes' branch statistics); counts branches."""
+        fq = query["out"]
+        if fq.dim() != 5 or (fq.shape[0], fq.shape[2]) != state["query_shape"]:
+            raise ValueError(f"expected query features B x Q x C x h x w with the support's (B, C) = "
+                             f"{state['query_shape']}, got {tuple(fq.shape)}")
+        if bool(state["training"]) != self.training:
+            raise RuntimeError(f"this support state was prepared in {'training' if state['training'] else 'evaluation'}"
+                               f" mode but the head is in {'training' if self.training else 'evaluation'} mode "
+                               f"(the pooling window differs); prepare it again after switching modes")
+        with fp32_region(fq.device):
+            return self._segment(state, fq.float())[0]
+
+    def _prepare(self, fs: torch.Tensor, masks: torch.Tensor) -> dict:
+        """float32 support B x S x C x h x w and masks B x S x H x W -> the support state."""
+        size = fs.shape[-2:]
+        fg_masks, bg_masks = downsample_masks(masks, size), downsample_masks(1.0 - masks, size)
+        window = self.window if self.training else self.val_window
+        state = self.support_state(fs, fg_masks, bg_masks, window, self.support_context(masks, size))
+        state.update(training=self.training, image_size=tuple(masks.shape[-2:]),
+                     query_shape=(fs.shape[0], fs.shape[2]))
+        return state
+
+    def _segment(self, state: dict, fq: torch.Tensor) -> tuple[HeadOutput, torch.Tensor]:
+        """float32 query B x Q x C x h x w -> (HeadOutput, low-resolution logits B x Q x 2 x h x w)."""
+        low = self.query_scores(state, fq)
+        log_probs = F.log_softmax(upsample_bilinear(low, state["image_size"], align_corners=False), dim=2)
+        out = HeadOutput(log_probs, extras=dict(state["extras"]))
+        self._accumulate("train" if state["training"] else "eval", out.extras, fq.shape[0])
+        return out, low
 
     # ------------------------------------------------------------------ forward
     def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
@@ -246,20 +353,12 @@ class ALPNetHead(nn.Module):
                              f"got {tuple(fs.shape)}, {tuple(support_masks.shape)}, {tuple(fq.shape)}")
         with fp32_region(fs.device):
             fs, fq, masks = fs.float(), fq.float(), support_masks.float()
-            size, full = fs.shape[-2:], masks.shape[-2:]
-            fg_masks, bg_masks = downsample_masks(masks, size), downsample_masks(1.0 - masks, size)
-            window = self.window if self.training else self.val_window
-            context = self.support_context(masks, size)
-            low, extras = self.class_scores(fs, fg_masks, bg_masks, fq, window, context)
-            log_probs = F.log_softmax(upsample_bilinear(low, full, align_corners=False), dim=2)
-            out = HeadOutput(log_probs, extras=extras)
-            phase = "train" if self.training else "eval"
-            self._accumulate(phase, extras, fs.shape[0])
+            out, low = self._segment(self._prepare(fs, masks), fq)
             if self.training and self.align:
                 loss, align_extras = self.alignment_loss(fs, masks, fq, low)
                 out.aux_losses["align"] = loss
                 out.extras.update({f"align.{k}": v for k, v in align_extras.items()})
-                self._accumulate(f"{phase}.align", align_extras, fs.shape[0])
+                self._accumulate("train.align", align_extras, fs.shape[0])
         return out
 
     def alignment_loss(self, fs: torch.Tensor, masks: torch.Tensor, fq: torch.Tensor,

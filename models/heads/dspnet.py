@@ -40,6 +40,14 @@ Reference bugs that change numbers, each a head option:
   OpenCV 4, an exception under OpenCV 5). They are never used: the alignment pass always takes
   the FSPA fallback branch. No option: the seeds are simply not computed there.
 
+Support state (models/heads/contract.py, on top of ALPNet's): the seeds, the clustered centres
+(the clustering reads the support features, the ROI and the seeds only), the branch each shot
+takes (clustered / no seeds / empty ROI), the BCMA-refined local prototypes, the support's masked
+average MAP(S, m~) and its feature norms for the cross attention. What involves the query, the
+cross attention S^, the fallback centre g0 and the fusion into g, is computed per query image in
+`segment`. The branch counters (`fspa_clustered`, `fspa_roi_empty`, per shot) count per
+prediction as ALPNet's.
+
 Shots: the reference is 1-shot only. With S > 1 every shot gets its own seeds, centres and FSPA
 prototype; 'gridconv+' adds one prototype per shot and 'mask' mode averages them (the ALPNet rule;
 the reference's un-averaged 'mask' prototype only works for S = 1, where both agree).
@@ -219,16 +227,20 @@ class DSPNetHead(ALPNetHead):
         n_used = torch.maximum((seeds[..., 0] != 0).sum(-1), (seeds[..., 1] != 0).sum(-1))   # B x S
         return seeds, n_used, placed
 
-    def cross_attention(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def cross_attention(self, support: torch.Tensor, query: torch.Tensor,
+                        support_norms: torch.Tensor | None = None) -> torch.Tensor:
         """S^ = S + attention-weighted sum of features (see the module docstring).
 
         Args:
-            support: B x S x C x N; query: B x Q x C x N.
+            support: B x S x C x N; query: B x Q x C x N;
+            support_norms: support.norm(dim=2), B x S x N, if already computed (a support state's).
         Returns:
             B x Q x S x C x N.
         """
+        if support_norms is None:
+            support_norms = support.norm(dim=2)
         dots = torch.einsum("bscn,bqcm->bqsnm", support, query)
-        norms = support.norm(dim=2)[:, None, :, :, None] * query.norm(dim=2)[:, :, None, None, :]
+        norms = support_norms[:, None, :, :, None] * query.norm(dim=2)[:, :, None, None, :]
         attention = torch.softmax(dots / (norms + self.attention_eps), dim=-1)     # over query positions
         if self.cross_attention_slip:
             mixed = torch.einsum("bqsnm,bscm->bqscn", attention, support)
@@ -268,40 +280,60 @@ class DSPNetHead(ALPNetHead):
             centres = torch.einsum("gcn,gnk->gck", feats, weights)
         return centres[:, :C].transpose(1, 2).reshape(B, S, K, C), roi_any.reshape(B, S)
 
-    def foreground_prototypes(self, support: torch.Tensor, fg_masks: torch.Tensor, query: torch.Tensor,
-                              context, alignment: bool) -> tuple[torch.Tensor, dict]:
-        """FSPA prototype of every shot for every query: B x Q x S x C (see the module docstring)."""
-        B, S, C, h, w = support.shape
-        Q = query.shape[1]
-        s_flat, q_flat = support.flatten(3), query.flatten(3)                         # B x S|Q x C x N
-        refined = self.cross_attention(s_flat, q_flat)                                # B x Q x S x C x N
+    def foreground_support(self, support: torch.Tensor, fg_masks: torch.Tensor, context,
+                           alignment: bool) -> tuple[dict, dict]:
+        """The support's part of FSPA: seeds' centres and branches, MAP(S, m~), norms.
+
+        Args:
+            support: B x S x C x h x w; fg_masks: B x S x h x w; context: `support_context`'s
+                (seeds, n_used, placed), None in the alignment pass; alignment: True there.
+        Returns:
+            ({"support": B x S x C x N, "support_norms": B x S x N, "mask": B x S x N,
+              "denom": B x S, "base": B x S x C, "clusters": B x S x K x C clustered centres or
+              None (alignment pass), "clustered", "roi_empty": B x S, "valid": B x S x K the
+              centres used}, extras {"fspa_clustered", and with seeds "n_seeds", "fspa_roi_empty"}).
+        """
+        B, S = support.shape[:2]
+        K, device = self.max_seeds, support.device
+        s_flat = support.flatten(3)                                                   # B x S x C x N
         m = fg_masks.flatten(2)                                                       # B x S x N
-        denom = m.sum(-1) + self.map_eps                                              # B x S
-        g0 = torch.einsum("bqscn,bsn->bqsc", refined, m) / denom[:, None, :, None]    # fallback centre
-        K = self.max_seeds
-        slot0 = torch.zeros(K, dtype=torch.bool, device=support.device)
+        slot0 = torch.zeros(K, dtype=torch.bool, device=device)
         slot0[0] = True
-        fallback_centres = torch.cat([g0[..., None, :], g0.new_zeros(B, Q, S, K - 1, C)], dim=3)
         extras = {}
         if alignment or context is None:
-            centres, valid = fallback_centres, slot0.expand(B, S, K)
-            clustered = torch.zeros(B, S, dtype=torch.bool, device=support.device)
+            clusters, valid = None, slot0.expand(B, S, K)
+            clustered = roi_empty = torch.zeros(B, S, dtype=torch.bool, device=device)
         else:
             seeds, n_used, placed = context
-            cluster, roi_any = self.cluster_centres(support, fg_masks, seeds)         # B x S x K x C
+            clusters, roi_any = self.cluster_centres(support, fg_masks, seeds)        # B x S x K x C
             clustered = (n_used > 0) & roi_any
-            use = clustered[:, None, :, None, None]
-            centres = torch.where(use, cluster[:, None].expand(-1, Q, -1, -1, -1), fallback_centres)
             # seeds placed but no cell fully inside the mask (thin or striped masks): the reference's
             # clustering sums over an empty ROI, so its centres are zero and g = MAP(S, m~)
-            centres = centres.masked_fill(((n_used > 0) & ~roi_any)[:, None, :, None, None], 0.0)
-            seed_valid = torch.arange(K, device=support.device) < n_used[..., None]      # B x S x K
+            roi_empty = (n_used > 0) & ~roi_any
+            seed_valid = torch.arange(K, device=device) < n_used[..., None]          # B x S x K
             valid = torch.where(clustered[..., None], seed_valid, slot0.expand(B, S, K))
-            extras = {"n_seeds": placed, "fspa_roi_empty": (n_used > 0) & ~roi_any}
+            extras = {"n_seeds": placed, "fspa_roi_empty": roi_empty}
         extras["fspa_clustered"] = clustered
+        state = {"support": s_flat, "support_norms": s_flat.norm(dim=2), "mask": m,
+                 "denom": m.sum(-1) + self.map_eps,
+                 "base": masked_average_pool_lowres(support, fg_masks, eps=self.map_eps),
+                 "clusters": clusters, "clustered": clustered, "roi_empty": roi_empty, "valid": valid}
+        return state, extras
+
+    def foreground_for_queries(self, state: dict, query: torch.Tensor) -> torch.Tensor:
+        """FSPA prototype of every shot for every query: B x Q x S x C (see the module docstring)."""
+        s_flat, m, denom = state["support"], state["mask"], state["denom"]
+        B, S, C = s_flat.shape[:3]
+        Q, K = query.shape[1], state["valid"].shape[-1]
+        refined = self.cross_attention(s_flat, query.flatten(3), state["support_norms"])   # B x Q x S x C x N
+        g0 = torch.einsum("bqscn,bsn->bqsc", refined, m) / denom[:, None, :, None]    # fallback centre
+        centres = torch.cat([g0[..., None, :], g0.new_zeros(B, Q, S, K - 1, C)], dim=3)
+        if state["clusters"] is not None:
+            use = state["clustered"][:, None, :, None, None]
+            centres = torch.where(use, state["clusters"][:, None].expand(-1, Q, -1, -1, -1), centres)
+            centres = centres.masked_fill(state["roi_empty"][:, None, :, None, None], 0.0)
         # E_k = softmax_p <S^_p, c_k>; g = MAP(S, m) + sum_k c_k (sum_p m_p E_kp) / (sum_p m_p + eps)
         attention = torch.softmax(torch.einsum("bqscn,bqskc->bqskn", refined, centres), dim=-1)
         mass = torch.einsum("bqskn,bsn->bqsk", attention, m) / denom[:, None, :, None]
-        mass = mass * valid[:, None].to(mass.dtype)
-        base = masked_average_pool_lowres(support, fg_masks, eps=self.map_eps)        # B x S x C
-        return base[:, None] + torch.einsum("bqsk,bqskc->bqsc", mass, centres), extras
+        mass = mass * state["valid"][:, None].to(mass.dtype)
+        return state["base"][:, None] + torch.einsum("bqsk,bqskc->bqsc", mass, centres)
