@@ -220,6 +220,31 @@ def test_batched_refinement_equals_one_slice_per_call():
             torch.testing.assert_close(batched.extras["prototypes"][n][:, q:q + 1], single.extras["prototypes"][n])
 
 
+def test_support_state_gives_the_refined_predictions_of_forward_over_split_calls():
+    """Evaluation's path (prepare_support once, segment per query batch) with the refinement on: the
+    query slices split over two calls give forward's log-probabilities and refined prototypes, every
+    slice's refinement starts from the state's prototypes (a second pass gives the same), and the
+    state is left as it was."""
+    support, masks, query = _varied_slices()
+    head = QNetHead().eval()
+    assert head.refine_steps > 0
+    expected = head(support, masks, query)
+    with torch.no_grad():                                  # as the predictor calls it
+        state = head.prepare_support(support, masks)
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    calls = [(0, 2), (2, 5)]
+    for _ in range(2):
+        parts = [head.segment(state, {k: v[:, i:j] for k, v in query.items()}) for i, j in calls]
+        torch.testing.assert_close(torch.cat([o.log_probs for o in parts], dim=1), expected.log_probs)
+        for n in SIZES:
+            torch.testing.assert_close(torch.cat([o.extras["prototypes"][n] for o in parts], dim=1),
+                                       expected.extras["prototypes"][n])
+            assert not torch.equal(parts[0].extras["prototypes"][n][:, 0], state[f"prototype.{n}"])   # refined
+    for k, v in before.items():
+        assert torch.equal(state[k], v) if isinstance(v, torch.Tensor) else state[k] == v
+    assert not any(v.requires_grad for v in state.values() if isinstance(v, torch.Tensor))
+
+
 def test_reference_refinement_is_a_uniform_positive_shift():
     support, masks, query, _, _ = _episode(Q=3, C=64, seed=2)
     for steps in (1, 7):

@@ -258,6 +258,41 @@ def test_shapes_train_and_eval_and_query_batching_consumes_the_stream_like_singl
     assert not torch.equal(again, single[0])
 
 
+def test_support_state_gives_the_predictions_of_forward_per_query_batch():
+    """Evaluation now prepares the support state once per support slice and mask and segments each query
+    batch with it; before, it called forward once per query batch. Every draw of first centres is per
+    query image (none per call), so both ways consume the fresh evaluation stream in the same order and
+    predict the same, bit for bit, here over two classes' masks and query slices split over two calls;
+    the state is left as it was, and the draws differ per query image (regions are not in the state)."""
+    support, masks, query, _ = _inputs(Q=5, seed=5)
+    other = torch.zeros_like(masks)                            # a second class of the same support slice
+    other[..., 30:50, 8:28] = 1.0
+    head = RPTHead(channels=C).eval()
+    calls = [(0, 2), (2, 5)]
+
+    def batch(i, j):
+        return {k: v[:, i:j] for k, v in query.items()}
+
+    before = [head(support, m, batch(i, j)).log_probs for m in (masks, other) for i, j in calls]
+    head.train().eval()                                        # a fresh evaluation stream, as before
+    after, states = [], []
+    for m in (masks, other):
+        with torch.no_grad():
+            state = head.prepare_support(support, m)
+        kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        after += [head.segment(state, batch(i, j)).log_probs for i, j in calls]
+        for k, v in kept.items():
+            assert torch.equal(state[k], v) if isinstance(v, torch.Tensor) else state[k] == v
+        assert state["point_counts"].device.type == "cpu"    # the draws need no device sync per batch
+        states.append(state)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    head.train().eval()                                        # one call for all five slices: the same draws
+    torch.testing.assert_close(head.segment(states[0], query).log_probs, torch.cat(after[:2], dim=1))
+    # the same state and slice again later in the stream: other first centres, other regions
+    assert not torch.equal(head.segment(states[0], batch(0, 1)).log_probs, after[0][:, :1])
+
+
 def test_training_draws_resume_from_the_saved_global_streams():
     """Training draws come from NumPy's global RandomState and dropout from torch's CPU generator, both
     saved in the trainer's resume points: restoring them replays the step exactly."""

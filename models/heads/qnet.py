@@ -161,6 +161,11 @@ class QNetHead(nn.Module):
                       extras {"threshold": B x Q, "support_prototypes": {scale: B x C},
                               "prototypes": {scale: B x Q x C} (after refinement)})
 
+    Support state (evaluation: `prepare_support` once per support slice and mask, then `segment` per
+    query batch, equal to forward): {"prototype.layer3", "prototype.layer4": B x C support prototypes,
+    "image_size": (H, W)}; forward is prepare_support then segment's prediction (plus the alignment loss in
+    training), so the two cannot drift.
+
     Options:
         scaler: S, the cosine scale of the anomaly score.
         kappa: slope of the soft threshold.
@@ -220,23 +225,54 @@ class QNetHead(nn.Module):
         total = sum(w[n] * upsample_bilinear(p, size, align_corners=True) for n, p in enumerate(probs))
         return total / w.sum()
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+    # ------------------------------------------------------------------ support state and prediction
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """What the prediction needs from the support alone (models/heads/contract.py):
+
+        support {"layer3": B x S x C x h3 x w3, "layer4": B x S x C x h4 x w4, ...},
+        support_masks B x S x H x W
+            -> {"prototype.layer3": B x C, "prototype.layer4": B x C, "image_size": (H, W)}
+
+        The prototypes are the support's, from which every query slice's refinement starts (the
+        refinement needs nothing else of the support, and Q-Net's thresholds come from the query).
+        forward builds the same state, so training's gradients reach the support through it."""
+        state = {f"prototype.{n}": masked_average_pool(support[n], support_masks, MAP_EPS).mean(dim=1)
+                 for n in SCALES}
+        state["image_size"] = tuple(support_masks.shape[-2:])
+        return state
+
+    def segment(self, state: dict, query: dict) -> HeadOutput:
+        """forward's prediction from a support state (`prepare_support`), without auxiliary losses:
+        query {"layer3": B x Q x C x h3 x w3, "layer4": ..., "threshold": B x Q x 1} -> HeadOutput as
+        forward's. Each query slice refines its own copy of the state's prototypes (in eval mode),
+        so any split of the queries into calls gives the same predictions; the state is not changed."""
+        return self._predict(state, query)[0]
+
+    def _predict(self, state: dict, query: dict) -> tuple[HeadOutput, torch.Tensor, torch.Tensor]:
+        """-> (the output without auxiliary losses, the fused probability P B x Q x H x W, the
+        thresholds T_q B x Q x 1 x 1), both P and T_q still in the graph for the alignment loss."""
         B, Q = query[SCALES[0]].shape[:2]
-        size = tuple(support_masks.shape[-2:])
+        support_protos = [state[f"prototype.{n}"] for n in SCALES]
+        if support_protos[0].shape[0] != B:
+            raise ValueError(f"the support state holds {support_protos[0].shape[0]} episodes, the query {B} "
+                             f"(prepare_support and segment take the same episodes)")
         threshold = image_thresholds(query, B, Q)
-        support_protos = [masked_average_pool(support[n], support_masks, MAP_EPS).mean(dim=1) for n in SCALES]
         protos = [p.unsqueeze(1).expand(B, Q, p.shape[-1]) for p in support_protos]
         p_low = [self.fg_probability(query[n], protos[i], threshold) for i, n in enumerate(SCALES)]
         if not self.training and self.refine_steps > 0:
             protos = [self.refine_prototypes(query[n], protos[i], threshold, p_low[i]) for i, n in enumerate(SCALES)]
             p_low = [self.fg_probability(query[n], protos[i], threshold) for i, n in enumerate(SCALES)]
-        p_full = self.fuse(p_low, size)                                         # B x Q x H x W
+        p_full = self.fuse(p_low, state["image_size"])                                # B x Q x H x W
         out = HeadOutput(two_class_log_probs(p_full), extras={
             "threshold": threshold.detach().view(B, Q),
             "support_prototypes": {n: p.detach() for n, p in zip(SCALES, support_protos)},
             "prototypes": {n: p.detach() for n, p in zip(SCALES, protos)},
         })
+        return out, p_full, threshold
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        out, p_full, threshold = self._predict(self.prepare_support(support, support_masks), query)
         if self.training and self.align:
             out.aux_losses["align"] = self.alignment_loss(support, support_masks, query, p_full, threshold)
         return out

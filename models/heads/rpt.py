@@ -34,6 +34,13 @@ fresh model (its stream at 1289) and calls it once per query slice, so one draw 
 order, consumes the stream as the reference does. Dropout (training only) draws its masks from
 torch's CPU generator (saved by the trainer), never from a CUDA generator.
 
+Support state. Every draw is per query image (one per episode, query image and shot), none per call,
+so the draws and the regions they start belong to `segment`; `prepare_support` keeps what does not
+depend on the query (p, the support features, the padded mask cells and their counts on the host).
+Evaluation before the support state called forward once per query batch; it now calls segment once
+per query batch with the same state: the same draws from the same stream in the same order, so the
+same predictions. forward is prepare_support then segment's prediction, so they cannot drift.
+
 Shapes: B episodes, S shots, Q query images, C channels, h x w feature cells, H x W pixels, K = fg_num
 regions, N = B Q S region sets.
 """
@@ -247,6 +254,12 @@ class RPTHead(nn.Module):
             dropout 0.1 in training).
         fps_seed: seed of the evaluation stream of first centres (the reference's RandomState(1289)).
         channels: C, from the encoder (build_model), not a config key.
+
+    Support state (`prepare_support`, then `segment` per query batch, equal to forward): {
+    "support_prototype": B x C, "support_features": B x S x C x (h w), "points": B x S x (h w) bool
+    (the padded mask cells the regions are cut from), "point_counts": B x S long on the CPU (no device
+    sync per query batch), "grid_width": w, "image_size": (H, W)}. The regional prototypes are not
+    in it: their first centres are drawn per query image, in segment (see "Support state" above).
     """
 
     feature_maps = (FEATURE_MAP, "threshold")
@@ -285,8 +298,9 @@ class RPTHead(nn.Module):
         return super().train(mode)
 
     def first_centres(self, n_points: torch.Tensor) -> torch.Tensor:
-        """One draw per set, in order: n_points N (points of each set) -> N long, the first centre's
-        index among the points, `RandomState.choice(n)` as the reference."""
+        """One draw per set, in order: n_points N (points of each set; on the CPU, or the draw waits
+        for the device) -> N long on n_points' device, the first centre's index among the points,
+        `RandomState.choice(n)` as the reference."""
         stream = self._eval_stream if not self.training else np.random.mtrand._rand
         draws = [int(stream.choice(int(n))) for n in n_points.tolist()]
         return torch.tensor(draws, dtype=torch.long, device=n_points.device)
@@ -296,18 +310,17 @@ class RPTHead(nn.Module):
     # threshold B x N x 1 x 1 -> B x N x h x w (Q-Net's per-image anomaly score)
     fg_probability = QNetHead.fg_probability
 
-    def regional_prototypes(self, support: torch.Tensor, masks: torch.Tensor, Q: int) -> torch.Tensor:
-        """support B x S x C x h x w, masks B x S x H x W -> B x Q x S x K x C: the regions of every
-        shot, drawn anew for every query image (the reference re-runs the sampling on each call)."""
-        B, S, C, h, w = support.shape
-        cells = feature_grid_mask(masks, (h, w)).flatten(-2)                          # B x S x (h w)
-        cells = cells[:, None].expand(B, Q, S, h * w).reshape(-1, h * w)              # N, order (b, q, s)
-        points = padded_points(cells, self.fg_num)
-        first = self.first_centres(points.sum(dim=1))
+    def regional_prototypes(self, state: dict, Q: int) -> torch.Tensor:
+        """The regions of every shot, drawn anew for every query image (the reference re-runs the
+        sampling on each call): support state (`prepare_support`) -> B x Q x S x K x C."""
+        points, counts, fs = state["points"], state["point_counts"], state["support_features"]
+        B, S, C, n_cells = fs.shape
+        points = points[:, None].expand(B, Q, S, n_cells).reshape(-1, n_cells)        # N, order (b, q, s)
+        first = self.first_centres(counts[:, None].expand(B, Q, S).reshape(-1)).to(points.device)
         with torch.no_grad():                                                         # integer geometry
-            centres = farthest_point_centres(points, first, w, self.fg_num)
-            labels = region_labels(points, centres, w)
-        feats = support[:, None].expand(B, Q, S, C, h, w).reshape(-1, C, h * w)
+            centres = farthest_point_centres(points, first, state["grid_width"], self.fg_num)
+            labels = region_labels(points, centres, state["grid_width"])
+        feats = fs[:, None].expand(B, Q, S, C, n_cells).reshape(-1, C, n_cells)
         return region_prototypes(feats, labels, centres).view(B, Q, S, self.fg_num, C)
 
     def bate(self, regions: torch.Tensor, query_prototype: torch.Tensor) -> torch.Tensor:
@@ -317,19 +330,50 @@ class RPTHead(nn.Module):
         x = self.norm(weights.unsqueeze(-1) * query_prototype.unsqueeze(1) + regions)
         return self.mlp(self.attention(x))
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, support: dict, support_masks: torch.Tensor, query: dict,
-                query_labels: torch.Tensor | None = None) -> HeadOutput:
-        fs, fq = support[FEATURE_MAP], query[FEATURE_MAP]
-        B, S = fs.shape[:2]
-        Q = fq.shape[1]
-        size = tuple(support_masks.shape[-2:])
+    # ------------------------------------------------------------------ support state and prediction
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """What the prediction needs from the support alone (models/heads/contract.py):
+
+        support {"layer3": B x S x C x h x w, ...}, support_masks B x S x H x W -> {
+            "support_prototype": B x C, p (masked average, mean over shots),
+            "support_features": B x S x C x (h w), the features the regional prototypes average,
+            "points": B x S x (h w) bool, the cells the regions are cut from (padded as the reference),
+            "point_counts": B x S long on the CPU, their numbers (the draws need them on the host),
+            "grid_width": w, "image_size": (H, W)}
+
+        The regions themselves are not in the state: their first centre is drawn per query image
+        (the reference's sampling runs on every call), so `segment` draws and cuts them, one draw per
+        (episode, query image, shot) in that order, as forward does."""
+        fs = support[FEATURE_MAP]
+        B, S, C, h, w = fs.shape
+        cells = feature_grid_mask(support_masks, (h, w)).reshape(B * S, h * w)
+        points = padded_points(cells, self.fg_num).view(B, S, h * w)
+        return {"support_prototype": masked_average_pool(fs, support_masks, MAP_EPS).mean(dim=1),
+                "support_features": fs.flatten(-2), "points": points,
+                "point_counts": points.sum(dim=-1).cpu(), "grid_width": w,
+                "image_size": tuple(support_masks.shape[-2:])}
+
+    def segment(self, state: dict, query: dict) -> HeadOutput:
+        """forward's prediction from a support state (`prepare_support`), without auxiliary losses:
+        query {"layer3": B x Q x C x h x w, "threshold": B x Q x 1} -> HeadOutput as forward's. The
+        state is not changed; the draws of the query images continue the head's stream."""
+        return self._predict(state, query)[0]
+
+    def _predict(self, state: dict, query: dict) -> tuple[HeadOutput, torch.Tensor, torch.Tensor]:
+        """-> (the output without auxiliary losses, the probability P B x Q x H x W, the query
+        thresholds T_q B x Q x 1 x 1), both still in the graph for the training losses."""
+        fq = query[FEATURE_MAP]
+        B, Q = fq.shape[:2]
+        fg_proto = state["support_prototype"]                                          # B x C
+        if fg_proto.shape[0] != B:
+            raise ValueError(f"the support state holds {fg_proto.shape[0]} episodes, the query {B} "
+                             f"(prepare_support and segment take the same episodes)")
+        S = state["points"].shape[1]
         t_query = image_thresholds(query, B, Q, "query")
-        fg_proto = masked_average_pool(fs, support_masks, MAP_EPS).mean(dim=1)       # B x C
         protos = fg_proto[:, None].expand(B, Q, -1)
         p_low = self.fg_probability(fq, protos, t_query)                               # coarse, B x Q x h x w
         q_proto = masked_average_pool_lowres(fq, p_low, MAP_EPS)                       # B x Q x C
-        regions = self.regional_prototypes(fs, support_masks, Q)                       # B x Q x S x K x C
+        regions = self.regional_prototypes(state, Q)                                   # B x Q x S x K x C
         K, C = regions.shape[-2:]
         for _ in range(self.iterations):
             q_rep = q_proto[:, :, None].expand(B, Q, S, C).reshape(-1, C)
@@ -337,11 +381,20 @@ class RPTHead(nn.Module):
             protos = regions.mean(dim=3).mean(dim=2) + fg_proto[:, None]               # B x Q x C
             p_low = self.fg_probability(fq, protos, t_query)
             q_proto = masked_average_pool_lowres(fq, p_low, MAP_EPS)
-        p_full = upsample_bilinear(p_low, size, align_corners=True)
+        p_full = upsample_bilinear(p_low, state["image_size"], align_corners=True)
         out = HeadOutput(two_class_log_probs(p_full), extras={
             "threshold": t_query.detach().view(B, Q), "support_prototype": fg_proto.detach(),
             "prototypes": protos.detach()})
+        return out, p_full, t_query
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict,
+                query_labels: torch.Tensor | None = None) -> HeadOutput:
+        state = self.prepare_support(support, support_masks)
+        out, p_full, t_query = self._predict(state, query)
         if self.training:
+            fs, fq, fg_proto = support[FEATURE_MAP], query[FEATURE_MAP], state["support_prototype"]
+            B, S = fs.shape[:2]
             t_support = image_thresholds(support, B, S, "support")
             out.aux_losses["periphery"] = self.periphery_loss(fs, support_masks, fg_proto, t_support)
             pred_proto, has_fg = self.predicted_query_prototype(fq, p_full)
