@@ -9,8 +9,12 @@ phantoms written under --work) and runs, on `cuda`:
    defaults (fast mode: 8 episodes per step, bf16, channels_last, augmentation on the device), then
    evaluated on fold 0 with the defaults (fp32 encoder): episodes/s, query slices/s, peak device
    memory and mean Dice;
-2. scripts.benchmark (its mode_config / spawn / measure, one process per run) for every method in its
-   reference-like and fast modes: training episodes/s, evaluation slices/s, peak device memory.
+2. scripts.benchmark (its measure_peaks, and mode_config / spawn / measure, one process per run) for
+   every method in its reference-like and fast modes: training episodes/s, evaluation slices/s, peak
+   device memory, and the benchmark's roofline columns: GFLOP per training episode and per evaluated
+   slice, the fraction of the device's measured peak (bf16 peak for a bf16 mode, fp32 otherwise;
+   measured before the runs at the 256 x 256 encoder shapes, its table printed after the main one),
+   and an evaluated slice's time split into encoder, head and Q-Net's refinement (ms per slice).
 
 It keeps to --budget seconds (default 360, counted from the start, data preparation included, so that
 the last run ends within 8 minutes): a run that would start after the budget is spent is listed as
@@ -32,10 +36,23 @@ from configs.experiment import method_names
 from models.engine.builders import episodes_per_step, resolve_device
 from models.engine.evaluation import evaluate
 from models.engine.trainer import train
-from scripts.benchmark import MODES, mode_config, prepare_data, spawn
+from scripts.benchmark import (
+    MODES,
+    PEAK_SIZE,
+    fmt,
+    measure_peaks,
+    mode_config,
+    peaks_table,
+    percent,
+    prepare_data,
+    refinement_lines,
+    roofline,
+    spawn,
+)
 
-COLUMNS = ("run", "method", "mode", "episodes/step", "train episodes/s", "eval slices/s", "peak device MB",
-           "mean Dice")
+COLUMNS = ("run", "method", "mode", "episodes/step", "train episodes/s", "GFLOP/episode", "train % peak",
+           "eval slices/s", "GFLOP/slice", "eval % peak", "encoder ms/slice", "head ms/slice",
+           "refinement ms/slice", "peak device MB", "mean Dice")
 
 
 def cuda_available() -> bool:
@@ -47,20 +64,23 @@ def no_cuda_message() -> str:
             f"{torch.version.cuda or 'none'}); nothing was run. Run it on a machine with a GPU.")
 
 
-def _fmt(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_table(rows: list[dict], title: str = "") -> str:
+def format_table(rows: list[dict], title: str = "", peaks: dict | None = None) -> str:
     """One markdown table. Each row: run, method, mode, and any of batch, train_episodes_per_s,
-    eval_slices_per_s, device_peak_mb, dice (missing or None prints '-'); a row with `skipped`
-    prints its reason in the run column."""
+    train_gflop_per_episode, eval_slices_per_s, eval_gflop_per_slice, eval_ms_per_slice ({"encoder",
+    "head", "refinement"}), train_dtype / eval_dtype, device_peak_mb, dice (missing or None prints
+    '-'); a row with `skipped` prints its reason in the run column. `peaks` ({"fp32": GFLOP/s,
+    "bf16": ...}, measure_peaks) gives the % peak columns (scripts.benchmark.roofline)."""
     lines = ([title, ""] if title else []) + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         run = r["run"] + (f" (skipped: {r['skipped']})" if r.get("skipped") else "")
+        derived = roofline(r, peaks)
+        split = r.get("eval_ms_per_slice") or {}
         cells = [run, r["method"], r["mode"], "-" if r.get("batch") is None else str(r["batch"]),
-                 _fmt(r.get("train_episodes_per_s"), 3), _fmt(r.get("eval_slices_per_s"), 2),
-                 _fmt(r.get("device_peak_mb"), 0), _fmt(r.get("dice"), 4)]
+                 fmt(r.get("train_episodes_per_s"), 3), fmt(r.get("train_gflop_per_episode"), 1),
+                 percent(derived["train_peak_fraction"]), fmt(r.get("eval_slices_per_s"), 2),
+                 fmt(r.get("eval_gflop_per_slice"), 1), percent(derived["eval_peak_fraction"]),
+                 fmt(split.get("encoder"), 1), fmt(split.get("head"), 1), fmt(split.get("refinement"), 1),
+                 fmt(r.get("device_peak_mb"), 0), fmt(r.get("dice"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -119,6 +139,12 @@ def main(argv=None) -> int:
                             args.methods, args.scans)
     print(f"phantoms ready in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
+    print(f"measuring the peaks of {args.device} ...", flush=True)
+    try:
+        peak_run = measure_peaks(PEAK_SIZE, args.device)
+    except Exception as err:                    # report, and go on without the % peak columns
+        print(f"peak measurement failed: {type(err).__name__}: {err}", flush=True)
+        peak_run = {"device": args.device, "peaks": {"fp32": None, "bf16": None}, "kernels": []}
 
     row = {"run": f"train {args.qnet_episodes} ep + evaluate fold 0", "method": "qnet", "mode": "defaults"}
     print(f"training Q-Net {args.qnet_episodes} episodes, then evaluating fold 0 ...", flush=True)
@@ -140,11 +166,17 @@ def main(argv=None) -> int:
             try:
                 row.update(spawn(exp, args.work / "benchmark" / f"{method}_{mode}", args))
             except Exception as err:
-                row["skipped"] = f"failed: {type(err).__name__}: {str(err)[-160:]}"
+                row["skipped"] = f"failed: {type(err).__name__}: {getattr(err, 'last_line', str(err))[-160:]}"
 
     title = (f"gpu_check on {name}, phantoms {args.size}x{args.size} ({args.scans} scans x {args.slices} slices), "
              f"fold 0, random encoder weights; {time.perf_counter() - start:.0f} s")
-    text = format_table(rows, title)
+    peaks = peak_run["peaks"]
+    text = format_table(rows, title, peaks) + (
+        f"\nPeaks of {name} (best of 3 repeats; % peak is against bf16's for a bf16 mode, fp32's otherwise): "
+        f"fp32 {fmt(peaks['fp32'], 1)} GFLOP/s, bf16 {fmt(peaks.get('bf16'), 1)} GFLOP/s\n\n" + peaks_table([peak_run]))
+    refinement = refinement_lines([{**r, "device": args.device} for r in rows if not r.get("skipped")])
+    if refinement:
+        text += "\nTest-time refinement against the encoder, per evaluated slice:\n" + "\n".join(refinement) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
