@@ -3,8 +3,8 @@
 Configuration is assembled in layers, lowest first:
 
 1. configs/base.yaml: every key with its default (the top-level ones too: method, dataset, setting,
-   eval_fold, seed, device, log_dir, ...; null for the three derived ones: data_dir, test_labels,
-   exp_name);
+   eval_fold, seed, device, log_dir, ...; null for the derived ones: data_dir, eval_dataset (the
+   training dataset), eval_data_dir (data_dir in-domain), test_labels, exp_name);
 2. configs/methods/<method>.yaml: the method's encoder, head, sampler, losses and schedule, then its
    `overrides` whose `when` matches the run (keys setting, dataset, region), e.g. Q-Net's alpha
    in setting 2 or DSPNet's BCMA constants for cardiac data;
@@ -44,8 +44,10 @@ from sacred.utils import NamedConfigNotFoundError
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from configs.runs import ResumableFileStorageObserver
-from data.core.io import SAFE_NAME_RULE, ConfigError, UserError, is_safe_name
+from data.core.errors import output_error
+from data.core.io import SAFE_NAME_RULE, ConfigError, UserError, check_output_folder, is_safe_name
 from data.core.specs import DatasetSpec, load_spec, read_yaml, read_yaml_file
+from evaluation.protocol import match_classes
 from models.encoder import LAYOUTS, ResNetEncoder
 from models.engine.builders import supp_idx_problem
 from models.engine.experiment import SECTIONS as TYPED_SECTIONS
@@ -71,9 +73,9 @@ def load_yaml(path: Path) -> dict:
 
 
 TOP_LEVEL_KEYS = TypedExperiment.top_level_keys()
-# top-level keys whose null default is derived from others (default_data_dir, the dataset's classes,
-# experiment_name)
-DERIVED_KEYS = ("data_dir", "test_labels", "exp_name")
+# top-level keys whose null default is derived from others (default_data_dir, the training dataset and
+# its folder for the evaluated one, the dataset's classes, experiment_name)
+DERIVED_KEYS = ("data_dir", "eval_dataset", "eval_data_dir", "test_labels", "exp_name")
 
 
 def _all_head_options() -> set[str]:
@@ -229,6 +231,12 @@ def default_data_dir(dataset: str) -> str:
     return f"./data/{dataset.upper()}"
 
 
+def default_eval_data_dir(dataset: str, data_dir: str, eval_dataset: str) -> str:
+    """The evaluated dataset's folder: the training's data_dir when it is the training dataset (in-domain),
+    else ./data/<EVAL_DATASET> as data_dir is derived."""
+    return data_dir if str(eval_dataset).upper() == str(dataset).upper() else default_data_dir(eval_dataset)
+
+
 def experiment_name(method, dataset, setting, test_labels, eval_fold) -> str:
     labels = "-".join(str(i) for i in test_labels)
     return f"{method}_{dataset}_setting{setting}_labels{labels}_fold{eval_fold}"
@@ -240,6 +248,8 @@ def experiment_config():
     method = base_default("method")
     dataset = base_default("dataset")
     data_dir = base_default("data_dir") or default_data_dir(dataset)
+    eval_dataset = base_default("eval_dataset") or dataset
+    eval_data_dir = base_default("eval_data_dir") or default_eval_data_dir(dataset, data_dir, eval_dataset)
     setting = base_default("setting")
     test_labels = base_default("test_labels") or method_defaults(method, dataset, setting, data_dir)["test_labels"]
     exclude_rule = base_default("exclude_rule")
@@ -278,6 +288,8 @@ def build_config(method: str, dataset: str, data_dir, log_dir="./runs", setting:
                 raise ConfigError(f"config key {key!r}: '{'.'.join(path[:depth + 1])}' is a value, not a section "
                                   f"with keys. `python training.py print_config` lists every key.")
         node[last] = value
+    cfg["eval_dataset"] = cfg["eval_dataset"] or dataset
+    cfg["eval_data_dir"] = cfg["eval_data_dir"] or default_eval_data_dir(dataset, cfg["data_dir"], cfg["eval_dataset"])
     if "exp_name" not in (updates or {}):
         cfg["exp_name"] = base["exp_name"] or experiment_name(method, cfg["dataset"], setting, cfg["test_labels"],
                                                                cfg["eval_fold"])
@@ -401,6 +413,7 @@ RANGES = {
     "train.num_workers": (_scalar(lambda v: v >= 0), ">= 0 (0: episodes drawn in the training process)"),
     "evaluation.supp_idx": (_scalar(lambda v: v >= -1), "-1 (the scan after the test scans) or a scan index >= 0"),
     "evaluation.n_part": (_scalar(lambda v: v >= 1), ">= 1 (support slices per class)"),
+    "evaluation.n_shot": (_scalar(lambda v: v >= 1), ">= 1 (support scans; 1: the 1-shot protocol)"),
     "evaluation.n_overlays": (_scalar(lambda v: v >= 0), ">= 0"),
     "data.n_sv": (_scalar(lambda v: v >= 1), ">= 1 (voxels; the folder supervoxels_<this>)"),
 }
@@ -411,10 +424,10 @@ _EXP_NAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.+ -]{0,%d}[A-Za-z0-9_.+-]
 
 
 def name_problems(config: dict) -> list[str]:
-    """method, dataset and exp_name become file and folder names: each must be a simple name (no path
+    """method, dataset, eval_dataset and exp_name become file and folder names: each must be a simple name (no path
     separator, not '.' or '..'), so that no run is read or written outside its folder."""
     found = []
-    for key in ("method", "dataset"):
+    for key in ("method", "dataset", "eval_dataset"):
         if key in config and not is_safe_name(config[key]):
             found.append(f"{key} must be a simple name ({SAFE_NAME_RULE}), got {config[key]!r}")
     name = config.get("exp_name", "")
@@ -492,6 +505,29 @@ def fold_problems(config: dict, named: list[str]) -> list[str]:
         return []
     problem = supp_idx_problem(supp_idx, n_scans, fold, spec.name)
     return [problem] if problem else []
+
+
+def cross_domain_problems(config: dict, named: list[str]) -> list[str]:
+    """An evaluated dataset other than the training one: it must be a dataset, and hold every test class,
+    matched by organ name (evaluation.protocol.match_classes); eval_fold within its folds."""
+    train, evaluated = config.get("dataset"), config.get("eval_dataset")
+    if not isinstance(evaluated, str) or str(evaluated).upper() == str(train).upper() \
+            or _names(named, "eval_dataset") or _names(named, "test_labels"):
+        return []
+    try:
+        train_spec = load_spec(train, config.get("data_dir"))
+        eval_spec = load_spec(evaluated, config.get("eval_data_dir"))
+    except UserError as err:
+        return [f"eval_dataset={evaluated!r}: {err}"]
+    try:
+        match_classes(train_spec, eval_spec, config.get("test_labels") or ())
+    except ConfigError as err:
+        return [str(err)]
+    fold = config.get("eval_fold")
+    if _whole(fold) and not _names(named, "eval_fold") and fold >= eval_spec.n_folds:
+        return [f"eval_fold must be a fold index of both datasets: {eval_spec.name} (eval_dataset) has "
+                f"{eval_spec.n_folds} folds, 0..{eval_spec.n_folds - 1}; got {fold!r}"]
+    return []
 
 
 @lru_cache(maxsize=None)
@@ -582,10 +618,12 @@ def check_config(config: dict) -> None:
         problems.append(f"unknown config key '{key}'" + did_you_mean(key, candidates))
     problems += wrong_types(config, tree)
     problems += wrong_run_keys(config)
-    problems += name_problems({"exp_name": config.get("exp_name")})
+    problems += name_problems({"exp_name": config.get("exp_name"),
+                               **({"eval_dataset": config["eval_dataset"]} if config.get("eval_dataset") else {})})
     problems += [p for p in non_finite(config, "") if not _names(problems, p.split(" ", 1)[0])]
     problems += wrong_ranges(config, problems)
     problems += fold_problems(config, problems)
+    problems += cross_domain_problems(config, problems)
     if head_name in HEADS and not any(p.startswith(("head.", "'head.", "unknown config key 'head.")) for p in problems):
         problems += head_problems(config)
     _raise(problems)
@@ -622,6 +660,11 @@ def user_errors():
         yield
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:
+        fixable = output_error(err)
+        if fixable is None:
+            raise
+        raise SystemExit(f"error: {fixable}") from None
 
 
 def _refuse_pickle_config(fp) -> dict:
@@ -722,5 +765,7 @@ def add_observer(ex: Experiment, config: dict, kind: str) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         return base
     resume = config.get("train", {}).get("resume") if kind == "train" else None
+    with user_errors():
+        check_output_folder(resume or base, "the run folder")
     ex.observers.append(ResumableFileStorageObserver(str(base), resume_dir=resume, copy_sources=False))
     return base

@@ -1,6 +1,8 @@
-"""Synthetic abdominal phantoms: the embedded default dataset (SYNTH) for the demo and the tests.
+"""Synthetic abdominal phantoms: the embedded default dataset (SYNTH) for the demo and the tests, and
+its second modality (SYNTH_CT) for cross-domain evaluation.
 
     python -m data.phantoms data/SYNTH [--n-scans 10] [--size 128] [--slices 24] [--overwrite]
+    python -m data.phantoms data/SYNTH_CT --modality CT       # the same scans with CT-like contrast
 
 Each scan is a deterministic function of (seed, scan id): a body (ellipse with a bright fat rim)
 holding four labelled organs, liver (1), right kidney (2), left kidney (3) and spleen (4) as in
@@ -15,6 +17,14 @@ patient left, rows towards anterior, slices towards superior).
 The output is exactly the real data's layout (data/core/specs.py):
 `<out>/synth_normalized/image_<id>.nii.gz`, `label_<id>.nii.gz` and
 `<out>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz` (3-D Felzenszwalb, data/supervoxels.py).
+
+Second modality (`--modality CT`, dataset SYNTH_CT, configs/datasets/synth_ct.yaml, image folder
+`synth_ct_normalized`): scan i is SYNTH scan i (same seed: the same anatomy, labels and noise) seen
+through `ct_contrast`, a fixed piecewise-linear lookup of the MR intensities that gives each tissue a
+CT-like grey level: fat dark instead of bright, bone brightest, fluid (gallbladder) darker than the
+liver, liver brighter than the soft tissue, kidneys and spleen close to it; air stays 0. The label
+maps are identical, so a model trained on SYNTH and evaluated on SYNTH_CT (`eval_dataset=SYNTH_CT`)
+meets the intensity shift alone, as a scanner change on the same patients.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from data.pseudolabels import generate_pseudolabels
 log = logging.getLogger(__name__)
 
 IMAGE_DIR = "synth_normalized"
+MODALITIES = {"MR": ("SYNTH", IMAGE_DIR), "CT": ("SYNTH_CT", "synth_ct_normalized")}   # -> dataset, image folder
 # Bump when make_phantom's output changes, so folders written by an older version are regenerated
 # instead of silently mixing old and new scans (see generate_phantoms).
 GENERATOR_VERSION = 2
@@ -145,22 +156,43 @@ def make_phantom(scan_id: int, size: int = 128, slices: int = 24, seed: int = 0)
     return image.astype(np.float32), label
 
 
+# (MR phantom intensity, CT-like intensity) knots of `ct_contrast`, by the tissue that sits at that MR level
+# (ANATOMY and make_phantom): air, liver, body soft tissue, stomach, spleen, kidneys, fat rim, aorta,
+# gallbladder, spine, and beyond.
+CT_CONTRAST = ((0.0, 0.0), (65.0, 150.0), (90.0, 120.0), (105.0, 105.0), (135.0, 140.0), (175.0, 165.0),
+               (210.0, 40.0), (225.0, 200.0), (235.0, 70.0), (245.0, 255.0), (400.0, 255.0))
+
+
+def ct_contrast(image: np.ndarray) -> np.ndarray:
+    """A phantom's MR intensities (Z x H x W, raw 0..~300) -> CT-like intensities (float32): the
+    piecewise-linear lookup CT_CONTRAST (textures, bias field and noise go through it too)."""
+    mr, ct = zip(*CT_CONTRAST)
+    return np.interp(image, mr, ct).astype(np.float32)
+
+
+def make_scan(scan_id: int, size: int = 128, slices: int = 24, seed: int = 0,
+              modality: str = "MR") -> tuple[np.ndarray, np.ndarray]:
+    """One scan of a modality: MR as `make_phantom`, CT its image through `ct_contrast`, the same label."""
+    image, label = make_phantom(scan_id, size, slices, seed)
+    return (ct_contrast(image) if modality == "CT" else image), label
+
+
 def phantom_geometry(spacing=DEFAULT_SPACING, size: int = 128) -> Geometry:
     """LAS orientation like the CHAOS files (sitk direction diag(1, -1, 1))."""
     origin = (-spacing[0] * size / 2, spacing[1] * size / 2, 0.0)
     return Geometry(tuple(float(s) for s in spacing), origin, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def _existing_ids(out_dir: Path) -> set[int]:
+def _existing_ids(out_dir: Path, dataset: str = "SYNTH") -> set[int]:
     try:
-        return set(load_spec("SYNTH").scan_ids(out_dir, require_labels=False))
+        return set(load_spec(dataset).scan_ids(out_dir, require_labels=False))
     except DataError:    # no folder, or no image in it
         return set()
 
 
-def _stale_reason(out_dir: Path, recipe: dict) -> str | None:
+def _stale_reason(out_dir: Path, recipe: dict, dataset: str = "SYNTH") -> str | None:
     """Why the phantoms already in out_dir cannot be kept (None: there are none, or they match recipe)."""
-    if not _existing_ids(out_dir):
+    if not _existing_ids(out_dir, dataset):
         return None
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
@@ -169,14 +201,17 @@ def _stale_reason(out_dir: Path, recipe: dict) -> str | None:
         found = json.loads(manifest.read_text())
     except (OSError, ValueError) as err:
         return f"{manifest} is unreadable ({err})"
-    changed = [f"{k} {found.get(k)} -> {v}" for k, v in recipe.items() if found.get(k) != v]
+    # a manifest written before the CT phantoms existed describes MR phantoms
+    changed = [f"{k} {found.get(k, 'MR' if k == 'modality' else None)} -> {v}" for k, v in recipe.items()
+               if found.get(k, "MR" if k == "modality" else None) != v]
     return f"they were made with another recipe ({', '.join(changed)})" if changed else None
 
 
 def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, slices: int = 24,
                       seed: int = 0, n_sv: int = 1000, overwrite: bool = False, progress: bool = True,
-                      supervoxels: bool = True) -> list[Path]:
+                      supervoxels: bool = True, modality: str = "MR") -> list[Path]:
     """Write scans 1..n_scans (and their supervoxels) into out_dir; returns the images written.
+    `modality` "MR" writes SYNTH, "CT" SYNTH_CT (the same scans through `ct_contrast`).
 
     Scans already there are kept when `<out_dir>/phantoms.json` says they come from this generator
     version with the same size, slices and seed; otherwise (or with overwrite) every scan is rewritten,
@@ -184,27 +219,32 @@ def generate_phantoms(out_dir: str | Path, n_scans: int = 10, size: int = 128, s
     meaningless dataset.
     """
 
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    dataset, image_dir = MODALITIES[modality]
     out_dir = Path(out_dir)
-    folder = out_dir / IMAGE_DIR
+    folder = out_dir / image_dir
     recipe = {"generator_version": GENERATOR_VERSION, "size": size, "slices": slices, "seed": seed}
-    stale = _stale_reason(out_dir, recipe)
+    if modality != "MR":
+        recipe["modality"] = modality       # MR folders keep the manifest they always had
+    stale = _stale_reason(out_dir, recipe, dataset)
     if stale and not overwrite:
         log.warning("phantoms in %s are rewritten: %s", out_dir, stale)
         overwrite = True
-    scan_ids = set(range(1, n_scans + 1)) | (_existing_ids(out_dir) if overwrite else set())
+    scan_ids = set(range(1, n_scans + 1)) | (_existing_ids(out_dir, dataset) if overwrite else set())
     geometry = phantom_geometry(size=size)
     written = []
     for scan_id in tqdm(sorted(scan_ids), desc="phantoms", disable=not progress, unit="scan"):
         image_path, label_path = folder / f"image_{scan_id}.nii.gz", folder / f"label_{scan_id}.nii.gz"
         if image_path.is_file() and label_path.is_file() and not overwrite:
             continue
-        image, label = make_phantom(scan_id, size, slices, seed)
+        image, label = make_scan(scan_id, size, slices, seed, modality)
         write_volume(label_path, label, geometry)      # label first: an image is never left without its label
         write_volume(image_path, image, geometry)
         written.append(image_path)
     write_json(out_dir / MANIFEST, recipe)
     if supervoxels:
-        generate_pseudolabels(out_dir, "SYNTH", kind="supervoxels", min_size=n_sv, overwrite=overwrite or bool(written),
+        generate_pseudolabels(out_dir, dataset, kind="supervoxels", min_size=n_sv, overwrite=overwrite or bool(written),
                               ids=None)
     return written
 
@@ -219,6 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-sv", type=int, default=1000, help="supervoxel minimum size")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing scans")
+    parser.add_argument("--modality", choices=sorted(MODALITIES), default="MR",
+                        help="MR: the SYNTH phantoms; CT: SYNTH_CT, the same scans with CT-like contrast")
     add_logging_arguments(parser)
     args = parser.parse_args(argv)
     if args.n_scans < 6:
@@ -227,7 +269,7 @@ def main(argv=None) -> int:
     def body() -> int:
         start = time.perf_counter()
         written = generate_phantoms(args.out_dir, args.n_scans, args.size, args.slices, args.seed, args.n_sv,
-                                    args.overwrite, progress=args.log_level != "WARNING")
+                                    args.overwrite, progress=args.log_level != "WARNING", modality=args.modality)
         print(f"phantoms: {len(written)} scans written, {args.n_scans - len(written)} kept, in {args.out_dir} "
               f"({time.perf_counter() - start:.1f} s)")
         return 0

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from data.core.run_folder import TEST, RunFolder, evaluation_folders
 from data.core.specs import DatasetSpec, builtin_names, load_spec
 from evaluation.published import PublishedEntry, published_for
 from evaluation.reporting import save_figure
+from evaluation.surface import SURFACE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class EvalRun:
     log_dir: str | None = None        # relative to where its command ran
     class_ids: dict[str, int] = field(default_factory=dict)    # class name -> label id (results.json per_scan)
     finished: float = 0.0             # when its results were written (results.json's modification time)
+    eval_dataset: str = ""            # the dataset evaluated (cross-domain: not `dataset`; "" read as `dataset`)
+    eval_data_dir: str | None = None  # its folder as the run recorded it
+    n_shot: int = 1                   # support scans K (evaluation.n_shot; 1 in runs written before it)
+    row: str = ""                     # the table row it fills (`select`: the method, with K and label group where
+                                      # those tell rows apart); "" reads as the method
+    # class name -> its results.json hd95_mm, assd_mm, surface_excluded (none in runs written before they were)
+    class_surface: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def read_run(folder: Path) -> EvalRun | None:
@@ -66,12 +75,21 @@ def read_run(folder: Path) -> EvalRun | None:
                        tuple((k, e[k]) for k in PROTOCOL_KEYS), str(r.get("checkpoint")),
                        {name: float(v["dice"]) for name, v in r["classes"].items()}, run.fingerprint(TEST),
                        _recorded_path(c.get("data_dir")), _recorded_path(c.get("log_dir")), class_ids,
-                       run.results_json.stat().st_mtime)
+                       run.results_json.stat().st_mtime, class_surface=_surface_of(r["classes"]),
+                       eval_dataset=str(c.get("eval_dataset") or c["dataset"]),
+                       eval_data_dir=_recorded_path(c.get("eval_data_dir", c.get("data_dir"))),
+                       n_shot=int(e.get("n_shot", 1)))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CollectError(f"{folder}: {run.results_json.name} or {run.config_file.name} lacks an entry "
                            f"({type(err).__name__}: {err}); "
                            f"it was not written by this version of validation.py. Re-run the evaluation of "
                            f"this run, or move its folder out of the collected paths") from None
+
+
+def _surface_of(classes: dict) -> dict[str, dict[str, float]]:
+    """class name -> its HD95/ASSD entry in results.json's `classes`, for the classes that have one."""
+    return {str(name): {**{k: float(v[k]) for k in SURFACE_METRICS}, "surface_excluded": int(v.get("surface_excluded", 0))}
+            for name, v in classes.items() if isinstance(v, dict) and all(k in v for k in SURFACE_METRICS)}
 
 
 def _recorded_path(value) -> str | None:
@@ -102,16 +120,19 @@ def _single(runs, attr, what, flag):
     return values[0]
 
 
-def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> list[EvalRun]:
-    """Filter, refuse mixtures, keep the newest run per (method, label group, fold), and give each organ of
-    a fold one run (`_one_run_per_organ`)."""
+def select(runs: list[EvalRun], methods=None, dataset=None, setting=None, eval_dataset=None) -> list[EvalRun]:
+    """Filter, refuse mixtures, keep the newest run per (method, K, label group, fold), and give each run its
+    table row (`_rows`: K shots and label groups that give the same organ are rows of their own, never merged)."""
     runs = [r for r in runs if (not methods or r.method in methods)
             and (dataset is None or r.dataset.upper() == dataset.upper())
+            and (eval_dataset is None or (r.eval_dataset or r.dataset).upper() == eval_dataset.upper())
             and (setting is None or r.setting == setting)]
     if not runs:
         raise CollectError("no evaluation run matches (look for evaluation run folders, with their results, "
                            "under the given paths)")
     _single(runs, "dataset", "datasets", "--dataset")
+    _single([dataclasses.replace(r, eval_dataset=(r.eval_dataset or r.dataset).upper()) for r in runs],
+            "eval_dataset", "evaluated datasets (eval_dataset)", "--eval-dataset")
     _single(runs, "setting", "settings", "--setting")
     protocols = {r.protocol for r in runs}
     if len(protocols) > 1:
@@ -120,36 +141,40 @@ def select(runs: list[EvalRun], methods=None, dataset=None, setting=None) -> lis
                            f"separately (move or select the run folders)")
     newest: dict[tuple, EvalRun] = {}
     for r in sorted(runs, key=lambda r: r.run_id):
-        cell = (r.method, r.test_labels, r.fold)
+        cell = (r.method, r.n_shot, r.test_labels, r.fold)
         older = newest.get(cell)
         if older is not None and older.fingerprint != r.fingerprint:
             log.warning("%s fold %d: %s and %s were produced by different configurations (fingerprints %s, %s); "
                         "the table uses the newest, %s", r.method, r.fold, older.path, r.path, older.fingerprint,
                         r.fingerprint, r.path)
         newest[cell] = r
-    return _one_run_per_organ(list(newest.values()))
+    return _rows(list(newest.values()))
 
 
-def _one_run_per_organ(runs: list[EvalRun]) -> list[EvalRun]:
-    """Runs of one method and fold with different test_labels (e.g. [1, 2, 3, 4] and [1]) may give the
-    same organ: the table cell takes the newest run's number (results written last) and a warning names
-    both; the older run keeps its other organs, and is left out when none is left."""
-    owner: dict[tuple, EvalRun] = {}
-    for r in sorted(runs, key=lambda r: (r.finished, r.run_id, str(r.path))):
-        for organ in r.class_dice:
-            older = owner.get((r.method, r.fold, organ))
-            if older is not None:
-                log.warning("%s fold %d: %s was evaluated twice, with test_labels %s (%s) and with test_labels %s "
-                            "(%s); the table uses the newer, %s. To table the other, collect its folder without "
-                            "this one", r.method, r.fold, organ, list(older.test_labels), older.path,
-                            list(r.test_labels), r.path, r.path)
-            owner[(r.method, r.fold, organ)] = r
-    kept = []
+def _rows(runs: list[EvalRun]) -> list[EvalRun]:
+    """Each run's table row. A method's runs of one K fill one row when their label groups give disjoint
+    organs (setting 2's groups); when two of its label groups give the same organ (e.g. test_labels
+    [1, 2, 3, 4] and [1] in one fold), each group is a row of its own ("adnet [labels 1]"): one fold
+    evaluated with different test_labels is two cells, never merged. K > 1 rows are "adnet, 3-shot"."""
+    by_key: dict[tuple, list[EvalRun]] = {}
     for r in runs:
-        organs = {o: v for o, v in r.class_dice.items() if owner[(r.method, r.fold, o)] is r}
-        if organs:
-            kept.append(r if organs == r.class_dice else dataclasses.replace(r, class_dice=organs))
-    return kept
+        by_key.setdefault((r.method, r.n_shot), []).append(r)
+    out = []
+    for (method, n_shot), group in by_key.items():
+        organs_of: dict[tuple, set] = {}
+        for r in group:
+            organs_of.setdefault(r.test_labels, set()).update(r.class_dice)
+        labels = list(organs_of)
+        overlap = any(organs_of[a] & organs_of[b] for i, a in enumerate(labels) for b in labels[i + 1:])
+        if overlap:
+            log.info("%s: label groups %s give the same organs: one row per label group", method,
+                     ", ".join(str(list(g)) for g in labels))
+        for r in group:
+            row = method + ("" if n_shot == 1 else f", {n_shot}-shot")
+            if overlap:
+                row += f" [labels {','.join(map(str, r.test_labels))}]"
+            out.append(dataclasses.replace(r, row=row))
+    return out
 
 
 @dataclass
@@ -161,6 +186,9 @@ class Table:
     checkpoints: dict[str, dict[int, list[str]]]        # method -> fold -> checkpoints
     n_folds: int
     label_ids: dict[str, int] = field(default_factory=dict)     # organ (column) -> the dataset's label id
+    shots: dict[str, int] = field(default_factory=dict)         # row -> support scans K (the K column)
+    # method -> organ -> fold -> {hd95_mm, assd_mm, surface_excluded}, for the runs that recorded them
+    surface: dict[str, dict[str, dict[int, dict]]] = field(default_factory=dict)
 
     def missing_folds(self, method: str) -> dict[str, list[int]]:
         return {o: [k for k in range(self.n_folds) if k not in self.dice[method].get(o, {})]
@@ -204,8 +232,11 @@ def build_table(runs: list[EvalRun]) -> Table:
     the column order, the label ids and the number of folds: a built-in dataset's, or the dataset.json of
     the runs' recorded data folder. When that folder is gone, the table uses the class names, their
     order and ids as the runs' results.json record them (`classes`, `per_scan`), assumes the default 5
-    folds (more when a run has a higher fold), and says so."""
-    spec = _dataset_spec(runs)
+    folds (more when a run has a higher fold), and says so. Cross-domain runs (trained on A, evaluated on
+    B) give the table "A -> B" with B's columns."""
+    evaluated = [dataclasses.replace(r, dataset=r.eval_dataset or r.dataset, data_dir=r.eval_data_dir or r.data_dir)
+                 for r in runs]
+    spec = _dataset_spec(evaluated)
     found = {o for r in runs for o in r.class_dice}
     if spec is not None:
         order = spec.table_order or spec.eval_labels
@@ -215,18 +246,29 @@ def build_table(runs: list[EvalRun]) -> Table:
     else:
         label_ids = {o: i for r in runs for o, i in r.class_ids.items()}
         names = list(dict.fromkeys(o for r in sorted(runs, key=lambda r: (r.fold, str(r.path))) for o in r.class_dice))
-        name, n_folds = runs[0].dataset, max([DEFAULT_N_FOLDS] + [r.fold + 1 for r in runs])
+        name, n_folds = evaluated[0].dataset, max([DEFAULT_N_FOLDS] + [r.fold + 1 for r in runs])
+    if name.upper() != runs[0].dataset.upper():
+        name = f"{runs[0].dataset} -> {name}"
     organs = [o for o in names if o in found] + sorted(found - set(names))
-    dice, ckpts = {}, {}
+    dice, ckpts, surface = {}, {}, {}
     for r in runs:
+        row = r.row or r.method
         for organ, value in r.class_dice.items():
-            dice.setdefault(r.method, {}).setdefault(organ, {})[r.fold] = value
-        ckpts.setdefault(r.method, {}).setdefault(r.fold, []).append(r.checkpoint)
+            dice.setdefault(row, {}).setdefault(organ, {})[r.fold] = value
+            if organ in r.class_surface:
+                surface.setdefault(row, {}).setdefault(organ, {})[r.fold] = r.class_surface[organ]
+        ckpts.setdefault(row, {}).setdefault(r.fold, []).append(r.checkpoint)
     return Table(name, runs[0].setting, organs, dice, ckpts, n_folds,
-                 {o: label_ids[o] for o in organs if o in label_ids})
+                 {o: label_ids[o] for o in organs if o in label_ids}, surface=surface,
+                 shots={r.row or r.method: r.n_shot for r in runs})
 
 
 DEFAULT_N_FOLDS = 5     # data.core.specs.DatasetSpec.n_folds when a description names none
+
+
+def table_folder(table: Table) -> str:
+    """The folder name of a table's files: <DATASET>_setting<s>, <TRAIN>-to-<EVAL>_setting<s> cross-domain."""
+    return f"{table.dataset.replace(' -> ', '-to-')}_setting{table.setting}"
 
 
 def _log_dir_of(run: EvalRun) -> Path:
@@ -319,21 +361,31 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _k_column(table: Table, row: str | None = None) -> str:
+    """The K column (support scans) of a table that holds a K other than 1: its header (row None) or the
+    row's cell; '' for a 1-shot table, whose layout stays the papers'. Published numbers are 1-shot."""
+    if all(k == 1 for k in table.shots.values()):
+        return ""
+    return "K | " if row is None else f"{table.shots.get(row, 1)} | "
+
+
 def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str:
     """The table in Markdown; with `published` (published_for(...)), the papers' numbers beside ours."""
+    k_head, k_extra = _k_column(table), int(bool(_k_column(table)))
     if published is None:
-        head = "| Method | " + " | ".join(table.organs) + " | Mean |"
+        head = "| Method | " + k_head + " | ".join(table.organs) + " | Mean |"
         lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: mean ± std over folds",
-                 "", head, "|" + "---|" * (len(table.organs) + 2)]
+                 "", head, "|" + "---|" * (len(table.organs) + 2 + k_extra)]
         for method in sorted(table.dice):
             cells = [_ours(table, method, organ) for organ in table.organs]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_overall(table, method)} |")
+            lines.append(f"| {method} | " + _k_column(table, method) + " | ".join(cells)
+                         + f" | {_overall(table, method)} |")
         return "\n".join(lines + _footnote(table)) + "\n"
     primary = {e.method: e for e in published if e.primary}
     columns = [c for organ in table.organs for c in (organ, f"{organ} pub.")] + ["Mean", "Mean pub.", "Published"]
     lines = [f"Dice (%) on {table.dataset}, setting {table.setting}: ours mean ± std over folds; "
              f"pub.: the published number (source and status in the last column)",
-             "", "| Method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+             "", "| Method | " + k_head + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1 + k_extra)]
     for method in sorted(set(table.dice) | set(primary)):
         e = primary.get(method)
         cells = []
@@ -342,7 +394,7 @@ def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str
                       _number(e.dice.get(table.label_ids.get(organ, -1)) if e else None)]
         cells += [_overall(table, method), _number(e.mean if e else None),
                   f"{e.entry}: {e.source} [{e.status}]" if e else "none found"]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + _k_column(table, method) + " | ".join(cells) + " |")
     lines += _footnote(table)
     others = [e for e in published if not e.primary]
     if others:
@@ -356,8 +408,75 @@ def markdown(table: Table, published: list[PublishedEntry] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
-    """Write folds.csv, summary.csv, table.md and dice.png into `out`; returns table.md's text."""
+# ----------------------------------------------------------------------------- HD95 and ASSD
+SURFACE_NAMES = {"hd95_mm": "HD95", "assd_mm": "ASSD"}
+
+
+def surface_stats(table: Table, method: str, organ: str, metric: str) -> tuple[float, float, int]:
+    """(mean, std, folds) over the folds whose mean `metric` (hd95_mm or assd_mm) is defined; a fold where
+    every query scan had an empty prediction has none."""
+    values = [e[metric] for e in table.surface.get(method, {}).get(organ, {}).values() if math.isfinite(e[metric])]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(values)), float(np.std(values)), len(values)
+
+
+def _mm_cell(mean: float, std: float, n: int, n_folds: int) -> str:
+    if n == 0:
+        return "–"
+    spread = "" if n == 1 else f" ± {std:.2f}"
+    return f"{mean:.2f}{spread}" + ("" if n == n_folds else f" ({n}/{n_folds})")
+
+
+def _surface_row(table: Table, method: str, metric: str) -> str:
+    stats = [surface_stats(table, method, organ, metric) for organ in table.organs]
+    means = [m for m, _, n in stats if n]
+    complete = all(n == table.n_folds for _, _, n in stats)
+    overall = "–" if not means else f"{np.mean(means):.2f}" + ("" if complete else "*")
+    return f"| {method} | " + " | ".join(_mm_cell(*s, table.n_folds) for s in stats) + f" | {overall} |"
+
+
+def _excluded_note(table: Table) -> list[str]:
+    """Where query scans were left out of a fold's mean (an empty prediction has no surface distance)."""
+    parts = [f"{method} {organ} fold {fold}: {e['surface_excluded']}"
+             for method in sorted(table.surface) for organ in table.organs
+             for fold, e in sorted(table.surface[method].get(organ, {}).items()) if e["surface_excluded"]]
+    if not parts:
+        return []
+    return ["", "Query scans with an empty prediction (no surface distance) left out of their fold's mean: "
+            + "; ".join(parts)]
+
+
+def surface_markdown(table: Table) -> str:
+    """The HD95 and ASSD tables in Markdown: per organ, mean ± std over folds of each fold's mean over its query
+    scans, in mm; the mean over organs (* when not over every organ and fold). Runs written before the distances
+    were recorded give no number ("–")."""
+    lines = []
+    for metric, name in SURFACE_NAMES.items():
+        lines += ["", f"{name} (mm) on {table.dataset}, setting {table.setting}: mean ± std over folds", "",
+                  "| Method | " + " | ".join(table.organs) + " | Mean |", "|" + "---|" * (len(table.organs) + 2)]
+        lines += [_surface_row(table, method, metric) for method in sorted(table.dice)]
+    if any(method not in table.surface for method in table.dice):
+        lines += ["", "– : runs without HD95/ASSD in their results.json (evaluated before they were recorded)"]
+    return "\n".join(lines + _excluded_note(table)) + "\n"
+
+
+def write_surface_csv(table: Table, path: Path) -> Path:
+    """surface.csv: method, organ, fold, hd95_mm, assd_mm, surface_excluded (the fold's means, mm)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "organ", "fold", *SURFACE_METRICS, "surface_excluded"])
+        for method in sorted(table.surface):
+            for organ in table.organs:
+                for fold, e in sorted(table.surface[method].get(organ, {}).items()):
+                    w.writerow([method, organ, fold, *(f"{e[m]:.4f}" for m in SURFACE_METRICS), e["surface_excluded"]])
+    return path
+
+
+def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | None = None,
+                  surface: bool = False) -> str:
+    """Write folds.csv, summary.csv, table.md and dice.png into `out`; returns table.md's text. `surface`:
+    table.md also holds the HD95 and ASSD tables, and surface.csv their numbers per fold."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / n for k, n in (("folds", "folds.csv"), ("summary", "summary.csv"), ("md", "table.md"),
                                      ("png", "dice.png"))}
@@ -377,7 +496,9 @@ def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | Non
                 w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
             w.writerow([method, "Mean", f"{table.overall(method):.6f}", "",
                         "all" if table.complete(method) else "partial"])
-    text = markdown(table, published)
+    text = markdown(table, published) + (surface_markdown(table) if surface else "")
+    if surface:
+        write_surface_csv(table, out / "surface.csv")
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(text)
     _bar_chart(table, paths["png"])
@@ -435,10 +556,11 @@ def published_beside(table: Table) -> list[PublishedEntry]:
     return published
 
 
-def write_report(table: Table, out: Path, published: list[PublishedEntry] | None = None) -> str:
+def write_report(table: Table, out: Path, published: list[PublishedEntry] | None = None,
+                 surface: bool = False) -> str:
     """Write folds.csv, summary.csv, table.md and dice.png into `out`, name the missing folds (once per
-    table), and return the table in Markdown."""
-    text = write_outputs(table, out, published)
+    table), and return the table in Markdown; `surface` adds the HD95 and ASSD tables (and surface.csv)."""
+    text = write_outputs(table, out, published, surface)
     note = table.missing_note()
     if note:
         log.warning("%s", note)

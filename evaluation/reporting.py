@@ -11,6 +11,7 @@ import numpy as np
 from data.core.io import atomic_path, safe_child_path, write_volume
 from data.core.run_folder import RunFolder
 from evaluation.protocol import EvaluationResult, count_overlap, dice_score
+from evaluation.surface import SurfaceDistances, mean_distances
 from dataloaders.volumes import VolumeStore
 
 
@@ -39,6 +40,33 @@ def format_patient_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
+def class_distances(result: EvaluationResult, class_id: int) -> tuple[SurfaceDistances, int]:
+    """A class's mean HD95 and ASSD (mm) over its query scans with a non-empty prediction, and how many
+    scans were left out (evaluation/surface.py: `mean_distances`)."""
+    return mean_distances(SurfaceDistances(s.hd95_mm, s.assd_mm) for s in result.class_scores(class_id))
+
+
+def mean_class_distances(result: EvaluationResult) -> SurfaceDistances:
+    """The mean over classes of the class means, over the classes that have one."""
+    means = [class_distances(result, c)[0] for c in result.class_ids()]
+    return mean_distances(means)[0]
+
+
+def format_surface_table(result: EvaluationResult) -> str:
+    """Per-class HD95 and ASSD (mm, mean over query scans) and the mean over classes; a scan with an empty
+    prediction has none (nan/inf in results.csv) and is counted under 'excluded' instead."""
+    header = f"{'class':<12}{'hd95 mm':>10}{'assd mm':>10}{'scans':>7}{'excluded':>10}"
+    lines = [header, "-" * len(header)]
+    for c in result.class_ids():
+        (means, excluded), name = class_distances(result, c), result.class_scores(c)[0].class_name
+        lines.append(f"{name:<12}{means.hd95_mm:>10.2f}{means.assd_mm:>10.2f}{len(result.class_scores(c)):>7d}"
+                     f"{excluded:>10d}")
+    overall = mean_class_distances(result)
+    lines += ["-" * len(header), f"{'mean':<12}{overall.hd95_mm:>10.2f}{overall.assd_mm:>10.2f}",
+              "excluded: query scans with an empty prediction, left out of the means"]
+    return "\n".join(lines)
+
+
 def summary(result: EvaluationResult) -> dict:
     return {
         "dataset": result.dataset,
@@ -48,16 +76,24 @@ def summary(result: EvaluationResult) -> dict:
         "support_slices": {result.class_scores(c)[0].class_name: zs for c, zs in result.support_slices.items()
                            if result.class_scores(c)},
         "classes": {s.class_name: {"dice": result.class_mean(s.class_id), "dice_std": result.class_std(s.class_id),
-                                   "iou": result.class_mean(s.class_id, "iou")}
+                                   "iou": result.class_mean(s.class_id, "iou"),
+                                   **_surface_entry(*class_distances(result, s.class_id))}
                     for s in result.scores},
         "mean_dice": result.mean(),
         "mean_iou": result.mean("iou"),
+        "mean_hd95_mm": mean_class_distances(result).hd95_mm,
+        "mean_assd_mm": mean_class_distances(result).assd_mm,
         "per_scan": [{"class": s.class_name, "class_id": s.class_id, "scan": s.scan_id, "dice": s.dice,
-                      "iou": s.iou, "tp": s.tp, "fp": s.fp, "fn": s.fn, "scored_slices": s.n_slices}
+                      "iou": s.iou, "hd95_mm": s.hd95_mm, "assd_mm": s.assd_mm, "tp": s.tp, "fp": s.fp, "fn": s.fn,
+                      "scored_slices": s.n_slices}
                      for s in result.scores],
         "seconds": result.seconds,
         "query_slices": result.n_query_slices,
     }
+
+
+def _surface_entry(means: SurfaceDistances, excluded: int) -> dict:
+    return {"hd95_mm": means.hd95_mm, "assd_mm": means.assd_mm, "surface_excluded": excluded}
 
 
 def write_results(result: EvaluationResult, out_dir: Path, extra: dict | None = None) -> dict[str, Path]:
@@ -67,10 +103,11 @@ def write_results(result: EvaluationResult, out_dir: Path, extra: dict | None = 
     paths = {"csv": run.results_csv, "json": run.results_json}
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["class", "class_id", "scan", "dice", "iou", "tp", "fp", "fn", "scored_slices"])
+        writer.writerow(["class", "class_id", "scan", "dice", "iou", "hd95_mm", "assd_mm", "tp", "fp", "fn",
+                         "scored_slices"])
         for s in result.scores:
             writer.writerow([s.class_name, s.class_id, s.scan_id, f"{s.dice:.6f}", f"{s.iou:.6f}",
-                             s.tp, s.fp, s.fn, s.n_slices])
+                             f"{s.hd95_mm:.4f}", f"{s.assd_mm:.4f}", s.tp, s.fp, s.fn, s.n_slices])
     with atomic_path(paths["json"]) as tmp:
         tmp.write_text(json.dumps({**summary(result), **(extra or {})}, indent=2))
     return paths

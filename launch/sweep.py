@@ -1,10 +1,14 @@
-"""A sweep: the cells of a results table (methods x datasets x settings x label groups x folds), and
-what each still needs (launch/runners.py runs them).
+"""A sweep: the cells of a results table (methods x datasets x settings x label groups x folds, and
+evaluation axes: K shots x evaluated datasets), and what each still needs (launch/runners.py runs them).
 
 A cell is one training run and its evaluation, the same Sacred runs as
 
     python training.py   with <method> <dataset> data_dir=.. setting=.. eval_fold=.. test_labels=[..] log_dir=..
     python validation.py with <the same>
+
+Cells that differ only in K (`--shots`, evaluation.n_shot) or in the evaluated dataset
+(`--eval-datasets`: cross-domain, eval_dataset=<name>) share one training (same exp_name) and have an
+evaluation each (`validation.py with ... evaluation.n_shot=K eval_dataset=<name>`).
 
 Its state is read from the run folders (data.core.run_folder), with the rules the commands use, so a
 sweep can be re-run at any time. A run counts for a cell only when the fingerprint of the
@@ -35,6 +39,7 @@ from sacred.arg_parser import get_config_updates
 
 from configs.experiment import PROTOCOL_DIR, build_config, default_data_dir, experiment_name, load_yaml, method_names
 from data.core.errors import CheckpointError, ConfigError, UserError
+from data.core.io import check_output_folder
 from data.core.run_folder import (
     TEST,
     TRAIN,
@@ -59,6 +64,7 @@ DONE, TO_EVALUATE, TO_RESUME, TO_TRAIN, STALE, RUNNING, QUEUED = (
 SWEEP_OPTION = {"method": "--methods", "dataset": "--datasets", "data_dir": "--data-dir", "setting": "--settings",
                 "eval_fold": "--folds", "test_labels": "--label-groups", "log_dir": "--log-dir",
                 "exp_name": "nothing (exp_name follows from the cell)",
+                "evaluation.n_shot": "--shots", "eval_dataset": "--eval-datasets", "eval_data_dir": "--data-dir",
                 "train.resume": "nothing (the sweep resumes killed runs by itself)"}
 
 
@@ -73,10 +79,14 @@ class Cell:
     setting: int
     test_labels: tuple[int, ...]
     fold: int
+    n_shot: int = 1                   # support scans K of the evaluation
+    eval_dataset: str | None = None   # the dataset evaluated (None: `dataset`, in-domain)
 
     def describe(self) -> str:
-        return (f"{self.method} {self.dataset} setting {self.setting} labels "
-                f"{','.join(map(str, self.test_labels))} fold {self.fold}")
+        shots = "" if self.n_shot == 1 else f" {self.n_shot}-shot"
+        domain = "" if self.eval_dataset is None else f" -> {self.eval_dataset}"
+        return (f"{self.method} {self.dataset}{domain} setting {self.setting} labels "
+                f"{','.join(map(str, self.test_labels))} fold {self.fold}{shots}")
 
     @property
     def exp_name(self) -> str:
@@ -134,10 +144,17 @@ def dataset_spec(name: str, data_dir: str | None = None):
         raise SweepError(f"--datasets: {err}") from None
 
 
-def plan_cells(methods, datasets, settings, folds, label_groups=None, data_dirs=None) -> list[Cell]:
-    """Every cell, in table order: method, dataset, setting, label group, fold. Setting 1 has one
-    group (all the dataset's evaluated classes), setting 2 one per group of the dataset's
-    `setting2_groups` (one model each, as scripts/train_*.sh); `label_groups` replaces both."""
+def plan_cells(methods, datasets, settings, folds, label_groups=None, data_dirs=None, shots=(1,),
+               eval_datasets=None) -> list[Cell]:
+    """Every cell, in table order: method, dataset, setting, label group, fold, then the evaluation axes:
+    K in `shots`, the evaluated dataset in `eval_datasets` (None: in-domain only; a name equal to the
+    training dataset is its in-domain cell). Setting 1 has one group (all the dataset's evaluated
+    classes), setting 2 one per group of the dataset's `setting2_groups` (one model each, as
+    scripts/train_*.sh); `label_groups` replaces both."""
+    for k in shots:
+        if not isinstance(k, int) or k < 1:
+            raise SweepError(f"--shots: {k!r} is not a number of support scans; use whole numbers >= 1, e.g. 1 3")
+    evaluated = [None] + [dataset_spec(n, (data_dirs or {}).get(n.upper())).name for n in eval_datasets or ()]
     known = method_names()
     for method in methods:
         if method not in known:
@@ -160,7 +177,9 @@ def plan_cells(methods, datasets, settings, folds, label_groups=None, data_dirs=
                         spec.check_label_ids(list(group), "--label-groups")
                     except UserError as err:
                         raise SweepError(str(err)) from None
-                    cells += [Cell(method, spec.name, setting, tuple(group), fold) for fold in folds]
+                    cells += [Cell(method, spec.name, setting, tuple(group), fold, k,
+                                   None if e is None or e.upper() == spec.name.upper() else e)
+                              for fold in folds for e in evaluated for k in shots]
     return list(dict.fromkeys(cells))          # a cell named twice (--folds 0 0) runs once
 
 
@@ -192,11 +211,16 @@ def data_dir_of(sweep: Sweep, dataset: str) -> str:
 def cell_experiment(sweep: Sweep, cell: Cell) -> Experiment:
     """The cell's experiment, as training.py assembles it from the cell's command line (data_dir as
     the commands name it, relative to the sweep's working directory)."""
-    updates = {**parse_updates(sweep.updates), "eval_fold": cell.fold, "test_labels": list(cell.test_labels)}
+    updates = {**parse_updates(sweep.updates), "eval_fold": cell.fold, "test_labels": list(cell.test_labels),
+               "evaluation.n_shot": cell.n_shot}
+    if cell.eval_dataset is not None:
+        updates.update({"eval_dataset": cell.eval_dataset,
+                        "eval_data_dir": str(Path(sweep.cwd) / data_dir_of(sweep, cell.eval_dataset))})
     cwd_data_dir = Path(sweep.cwd) / data_dir_of(sweep, cell.dataset)
     exp = Experiment.from_config(build_config(cell.method, cell.dataset, cwd_data_dir, sweep.log_dir, cell.setting,
                                               updates))
-    return replace(exp, data_dir=data_dir_of(sweep, cell.dataset))
+    evaluated = data_dir_of(sweep, cell.eval_dataset or cell.dataset)
+    return replace(exp, data_dir=data_dir_of(sweep, cell.dataset), eval_data_dir=evaluated)
 
 
 def _sacred_words(sweep: Sweep, cell: Cell) -> list[str]:
@@ -212,7 +236,10 @@ def train_command(sweep: Sweep, cell: Cell, resume: str | None = None) -> list[s
 
 
 def eval_command(sweep: Sweep, cell: Cell) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "validation.py"), *_sacred_words(sweep, cell)]
+    extra = [] if cell.n_shot == 1 else [f"evaluation.n_shot={cell.n_shot}"]
+    if cell.eval_dataset is not None:
+        extra += [f"eval_dataset={cell.eval_dataset}", f"eval_data_dir={data_dir_of(sweep, cell.eval_dataset)}"]
+    return [sys.executable, str(PROJECT_ROOT / "validation.py"), *_sacred_words(sweep, cell), *extra]
 
 
 def commands(sweep: Sweep, plan: Plan) -> list[list[str]]:
@@ -375,6 +402,13 @@ def check_before_start(sweep: Sweep, plans: list[Plan], gpus: list[str] | None, 
                                     f"(see data/README.md)")
             except UserError as err:
                 note(err)
+        evaluated = replace(exp, dataset=exp.eval_dataset, data_dir=str(Path(sweep.cwd) / exp.eval_data_dir))
+        if plan.cell.eval_dataset is not None and ("evaluated", evaluated.data_dir) not in checked:
+            checked.add(("evaluated", evaluated.data_dir))
+            try:
+                check_data_dir(evaluated)
+            except UserError as err:
+                note(err)
         if training and exp.encoder not in checked:
             checked.add(exp.encoder)
             try:
@@ -384,5 +418,10 @@ def check_before_start(sweep: Sweep, plans: list[Plan], gpus: list[str] | None, 
     for gpu in gpus or []:
         if gpu not in available:
             problems.append(f"--gpus {gpu}: no such GPU here (visible: {', '.join(available) or 'none'})")
+    if any(commands(sweep, plan) for plan in plans):
+        try:
+            check_output_folder(Path(sweep.cwd) / sweep.log_dir, "the sweep's log folder (--log-dir)")
+        except UserError as err:
+            note(err)
     if problems:
         raise SweepError("the sweep cannot start; nothing was run:\n  - " + "\n  - ".join(problems))

@@ -3,6 +3,7 @@ here or on a Slurm cluster, and collect it into tables.
 
     python -m scripts.sweep --methods adnet qnet alpnet dspnet rpt gmrd --datasets CHAOST2 SABS CMR --settings 1 2 \\
         [--folds 0 1 2 3 4] [--label-groups 2,3 1,4] [--data-dir CHAOST2=../shared/data/CHAOST2 ...] \\
+        [--shots 1 3] [--eval-datasets SABS] \\
         [--log-dir runs/sweep] [--executor local|slurm|submitit-local] [--dry-run] [--published] \\
         [--partition gpu --time 1440 --gpus-per-job 1 --array-parallelism 32 --sbatch account=lab] \\
         [Sacred updates for every run, e.g. train.n_steps=1000 protocol_qnet]
@@ -16,7 +17,9 @@ trained), running (another process trains it now) or queued (its Slurm job is wa
 first cell starts, every data folder, pretrained-weights file and GPU the cells need is checked,
 all problems in one error. Re-running the same command does only what is left, and ends with the tables: one per dataset and setting, printed and written
 to <log-dir>/tables/<dataset>_setting<s>/ (as scripts.collect_results; --published puts the papers'
-numbers beside them). See docs/sweep.md.
+numbers beside them). --shots K... adds K-shot evaluations of each cell's training (evaluation.n_shot)
+and --eval-datasets NAME... cross-domain evaluations (eval_dataset): cells of their own that share the
+training; cross-domain tables are <TRAIN>-to-<EVAL>_setting<s>, K a column. See docs/sweep.md.
 
 Executors: `local` runs the cells here, one process per visible GPU (CUDA_VISIBLE_DEVICES), or one
 after the other on the CPU; `slurm` submits one job per cell as a job array and returns (re-run the
@@ -58,7 +61,7 @@ from launch.sweep import (
     plan_state,
 )
 from data.core.cli import add_logging_arguments, run_cli
-from evaluation.leaderboard import build_table, published_beside, select, write_report
+from evaluation.leaderboard import build_table, published_beside, select, table_folder, write_report
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -86,11 +89,11 @@ def collect_tables(sweep: Sweep, plans, published: bool = False) -> list[Path]:
     groups = defaultdict(list)
     for p in plans:
         if p.state == DONE:
-            groups[(p.cell.dataset, p.cell.setting)].append(p.evaluation)
+            groups[(p.cell.dataset, p.cell.eval_dataset or "", p.cell.setting)].append(p.evaluation)
     written = []
-    for (dataset, setting), runs in sorted(groups.items()):
+    for _, runs in sorted(groups.items()):
         table = build_table(select(runs))
-        out = Path(sweep.cwd) / sweep.log_dir / "tables" / f"{dataset}_setting{setting}"
+        out = Path(sweep.cwd) / sweep.log_dir / "tables" / table_folder(table)
         print(write_report(table, out, published_beside(table) if published else None))
         print(f"written: {out}/folds.csv, summary.csv, table.md, dice.png\n")
         written.append(out)
@@ -108,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test label groups, e.g. 2,3 1,4 (default: setting 1 every evaluated class, "
                              "setting 2 the dataset's groups)")
     parser.add_argument("--data-dir", nargs="+", metavar="NAME=PATH",
-                        help="data folder per dataset (default ./data/<NAME>)")
+                        help="data folder per dataset, evaluated ones included (default ./data/<NAME>)")
+    parser.add_argument("--shots", nargs="+", type=int, default=[1],
+                        help="support scans K of the evaluations (evaluation.n_shot), e.g. 1 3 (default 1)")
+    parser.add_argument("--eval-datasets", nargs="+", metavar="NAME",
+                        help="also evaluate each training on these datasets (cross-domain; organs matched by name)")
     parser.add_argument("--log-dir", default="runs/sweep", help="log_dir of every run (default runs/sweep)")
     parser.add_argument("--executor", choices=EXECUTORS, default="local")
     parser.add_argument("--gpus", nargs="+", help="local executor: GPUs to use (default: all visible)")
@@ -189,9 +196,11 @@ def main(argv=None) -> int:
     def body() -> int:
         if args.executor != "local":
             import_submitit(args.executor)          # refused before planning when it is missing
-        sweep = Sweep(args.log_dir, parse_data_dirs(args.data_dir, args.datasets), tuple(args.updates))
+        sweep = Sweep(args.log_dir, parse_data_dirs(args.data_dir, [*args.datasets, *(args.eval_datasets or [])]),
+                      tuple(args.updates))
         groups = [parse_label_group(g) for g in args.label_groups] if args.label_groups else None
-        cells = plan_cells(args.methods, args.datasets, args.settings, args.folds, groups, sweep.data_dirs)
+        cells = plan_cells(args.methods, args.datasets, args.settings, args.folds, groups, sweep.data_dirs,
+                           args.shots, args.eval_datasets)
         check_sweep_updates(sweep, cells)
         plans = [plan_state(sweep, c) for c in cells]
         if args.executor == "slurm":

@@ -96,3 +96,49 @@ def test_reference_loop_gives_the_same_predictions(tmp_path):
     assert fast.support_slices == slow.support_slices
     for key, pred in fast.predictions.items():
         np.testing.assert_array_equal(pred, slow.predictions[key])
+
+
+class ShotCountingOracle(OracleModel):
+    """The oracle, recording how many shots each support state is prepared from."""
+
+    def __init__(self):
+        super().__init__()
+        self.shots = []
+
+    def prepare_support(self, support, support_masks):
+        self.shots.append(support_masks.shape[1])                   # 1 x S x H x W
+        return super().prepare_support(support, support_masks)
+
+
+def test_k_shot_takes_the_scans_after_the_support_outside_the_fold_and_keeps_the_queries(tmp_path):
+    from evaluation.protocol import support_scans
+    from models.engine.predictor import Predictor, ScanImage
+    root = write_dataset(tmp_path / "toy", ids=tuple(range(1, 12)), n_classes=1)
+    spec = load_spec("TOY", root)
+    store = VolumeStore(spec, root)
+    fold = spec.fold(store.ids, 0)                                  # test block (1, 2, 3): support 3, queries 1, 2
+    one_model, three_model = ShotCountingOracle(), ShotCountingOracle()
+    one = Evaluator(one_model, store, spec, fold, ProtocolOptions(batch_size=2), progress=False).run([1])
+    three = Evaluator(three_model, store, spec, fold, ProtocolOptions(batch_size=2, n_shot=3), progress=False).run([1])
+    assert one.support_ids == (3,) and three.support_ids == (3, 4, 5) == support_scans(fold, -1, 3)
+    assert three.query_ids == one.query_ids == (1, 2) and three.support_id == 3
+    assert set(one_model.shots) == {1} and set(three_model.shots) == {3}
+    assert [len(zs) for zs in three.shot_slices[1]] == [3, 3, 3] and three.shot_slices[1][0] == one.support_slices[1]
+    assert three.mean() > 0.95
+    # 1-shot is the 1-shot predictor's loop, prediction for prediction
+    predictor, support = Predictor(OracleModel(), batch_size=2), store.scan(3)
+    for scan_id in one.query_ids:
+        scan = store.scan(scan_id)
+        plan = plan_query(scored_slices(scan.slices_with(1), "range"), 3, "zrange")
+        zs = [one.support_slices[1][p] for p in plan.parts]
+        expected = np.zeros(scan.image.shape, np.uint8)
+        for chunk, lp in zip(plan.chunks, predictor.predict_chunks(ScanImage("s", support.image), zs,
+                                                                   support.label[zs] == 1,
+                                                                   ScanImage(scan_id, scan.image), plan.chunks)):
+            expected[chunk] = (lp[:, 1] > lp[:, 0]).numpy()
+        np.testing.assert_array_equal(one.predictions[(scan_id, 1)], expected)
+    # the references' uncached loop gives the K-shot predictions too
+    slow = Evaluator(OracleModel(), store, spec, fold, ProtocolOptions(batch_size=1, n_shot=3, cache_features=False),
+                     progress=False).run([1])
+    for key, pred in three.predictions.items():
+        np.testing.assert_array_equal(pred, slow.predictions[key])

@@ -11,6 +11,7 @@ from data.core.io import Geometry, read_volume
 from data.core.specs import load_spec
 from data.phantoms import make_phantom, phantom_geometry
 from data.pipeline import image_from_array, prepare_scan, resample_image, resample_label
+from evaluation.surface import array_spacing, surface_distances
 from models.engine import segmentation
 from models.engine.builders import build_model
 from models.engine.experiment import Experiment
@@ -194,6 +195,22 @@ def test_two_dimensional_query(scans, tmp_path, capsys, shape):
     assert "slice.nii.gz" in err and ("2-D" in err or "3-D volume" in err)
 
 
+def test_a_bad_later_query_is_refused_before_any_output(scans, tmp_path, capsys):
+    """All queries are checked before the first mask is written: a constant scan, or one whose header
+    spacing (500 mm) would make a grid of billions of voxels, after a good query leaves no output."""
+    geometry = phantom_geometry(size=64)
+    constant = _write(tmp_path / "constant.nii.gz", np.full((12, 64, 64), 7.0, np.float32), geometry)
+    image, _ = make_phantom(3, size=64, slices=12)
+    huge = _write(tmp_path / "huge.nii.gz", image, Geometry((500.0, 500.0, 500.0)))
+    for bad, says in ((constant, "constant"), (huge, "500.0, 500.0, 500.0")):
+        args = _args(scans, tmp_path / "out", with_label=False)
+        args[args.index("--query") + 1:args.index("--query") + 2] = [str(scans["RPS"]), str(bad)]
+        assert segment.main(args, predictor=_own_label_predictor) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(bad) in err and says in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_class_id_not_in_the_training_labels(scans, tmp_path, capsys):
     assert segment.main(_args(scans, tmp_path / "out", class_id=7), predictor=_own_label_predictor) == 1
     assert "--class-id 7 is not a class of SYNTH" in capsys.readouterr().err
@@ -248,3 +265,42 @@ def test_model_predictor_is_the_model_on_the_same_slices(tmp_path):
                               as_batch(query_image[zs])).log_probs
         assert prob.shape == (len(zs), 32, 32)
         np.testing.assert_allclose(prob, torch.softmax(log_probs[0], dim=1)[:, 1].numpy(), atol=1e-5)
+
+
+def _shifted_label_predictor(support, support_zs, query, chunks):
+    """The query's own prepared label moved 3 columns: a prediction with a known, non-zero boundary error."""
+    return [np.roll(query.mask[zs], 3, axis=2).astype(np.float32) for zs in chunks]
+
+
+def _box_predictor(support, support_zs, query, chunks):
+    boxes = []
+    for zs in chunks:
+        box = np.zeros((len(zs), *query.image.shape[1:]), np.float32)
+        box[:, 20:40, 20:40] = 1
+        boxes.append(box)
+    return boxes
+
+
+def test_with_a_query_label_the_table_and_csv_give_hd95_and_assd(scans, tmp_path, capsys):
+    """HD95 and ASSD (mm, evaluation/surface.py) of the mask against the query label on the query's own grid,
+    as its Dice; without a label the table has no such columns and the CSV leaves them empty."""
+    out = tmp_path / "out"
+    assert segment.main(_args(scans, out, "ASL"), predictor=_shifted_label_predictor) == 0
+    mask, geometry = read_volume(out / "query_ASL_LIVER.nii.gz")
+    truth, _ = read_volume(scans["ASL_label"])
+    expected = surface_distances(mask > 0, truth == 1, array_spacing(geometry.spacing))
+    assert expected.hd95_mm > 0 and expected.assd_mm > 0
+    header, row = (out / "volumes_LIVER.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(",")))
+    assert float(values["hd95_mm"]) == pytest.approx(expected.hd95_mm, abs=1e-3)
+    assert float(values["assd_mm"]) == pytest.approx(expected.assd_mm, abs=1e-3)
+    table = capsys.readouterr().out.splitlines()
+    assert "hd95 mm" in table[0] and "assd mm" in table[0]
+    assert f"{expected.hd95_mm:.2f}" in table[2] and f"{expected.assd_mm:.2f}" in table[2]
+
+    unlabelled = tmp_path / "unlabelled"
+    assert segment.main(_args(scans, unlabelled, "ASL", with_label=False), predictor=_box_predictor) == 0
+    assert "hd95" not in capsys.readouterr().out
+    header, row = (unlabelled / "volumes_LIVER.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(",")))
+    assert values["dice"] == values["hd95_mm"] == values["assd_mm"] == ""

@@ -7,6 +7,7 @@ after each), one test class (LIVER) on the six 12 x 64 x 64 phantoms, no overlay
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -135,6 +136,40 @@ def test_dry_run_plans_the_full_paper_table(tmp_path, capsys):
     assert "160 cells: 160 to train" in out
     assert "dataset=CHAOST2 data_dir=./data/CHAOST2 setting=1 eval_fold=0 test_labels=[1,2,3,4]" in out
     assert not (tmp_path / "runs").exists()                                   # nothing ran, nothing written
+
+
+def test_a_dry_run_works_on_a_read_only_log_folder_and_a_real_run_is_refused(tmp_path, capsys, monkeypatch):
+    """--dry-run only reads, so it plans on a read-only (or full) log folder; the sweep itself says before
+    the first cell that it cannot write there. Nothing is written either way."""
+    from tests.test_bad_inputs import _fail_writes_under
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    _fail_writes_under(monkeypatch, log_dir, errno.EROFS)
+    argv = ["--methods", "adnet", "--datasets", "SYNTH", "--folds", "0", "--log-dir", str(log_dir),
+            "train.n_steps=2", "encoder.weights=none"]
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    assert "1 cells: 1 to train" in capsys.readouterr().out
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the sweep cannot start") and f"cannot write the sweep's log folder (--log-dir) " \
+        f"{log_dir}: the file system is read-only" in err
+    assert list(log_dir.iterdir()) == []
+
+
+def test_dry_run_plans_k_shot_and_cross_domain_evaluations_of_one_training(tmp_path, capsys):
+    argv = ["--methods", "adnet", "--datasets", "CHAOST2", "--folds", "0", "--shots", "1", "3",
+            "--eval-datasets", "SABS", "--log-dir", str(tmp_path / "runs"), "--dry-run"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for cell in ("adnet CHAOST2 setting 1 labels 1,2,3,4 fold 0  ", "adnet CHAOST2 setting 1 labels 1,2,3,4 fold 0 3-shot",
+                 "adnet CHAOST2 -> SABS setting 1 labels 1,2,3,4 fold 0  ",
+                 "adnet CHAOST2 -> SABS setting 1 labels 1,2,3,4 fold 0 3-shot"):
+        assert cell in out, out
+    assert "4 cells: 4 to train" in out and out.count("adnet_CHAOST2_setting1_labels1-2-3-4_fold0") == 4
+    from launch.sweep import Cell, Sweep, eval_command
+    words = eval_command(Sweep("runs", {}), Cell("adnet", "CHAOST2", 1, (1, 2, 3, 4), 0, 3, "SABS"))
+    assert words[-3:] == ["evaluation.n_shot=3", "eval_dataset=SABS", "eval_data_dir=./data/SABS"]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -139,6 +139,16 @@ def test_training_curves_png(tmp_path):
     assert plot_curves.main([str(tmp_path / "nothing")]) == 1
 
 
+def test_plot_curves_on_a_run_before_its_first_metrics(tmp_path, capsys):
+    """Sacred creates metrics.json empty (0 bytes) at the start of a run: one error line saying no
+    losses are recorded yet, nothing written."""
+    (tmp_path / "metrics.json").write_text("")
+    assert plot_curves.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds no loss metrics yet" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
 def test_render_overlays_for_a_saved_prediction(tmp_path):
     root = write_dataset(tmp_path / "toy")
     label = np.zeros((8, 32, 32), np.uint8)
@@ -178,19 +188,46 @@ def test_a_dataset_of_ones_own_is_tabled(tmp_path, monkeypatch, capsys):
     assert "| Method | C1 | C2 | Mean |" in md and "| adnet | 61.00 ± 8.16 (3/5) |" in md    # results.json's order
 
 
-def test_one_fold_evaluated_with_two_label_groups_is_never_merged_silently(tmp_path, caplog):
-    """Two runs of one method and fold with different test_labels that both give an organ: its cell holds the
-    newer run's number, and a warning names both runs."""
+def test_one_fold_evaluated_with_two_label_groups_is_two_cells_never_merged(tmp_path):
+    """Two runs of one method and fold with different test_labels that both give an organ: each label group is
+    a row of its own, whichever was written last; disjoint groups (setting 2) still share one row."""
     wide = fake_run(tmp_path, fold=0, labels=(1, 2, 3, 4))
     narrow = fake_run(tmp_path, fold=0, labels=(1,), dice={"LIVER": 0.9})
-    os.utime(wide / "results.json", (1000, 1000))
-    os.utime(narrow / "results.json", (2000, 2000))
-    table = build_table(select(find_runs([tmp_path])))
-    assert table.dice["adnet"]["LIVER"] == {0: 0.9} and table.dice["adnet"]["RK"] == {0: pytest.approx(0.52)}
-    assert "LIVER was evaluated twice, with test_labels [1, 2, 3, 4]" in caplog.text
-    assert f"the table uses the newer, {narrow}" in caplog.text and str(wide) in caplog.text
-    os.utime(narrow / "results.json", (500, 500))          # now the 4-class run is the newer: it gives every organ
-    caplog.clear()
-    table = build_table(select(find_runs([tmp_path])))
-    assert table.dice["adnet"]["LIVER"] == {0: pytest.approx(0.51)} and len(table.checkpoints["adnet"][0]) == 1
-    assert f"the table uses the newer, {wide}" in caplog.text and str(narrow) in caplog.text
+    for newer in (narrow, wide):
+        os.utime(newer / "results.json", (3000, 3000))
+        table = build_table(select(find_runs([tmp_path])))
+        assert set(table.dice) == {"adnet [labels 1,2,3,4]", "adnet [labels 1]"}
+        assert table.dice["adnet [labels 1]"] == {"LIVER": {0: 0.9}}
+        assert table.dice["adnet [labels 1,2,3,4]"]["LIVER"] == {0: pytest.approx(0.51)}
+    out = tmp_path / "out"
+    assert collect_results.main([str(tmp_path), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "| adnet [labels 1] | – | – | – | 90.00 (1/5) | 90.00* |" in md
+    assert "| adnet [labels 1,2,3,4] | 53.00 (1/5) | 52.00 (1/5) | 54.00 (1/5) | 51.00 (1/5) | 52.50* |" in md
+
+
+def test_k_shot_runs_are_rows_with_a_k_column_and_cross_domain_runs_a_table_of_their_own(tmp_path, capsys):
+    for fold in range(5):
+        fake_run(tmp_path / "runs", fold=fold)
+        fake_run(tmp_path / "runs", fold=fold, run_id=2, n_shot=3, dice={"LIVER": 0.7, "RK": 0.7, "LK": 0.7,
+                                                                         "SPLEEN": 0.7})
+    out = tmp_path / "kshot"
+    assert collect_results.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "| Method | K | LK | RK | SPLEEN | LIVER | Mean |" in md
+    assert "| adnet | 1 | 73.00 ± 14.14 |" in md and "| adnet, 3-shot | 3 | 70.00 ± 0.00 |" in md
+    # trained on CHAOST2, evaluated on SABS: SABS's classes (its names), a table "CHAOST2 -> SABS"
+    sabs = {1: "SPLEEN", 2: "KID_R", 3: "KID_l", 6: "LIVER"}
+    for fold in range(2):      # test_labels are the training dataset's ids; the results name SABS's classes
+        fake_run(tmp_path / "runs", fold=fold, run_id=3, names=sabs, config={"eval_dataset": "SABS"},
+                 dice={"LIVER": 0.6, "KID_R": 0.6, "KID_l": 0.6, "SPLEEN": 0.6})
+    assert collect_results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "mixed")]) == 1
+    assert "mix evaluated datasets" in capsys.readouterr().err
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert collect_results.main([str(tmp_path / "runs"), "--eval-dataset", "SABS"]) == 0
+    finally:
+        os.chdir(cwd)
+    md = (tmp_path / "results" / "CHAOST2-to-SABS_setting1" / "table.md").read_text()
+    assert "Dice (%) on CHAOST2 -> SABS, setting 1" in md and "| Method | KID_l | KID_R | SPLEEN | LIVER | Mean |" in md

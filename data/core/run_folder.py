@@ -35,7 +35,7 @@ _held_locks: dict[Path, list[tuple[int, bool]]] = {}     # folder -> (descriptor
 # Keys that decide no number of a run: where things are, how often it logs and saves, how many
 # workers load data, which device it ran on, what an evaluation keeps besides its numbers.
 NOT_IN_FINGERPRINT = frozenset({
-    "data_dir", "log_dir", "exp_name", "device",
+    "data_dir", "eval_data_dir", "log_dir", "exp_name", "device",
     "train.resume", "train.print_every", "train.snapshot_every", "train.checkpoint_every", "train.num_workers",
     "evaluation.checkpoint", "evaluation.save_predictions", "evaluation.n_overlays", "evaluation.batch_size",
 })
@@ -65,10 +65,16 @@ def config_fingerprint(config: dict, kind: str) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+# Top-level keys that only say how a model is evaluated (the dataset evaluated: cross-domain).
+EVALUATION_ONLY = frozenset({"eval_dataset"})
+
+
 def _decides(key: str, kind: str) -> bool:
     """Whether `key` decides the numbers of a run of `kind`: no evaluation key decides what a training
-    learns (evaluation.fold_scheme orders a fold's test scans; both schemes train on the same ones)."""
-    return key not in NOT_IN_FINGERPRINT and not (kind == TRAIN and key.startswith("evaluation."))
+    learns (evaluation.fold_scheme orders a fold's test scans; both schemes train on the same ones;
+    eval_dataset and evaluation.n_shot choose what a trained model is evaluated on)."""
+    return key not in NOT_IN_FINGERPRINT and not (
+        kind == TRAIN and (key.startswith("evaluation.") or key in EVALUATION_ONLY))
 
 
 def config_differences(old: dict, new: dict, kind: str, limit: int = 6) -> str:

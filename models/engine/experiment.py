@@ -175,6 +175,7 @@ class EvaluationConfig(Section):
     NAME: ClassVar[str] = "evaluation"
     checkpoint: str | None      # a snapshot, "untrained", or None: the last snapshot of the newest training run
     supp_idx: int               # support scan in the fold's block (-1: the scan after the test scans)
+    n_shot: int                 # support scans K (evaluation/protocol.py: support_scans)
     n_part: int                 # support slices / query chunks per class
     chunking: str               # zrange | count
     scored: str                 # range | labelled
@@ -207,6 +208,8 @@ class Experiment:
     method: str                 # adnet | qnet | alpnet | dspnet | rpt | gmrd
     dataset: str                # CHAOST2 | SABS | CMR | SYNTH | the name in a dataset.json
     data_dir: str
+    eval_dataset: str           # the dataset evaluated: `dataset` (in-domain) or another (cross-domain)
+    eval_data_dir: str          # its folder (data_dir when it is the training dataset)
     setting: int                # 1 | 2
     test_labels: list[int]      # classes evaluated (and, in setting 2, removed from training)
     exclude_rule: str           # any | all (setting 2)
@@ -234,6 +237,10 @@ class Experiment:
         """The experiment of a resolved config dict; every missing or unknown key is named in one ConfigError."""
         if not isinstance(config, dict):
             raise ConfigError(f"an experiment config is a mapping of keys, got {type(config).__name__}")
+        # the evaluated dataset and its folder default to the training's (in-domain) in a config that
+        # names neither (built by hand, or stored before they existed; to_config() then holds them)
+        config = {**{k: config[source] for k, source in ADDED_DERIVED_KEYS.items()
+                     if k not in config and source in config}, **config}
         expected = cls.top_level_keys() + tuple(SECTIONS)
         problems = _key_problems(config, expected)
         for name, section in SECTIONS.items():
@@ -293,13 +300,21 @@ ADDED_KEYS = {
     "train.resume": None,                   # f34cdb6
     "evaluation.cache_features": True,      # 39ec8aa: each slice was encoded once
     "evaluation.amp": "off",                # d99880c: a config without it is evaluated in fp32 (segment.py did so)
+    "evaluation.n_shot": 1,                 # K-shot evaluation: every evaluation before it was 1-shot
 }
+# Top-level keys added since, each filled with the value of the key it was before (in-domain evaluation:
+# the evaluated dataset was the training dataset, read from its data_dir).
+ADDED_DERIVED_KEYS = {"eval_dataset": "dataset", "eval_data_dir": "data_dir"}
 
 
 def upgrade_config(config: dict) -> dict:
     """A stored config (a snapshot's, a resume point's) with the keys added since it was written filled
-    in (ADDED_KEYS); a section it lacks stays absent. Returns a copy; a current config comes back equal."""
+    in (ADDED_KEYS, ADDED_DERIVED_KEYS); a section it lacks stays absent. Returns a copy; a current config comes back equal."""
     config = copy.deepcopy(config)
+    if isinstance(config, dict):
+        for key, source in ADDED_DERIVED_KEYS.items():
+            if key not in config and source in config:
+                config[key] = copy.deepcopy(config[source])
     for dotted, value in ADDED_KEYS.items():
         section, key = dotted.split(".")
         node = config.get(section) if isinstance(config, dict) else None

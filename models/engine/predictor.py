@@ -7,16 +7,18 @@ as its grey value repeated into 3 channels (3 x H x W). The model (models/fewsho
     prepare_support(support {name: 1 x S x C x h x w}, support masks 1 x S x H x W) -> state
     segment_prepared(state, query {name: 1 x Q x C x h x w}) -> HeadOutput, log_probs 1 x Q x 2 x H x W
         ([bg, fg]); equal to segment(support, support masks, query) (models/heads/contract.py).
-Every prediction is 1-way 1-shot: one support slice and its mask against query slices. Q-Net's
-test-time prototype refinement runs inside the head's `segment` call (in eval mode), per query slice.
+Every prediction is 1-way: S support slices and their masks (S = 1: 1-shot; S = K for the K-shot
+protocol, one slice per support scan, `predict_chunks_shots`) against query slices; the head combines
+the shots as its reference does. Q-Net's test-time prototype refinement runs inside the head's
+`segment` call (in eval mode), per query slice.
 
 Speed without changing the numbers. With `cache_features` (the default) each slice is encoded once
 per scan and kept under the caller's key until `forget`: the support slices once for all classes
 and parts, each query slice once for all classes; the slices a caller `warm`s together are encoded
 in ascending z, `batch_size` per encoder call. The query slices of a chunk then go through the head
 `batch_size` at a time, and the head's support state (prototypes, regions, descriptors: what it
-computes from the support alone) is computed once per support slice and mask and reused for every
-chunk, batch and query scan. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
+computes from the support alone) is computed once per set of support slices and masks (every shot's
+scan, slice and mask digest) and reused for every chunk, batch and query scan. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
 sizes and caching change no prediction. `cache_features=False` runs the references' loop instead:
 for every query slice, its support slice and it are encoded together (a batch of 2) and segmented
 alone; the benchmark's reference mode times it.
@@ -86,7 +88,8 @@ class Predictor:
         self.autocast_dtype = autocast_dtype
         self.cache_features = bool(cache_features)
         self._cache: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}   # key -> z -> {name: C x h x w}
-        self._states: dict[tuple, dict] = {}     # (scan key, z, mask digest) -> the head's support state
+        # ((scan key, z, mask digest) per shot) -> the head's support state
+        self._states: dict[tuple, dict] = {}
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -124,34 +127,34 @@ class Predictor:
     def forget(self, key: Hashable) -> None:
         """Drop the cached features (and support states) of the scan named `key` (a query that is done)."""
         self._cache.pop(key, None)
-        for state_key in [k for k in self._states if k[0] == key]:
+        for state_key in [k for k in self._states if any(shot[0] == key for shot in k)]:
             del self._states[state_key]
 
     # ------------------------------------------------------------------ head
     @torch.no_grad()
-    def support_state(self, support: dict[str, torch.Tensor], support_mask: torch.Tensor,
-                      key: Hashable | None = None) -> dict:
-        """The head's support state (models/heads/contract.py) of one support slice, support
-        {name: C x h x w} and support_mask H x W; kept under `key` (until `forget(key[0])`) so
-        every chunk and query scan segmented with that slice and mask reuses it."""
+    def support_state(self, support: dict[str, torch.Tensor], support_masks: torch.Tensor,
+                      key: tuple | None = None) -> dict:
+        """The head's support state (models/heads/contract.py) of S support slices (shots), support
+        {name: S x C x h x w} and support_masks S x H x W; kept under `key` (one (scan key, z, mask
+        digest) per shot, until `forget` of one of those scans) so every chunk and query scan
+        segmented with those slices and masks reuses it."""
         if key is not None and key in self._states:
             return self._states[key]
         with self.autocast():
-            state = self.model.prepare_support({k: v[None, None] for k, v in support.items()},
-                                               support_mask[None, None])
+            state = self.model.prepare_support({k: v[None] for k, v in support.items()}, support_masks[None])
         if key is not None:
             self._states[key] = state
         return state
 
     @torch.no_grad()
-    def segment(self, support: dict[str, torch.Tensor], support_mask: torch.Tensor,
-                query: dict[str, torch.Tensor], state_key: Hashable | None = None) -> torch.Tensor:
-        """One support slice against N query slices, `batch_size` query slices per head call, the
-        support's work done once (`support_state`, reused under `state_key` if given).
+    def segment(self, support: dict[str, torch.Tensor], support_masks: torch.Tensor,
+                query: dict[str, torch.Tensor], state_key: tuple | None = None) -> torch.Tensor:
+        """S support slices (shots) against N query slices, `batch_size` query slices per head call,
+        the support's work done once (`support_state`, reused under `state_key` if given).
 
-        support {name: C x h x w}, support_mask H x W float32, query {name: N x C x h x w}
+        support {name: S x C x h x w}, support_masks S x H x W float32, query {name: N x C x h x w}
         -> log-probabilities N x 2 x H x W. (Q-Net's refinement enables gradients itself.)"""
-        state = self.support_state(support, support_mask, state_key)
+        state = self.support_state(support, support_masks, state_key)
         n = next(iter(query.values())).shape[0]
         out = []
         for start in range(0, n, self.batch_size):
@@ -160,16 +163,18 @@ class Predictor:
                 out.append(self.model.segment_prepared(state, q).log_probs[0])
         return torch.cat(out)
 
-    def segment_uncached(self, support_image: np.ndarray, support_z: int, support_mask: torch.Tensor,
-                         query_image: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
-        """The references' loop: for each query slice z, encode [support slice, slice z] together
-        and segment z alone. Images Z x H x W, support_mask H x W -> log-probabilities N x 2 x H x W."""
+    def segment_uncached(self, support_images: Sequence[np.ndarray], support_zs: Sequence[int],
+                         support_masks: torch.Tensor, query_image: np.ndarray, zs: Sequence[int]) -> torch.Tensor:
+        """The references' loop: for each query slice z, encode [the S support slices, slice z]
+        together and segment z alone. support_images: S volumes Z x H x W (slice support_zs[s] of
+        volume s is shot s), support_masks S x H x W -> log-probabilities N x 2 x H x W."""
+        n_shots = len(support_zs)
         out = []
         for z in zs:
-            both = self.encode(torch.cat([slice_batch(support_image, [support_z], self.device),
-                                          slice_batch(query_image, [z], self.device)]))
-            out.append(self.segment({k: v[0] for k, v in both.items()}, support_mask,
-                                    {k: v[1:] for k, v in both.items()}))
+            batch = [slice_batch(image, [sz], self.device) for image, sz in zip(support_images, support_zs)]
+            both = self.encode(torch.cat([*batch, slice_batch(query_image, [z], self.device)]))
+            out.append(self.segment({k: v[:n_shots] for k, v in both.items()}, support_masks,
+                                    {k: v[n_shots:] for k, v in both.items()}))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ chunks
@@ -178,15 +183,30 @@ class Predictor:
         """Chunk i of the query (its slice indices) segmented with support slice support_zs[i] and
         its mask support_masks[i] (P x H x W, foreground nonzero) -> [log-probabilities
         len(chunks[i]) x 2 x H x W]. With the cache, all the support and query slices named are
-        encoded first, so they share full batches."""
-        masks = torch.from_numpy(np.asarray(support_masks).astype(np.float32)).to(self.device)   # P x H x W
+        encoded first, so they share full batches. (1-shot: `predict_chunks_shots` with one shot.)"""
+        return self.predict_chunks_shots([support], [[z] for z in support_zs],
+                                         np.asarray(support_masks)[:, None], query, chunks)
+
+    def predict_chunks_shots(self, supports: Sequence[ScanImage], support_zs: Sequence[Sequence[int]],
+                             support_masks: np.ndarray, query: ScanImage,
+                             chunks: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """K-shot chunks: chunk i of the query segmented with the S = len(supports) support slices
+        support_zs[i][s] of scan supports[s] and their masks support_masks[i] (P x S x H x W,
+        foreground nonzero) -> [log-probabilities len(chunks[i]) x 2 x H x W]. The support state is
+        kept per chunk's (scan, slice, mask) of every shot."""
+        masks = torch.from_numpy(np.asarray(support_masks).astype(np.float32)).to(self.device)   # P x S x H x W
         if not chunks:
             return []
         if not self.cache_features:
-            return [self.segment_uncached(support.image, z, mask, query.image, zs)
-                    for z, mask, zs in zip(support_zs, masks, chunks)]
-        self.warm(support, support_zs)
+            return [self.segment_uncached([s.image for s in supports], zs_s, shot_masks, query.image, zs)
+                    for zs_s, shot_masks, zs in zip(support_zs, masks, chunks)]
+        for s, scan in enumerate(supports):
+            self.warm(scan, [zs_s[s] for zs_s in support_zs])
         self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]))
-        return [self.segment({k: v[0] for k, v in self.features(support, [z]).items()}, mask,
-                             self.features(query, zs), state_key=(support.key, int(z), mask_digest(mask)))
-                for z, mask, zs in zip(support_zs, masks, chunks)]
+        out = []
+        for zs_s, shot_masks, zs in zip(support_zs, masks, chunks):
+            shots = [self.features(scan, [z]) for scan, z in zip(supports, zs_s)]          # S x {name: 1 x C x h x w}
+            support = {k: torch.cat([shot[k] for shot in shots]) for k in shots[0]}      # {name: S x C x h x w}
+            key = tuple((scan.key, int(z), mask_digest(mask)) for scan, z, mask in zip(supports, zs_s, shot_masks))
+            out.append(self.segment(support, shot_masks, self.features(query, zs), state_key=key))
+        return out

@@ -41,8 +41,9 @@ What it does, per query:
    given, the label a green outline; titled with class, query, slice, volume and, with a query
    label, the Dice), and `volumes_<CLASS>.csv`; the table printed at the end lists
    each query's organ volume in ml (voxels x voxel volume of the original grid / 1000) and, with a
-   query label, its Dice on the original grid (whole volume). Every output path is checked before
-   anything is written, so a refused name leaves OUT_DIR as it was.
+   query label, its Dice, HD95 and ASSD (mm; evaluation/surface.py) on the original grid (whole
+   volume). Every output path is checked before anything is written, so a refused name leaves OUT_DIR
+   as it was.
 
 Label values: `--class-id` is an id of the training dataset's label table. The support (and
 query) label files mark the class with `--label-value` (default: the class id; for a dataset whose
@@ -65,7 +66,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from data.core.io import DataError, Geometry, atomic_path, read_volume, safe_child_path, write_volume
+from data.core.io import (
+    DataError,
+    Geometry,
+    atomic_path,
+    check_output_folder,
+    read_volume,
+    safe_child_path,
+    write_volume,
+)
 from data.core.specs import PROJECT_ROOT, DatasetSpec, Preprocessing, builtin_names, generic_spec, load_spec
 from data.pipeline import image_from_array, orientation_of, prepare_scan, reorient
 from data.prepare import read_nifti_pair
@@ -79,6 +88,7 @@ from evaluation.protocol import (
     support_slices,
 )
 from evaluation.reporting import pick_slices, render_prediction
+from evaluation.surface import SURFACE_METRICS, SurfaceDistances, array_spacing, surface_distances
 from models.engine.builders import autocast_dtype, eval_batch_size, fold_data, resolve_device
 from models.engine.checkpoints import read_checkpoint, stored_experiment, trained_model
 from models.engine.experiment import Experiment
@@ -131,7 +141,8 @@ def prepare(name: str, image: sitk.Image, class_mask: np.ndarray | None, prep: P
             stats: tuple[float, float] | None, source: str) -> PreparedScan:
     """Prepare a scan as the training scans were and z-score it as the loaders do."""
     case = prepare_scan(image, None if class_mask is None else class_mask.astype(np.uint8), prep, source)
-    z = zscore(case.image) if stats is None else zscore(case.image, *stats)
+    mean, std = stats if stats is not None else (None, None)
+    z = zscore(case.image, mean, std, source=source, fix="segment a scan that holds an image (check the file)")
     return PreparedScan(name, image, z, case.geometry, None if case.label is None else case.label > 0,
                         class_mask)
 
@@ -331,6 +342,7 @@ class QueryResult:
     volume_ml: float
     dice: float | None
     extent: QueryExtent
+    distances: SurfaceDistances | None = None     # HD95 and ASSD (mm), with a query label
 
 
 def output_paths(out: Path, name: str, class_name: str) -> tuple[Path, Path]:
@@ -378,26 +390,34 @@ def write_overlay(path: Path, query: PreparedScan, mask: np.ndarray, orientation
 
 
 def format_table(results: Sequence[QueryResult], class_name: str) -> str:
-    header = f"{'query':<28}{'class':<12}{'volume (ml)':>12}{'dice':>8}  extent (prepared slices)"
+    """One row per query; HD95 and ASSD columns (mm; nan/inf for an empty mask) when a query label was given."""
+    surface = any(r.distances is not None for r in results)
+    header = (f"{'query':<28}{'class':<12}{'volume (ml)':>12}{'dice':>8}"
+              + (f"{'hd95 mm':>10}{'assd mm':>10}" if surface else "") + "  extent (prepared slices)")
     lines = [header, "-" * len(header)]
     for r in results:
         dice = "-" if r.dice is None or not np.isfinite(r.dice) else f"{r.dice:.4f}"
+        distances = "" if not surface else (f"{'-':>10}{'-':>10}" if r.distances is None else
+                                            f"{r.distances.hd95_mm:>10.2f}{r.distances.assd_mm:>10.2f}")
         extent = (f"{r.extent.scored.min()}-{r.extent.scored.max()} ({r.extent.extent_from})"
                   if len(r.extent.scored) else "none found")
-        lines.append(f"{r.name:<28}{class_name:<12}{r.volume_ml:>12.2f}{dice:>8}  {extent}")
+        lines.append(f"{r.name:<28}{class_name:<12}{r.volume_ml:>12.2f}{dice:>8}{distances}  {extent}")
     return "\n".join(lines)
 
 
 def write_csv(path: Path, results: Sequence[QueryResult], class_name: str, class_id: int) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["query", "class", "class_id", "voxels", "volume_ml", "dice", "extent_from",
+        writer.writerow(["query", "class", "class_id", "voxels", "volume_ml", "dice", *SURFACE_METRICS, "extent_from",
                          "extent_first", "extent_last", "support_slices", "mask"])
         for r in results:
             scored = r.extent.scored
             first, last = (int(scored.min()), int(scored.max())) if len(scored) else ("", "")
             writer.writerow([r.name, class_name, class_id, r.voxels, f"{r.volume_ml:.4f}",
-                             "" if r.dice is None else f"{r.dice:.6f}", r.extent.extent_from, first, last,
+                             "" if r.dice is None else f"{r.dice:.6f}",
+                             *(("", "") if r.distances is None else (f"{r.distances.hd95_mm:.4f}",
+                                                                     f"{r.distances.assd_mm:.4f}")),
+                             r.extent.extent_from, first, last,
                              " ".join(map(str, r.extent.support_zs)), r.mask_path.name])
     return path
 
@@ -466,17 +486,19 @@ def segment_scans(job: SegmentationJob, predictor: ChunkPredictor | None = None)
     prep = with_support_axes(prep, support_image)
     stats = normalisation_stats(exp, job.normalize)
     support = prepare_support(job, support_image, support_mask, class_name, prep, stats)
-    predict = predictor or model_predictor(exp, state, job.checkpoint, job.device, job.amp)
-
-    # every output name is checked before anything is written, so a refused name leaves OUT_DIR as it was
+    # every query is prepared and every output name checked before the model runs or anything is written,
+    # so a refused query or name (a constant scan, a wrong spacing) leaves OUT_DIR as it was
+    prepared = [prepare(scan_name(path), image, query_mask, prep, stats, str(path))
+                for path, image, query_mask in queries]
     outputs = {str(path): output_paths(job.out, scan_name(path), class_name) for path, _, _ in queries}
     csv_path = safe_child_path(job.out, f"volumes_{class_name}.csv")
+    check_output_folder(job.out, "the output folder")
+    predict = predictor or model_predictor(exp, state, job.checkpoint, job.device, job.amp)
     Path(job.out).mkdir(parents=True, exist_ok=True)
     results = []
-    for path, image, query_mask in queries:
+    for (path, image, query_mask), query in zip(queries, prepared):
         name = scan_name(path)
         mask_path, overlay_path = outputs[str(path)]
-        query = prepare(name, image, query_mask, prep, stats, str(path))
         if query_mask is not None and not query.mask.any():
             log.warning(f"the label of {path} has no {class_name} on the training grid; the organ extent is estimated")
         prob, extent = segment_query(support, query, predict, n_part, evaluation.chunking, evaluation.scored,
@@ -486,9 +508,11 @@ def segment_scans(job: SegmentationJob, predictor: ChunkPredictor | None = None)
         mask = to_original_grid(prob, query.geometry, image)
         voxels = int(mask.sum())
         dice = None if query_mask is None else dice_score(*count_overlap(mask, query_mask))
+        distances = (None if query_mask is None
+                     else surface_distances(mask, query_mask, array_spacing(image.GetSpacing())))
         mask_path = write_mask(mask_path, mask, job.class_id, image)
         volume_ml = voxels * float(np.prod(image.GetSpacing())) / 1000.0
         overlay = write_overlay(overlay_path, query, mask, prep.orientation, class_name, volume_ml, dice)
-        results.append(QueryResult(name, mask_path, overlay, voxels, volume_ml, dice, extent))
+        results.append(QueryResult(name, mask_path, overlay, voxels, volume_ml, dice, extent, distances))
     write_csv(csv_path, results, class_name, job.class_id)
     return Segmentation(class_name, results, csv_path)
