@@ -482,20 +482,22 @@ def write_outputs(table: Table, out: Path, published: list[PublishedEntry] | Non
                                      ("png", "dice.png"))}
     with atomic_path(paths["folds"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "organ", "fold", "dice", "checkpoint"])
+        w.writerow(["method", "organ", "fold", "dice", "checkpoint", "n_shot"])
         for method in sorted(table.dice):
             for organ in table.organs:
                 for fold, value in sorted(table.dice[method].get(organ, {}).items()):
-                    w.writerow([method, organ, fold, f"{value:.6f}", ";".join(table.checkpoints[method][fold])])
+                    w.writerow([method, organ, fold, f"{value:.6f}", ";".join(table.checkpoints[method][fold]),
+                                table.shots.get(method, 1)])
     with atomic_path(paths["summary"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "organ", "mean_dice", "std_dice", "folds"])
+        w.writerow(["method", "organ", "mean_dice", "std_dice", "folds", "n_shot"])
         for method in sorted(table.dice):
+            k = table.shots.get(method, 1)
             for organ in table.organs:
                 mean, std, n = table.organ_stats(method, organ)
-                w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n])
+                w.writerow([method, organ, f"{mean:.6f}", f"{std:.6f}", n, k])
             w.writerow([method, "Mean", f"{table.overall(method):.6f}", "",
-                        "all" if table.complete(method) else "partial"])
+                        "all" if table.complete(method) else "partial", k])
     text = markdown(table, published) + (surface_markdown(table) if surface else "")
     if surface:
         write_surface_csv(table, out / "surface.csv")

@@ -1,4 +1,5 @@
 """Experiment workflow: collecting five folds into a table, curves and overlays as PNG."""
+import csv
 import json
 import os
 import shutil
@@ -216,6 +217,9 @@ def test_k_shot_runs_are_rows_with_a_k_column_and_cross_domain_runs_a_table_of_t
     md = (out / "table.md").read_text()
     assert "| Method | K | LK | RK | SPLEEN | LIVER | Mean |" in md
     assert "| adnet | 1 | 73.00 ± 14.14 |" in md and "| adnet, 3-shot | 3 | 70.00 ± 0.00 |" in md
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {(r["method"], r["n_shot"]) for r in summary} == {("adnet", "1"), ("adnet, 3-shot", "3")}
+    assert {r["n_shot"] for r in csv.DictReader((out / "folds.csv").open())} == {"1", "3"}
     # trained on CHAOST2, evaluated on SABS: SABS's classes (its names), a table "CHAOST2 -> SABS"
     sabs = {1: "SPLEEN", 2: "KID_R", 3: "KID_l", 6: "LIVER"}
     for fold in range(2):      # test_labels are the training dataset's ids; the results name SABS's classes
