@@ -12,6 +12,11 @@ Layouts (for a 256 x 256 input):
   ``t = Linear(1000 -> 1)(fc(GAP(layer4)))`` (ResNet's own fc 2048 -> 1000, no nonlinearity).
   Returns ``{"layer3": N x 512 x 64 x 64, "layer4": N x 512 x 32 x 32, "threshold": N x 1}``.
 
+In a model (models/fewshot.py) the encoder computes only what its head reads (``freeze_unread``):
+RPT and GMRD read ``layer3`` and ``threshold``, so the layer4 reduction is skipped, while layer4
+itself still runs because the threshold branch pools it; a head reading layer3 alone would skip
+layer4 too. The skipped layers keep their weights in the state dict, frozen.
+
 ``ResNetEncoder.channels`` gives the channels of each map (``{"out": 256}``, ...): heads get their
 channel counts from it (models.engine.builders.build_model), never from their config.
 
@@ -103,6 +108,7 @@ class ResNetEncoder(nn.Module):
         })
         if self.layout.init == "kaiming_fan_out":
             self._init_like_qnet()
+        self.read: tuple[str, ...] | None = None     # the maps forward computes (None: all; freeze_unread)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -118,16 +124,40 @@ class ResNetEncoder(nn.Module):
         return out | ({"threshold": 1} if self.layout.threshold_branch else {})
 
     def freeze_unread(self, read: tuple[str, ...]) -> None:
-        """Stop training the layers that only feed maps nobody reads (RPT and GMRD read Q-Net's layer3
-        and threshold, not its layer4 reduction): their weights get no gradient anyway, and a parameter
-        without one makes DistributedDataParallel fail. They stay in the state dict, so checkpoints
-        keep the reference layout."""
+        """Compute and train only what feeds the maps a head reads (RPT and GMRD read Q-Net's layer3 and
+        threshold, not its layer4 reduction). From now on forward returns only the read maps and skips
+        the layers that feed nothing read (`computed_layers`): an unread reduction, the threshold branch,
+        layer4 itself when neither its reduction nor the threshold is read. Those layers are frozen:
+        their weights would get no gradient anyway, and a parameter without one makes
+        DistributedDataParallel fail. They stay in the state dict, so checkpoints keep the reference
+        layout (a reference checkpoint loads, and unfreezing restores the whole encoder)."""
+        unknown = [m for m in read if m not in self.output_names]
+        if unknown:
+            raise ValueError(f"the '{self.layout_name}' encoder has no maps {unknown} (it has {self.output_names})")
+        self.read = tuple(read)
         names = _OUTPUT_NAMES[self.layout_name]
         for layer, conv in self.reduce.items():
             conv.requires_grad_(names[layer] in read)
         if self.layout.threshold_branch and "threshold" not in read:
             self.threshold.requires_grad_(False)
             self.backbone["fc"].requires_grad_(False)
+        body = self.computed_layers()
+        for name in _BODY:
+            if name not in body:
+                self.backbone[name].requires_grad_(False)
+
+    def _reads(self, name: str) -> bool:
+        return self.read is None or name in self.read
+
+    def computed_layers(self) -> tuple[str, ...]:
+        """The trunk layers forward runs, in order: up to the deepest one whose reduction or threshold
+        branch is read (all of _BODY before freeze_unread)."""
+        names = _OUTPUT_NAMES[self.layout_name]
+        needed = [layer for layer in self.reduce if self._reads(names[layer])]
+        if self.layout.threshold_branch and self._reads("threshold"):
+            needed.append("layer4")
+        last = max((_BODY.index(layer) for layer in needed), default=-1)
+        return _BODY[:last + 1]
 
     def _init_like_qnet(self) -> None:
         for m in self.modules():
@@ -138,14 +168,15 @@ class ResNetEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps in `read` (all before freeze_unread), computing only the layers that feed them."""
         x = images
         taps = {}
-        for name in _BODY:
+        for name in self.computed_layers():
             x = self.backbone[name](x)
-            if name in self.reduce:
-                taps[name] = x
-        out = {_OUTPUT_NAMES[self.layout_name][layer]: conv(taps[layer]) for layer, conv in self.reduce.items()}
-        if self.layout.threshold_branch:
+            taps[name] = x
+        names = _OUTPUT_NAMES[self.layout_name]
+        out = {names[layer]: conv(taps[layer]) for layer, conv in self.reduce.items() if self._reads(names[layer])}
+        if self.layout.threshold_branch and self._reads("threshold"):
             pooled = F.adaptive_avg_pool2d(taps["layer4"], 1).flatten(1)
             out["threshold"] = self.threshold(self.backbone["fc"](pooled))
         return out

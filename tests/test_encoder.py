@@ -100,3 +100,55 @@ def test_a_run_says_once_which_weights_it_loads(torchvision_state, tmp_path, cap
         ResNetEncoder(config.layout).load_pretrained(config.weights)
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
         assert len(said) == 1 and ("no pretrained weights" in said[0] or "loaded 624 of 624" in said[0]), said
+
+
+def _count_calls(modules: dict) -> dict:
+    counts = {name: 0 for name in modules}
+    for name, module in modules.items():
+        module.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
+def test_the_encoder_computes_only_the_maps_that_are_read():
+    """freeze_unread (called by FewShotSegmenter with the head's feature_maps): RPT and GMRD read layer3 and
+    the threshold, so the layer4 reduction is not run; a head reading layer3 alone skips layer4 too. The
+    maps that are read are unchanged, and every tensor stays in the state dict (reference checkpoints)."""
+    torch.manual_seed(0)
+    enc = ResNetEncoder("qnet_r101").eval()
+    keys = set(enc.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = enc(images)
+    counts = _count_calls({"reduce4": enc.reduce["layer4"], "reduce3": enc.reduce["layer3"],
+                           "layer4": enc.backbone["layer4"], "threshold": enc.threshold})
+    for read, expected in ((("layer3", "threshold"), {"reduce4": 0, "reduce3": 1, "layer4": 1, "threshold": 1}),
+                           (("layer3",), {"reduce4": 0, "reduce3": 1, "layer4": 0, "threshold": 0})):
+        enc.freeze_unread(read)
+        counts.update(dict.fromkeys(counts, 0))
+        with torch.no_grad():
+            out = enc(images)
+        assert set(out) == set(read) and counts == expected, (read, counts)
+        for name in read:
+            assert torch.equal(out[name], full[name])
+        assert set(enc.state_dict()) == keys
+    assert not any(p.requires_grad for p in enc.backbone["layer4"].parameters())
+    assert all(p.requires_grad for p in enc.backbone["layer3"].parameters())
+
+
+@pytest.mark.parametrize("method", ["rpt", "gmrd"])
+def test_a_model_of_rpt_or_gmrd_never_runs_the_layer4_reduction(method):
+    from configs.experiment import method_defaults
+    from models.engine.builders import build_model
+    from models.engine.experiment import EncoderConfig
+    cfg = method_defaults(method, "SYNTH")
+    if method == "gmrd":
+        cfg["head"].update(image_size=64, resize_grid=False, n_fg=4, n_bg=4)
+    model = build_model(EncoderConfig.from_config(cfg["encoder"]), cfg["head"], load_weights=False).eval()
+    counts = _count_calls({"reduce4": model.encoder.reduce["layer4"], "layer4": model.encoder.backbone["layer4"]})
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[..., 20:40, 20:40] = 1
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 3, 64, 64), masks, torch.randn(1, 1, 3, 64, 64))
+    assert out.log_probs.shape == (1, 1, 2, 64, 64)
+    assert counts == {"reduce4": 0, "layer4": 1}          # layer4 feeds the threshold both heads read
+    assert "encoder.reduce.layer4.weight" in model.state_dict()

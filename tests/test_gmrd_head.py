@@ -14,7 +14,7 @@ from models.engine.builders import build_model
 from models.engine.experiment import EncoderConfig
 from models.engine.reference_checkpoints import FORMATS, load_reference_state
 from models.heads.common import EPS_FLOAT32, dilate, erode
-from models.heads.gmrd import AffinityDecoder, GMRDHead, edge_masks, fill_sources
+from models.heads.gmrd import AffinityDecoder, GMRDHead, edge_masks, fill_basis, fill_sources, filled_linear
 
 H, h = 32, 8
 
@@ -255,3 +255,122 @@ def test_reference_checkpoint_loads_with_identical_outputs():
     with pytest.raises(CheckpointError, match=r"head\.bg_mlp\.mix\.bias \(reference name mlp2\.reduce\.2\.bias\)"):
         load_reference_state(other, reference)          # refused before anything is loaded
     assert isinstance(ours.head.fg_decoder.reduce, nn.Conv2d)
+
+
+# ----------------------------------------------------------------------------- support state
+@pytest.mark.parametrize("fast", [False, True])
+def test_support_state_gives_forward_for_any_split_of_the_queries(fast):
+    """prepare_support once, then segment over query batches of 1 and 2 = forward, the per-query draws
+    included (draws go query by query, then episode by episode), with an anomaly episode in the batch."""
+    support, masks, query = _episode(B=2, S=2, Q=3, empty=(1,))
+    head = GMRDHead(image_size=H, n_fg=6, n_bg=9, fast=fast).eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = head(support, masks, query).log_probs
+        torch.manual_seed(7)
+        state = head.prepare_support(support, masks)
+        parts = [head.segment(state, {k: v[:, i:j] for k, v in query.items()}).log_probs
+                 for i, j in ((0, 1), (1, 3))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), expected, rtol=1e-6, atol=1e-6)
+    assert set(state) >= {"bases", "prototype"} and ("descriptors" in state) == fast
+    # fast: every query of the support shares one draw; otherwise each query slice has its own
+    with torch.no_grad():
+        same = query["layer3"][:, :1].expand_as(query["layer3"])
+        out = head.segment(state, {"layer3": same, "threshold": query["threshold"]}).log_probs[0]
+    assert torch.equal(out[0], out[1]) == fast
+
+
+def test_the_fill_basis_gives_the_dense_filled_map_product():
+    """F @ W^T through fill_basis/filled_linear equals the product of the filled map built pixel by pixel,
+    for a small region (scatter), a large one (gather) and an empty one (zeros, as the reference)."""
+    g = torch.Generator().manual_seed(0)
+    C, P, K = 5, 64, 7
+    features, weight = torch.randn(C, P, generator=g), torch.randn(K, P, generator=g)
+    for n_region, mode in ((9, "scatter"), (50, "gather"), (0, "empty")):
+        region = torch.zeros(P)
+        region[torch.randperm(P, generator=g)[:n_region]] = 1
+        index, nonempty = fill_sources(region[None], torch.rand(1, P, dtype=torch.float64, generator=g))
+        basis = fill_basis(features.T, region, weight.T.contiguous())
+        dense = features[:, index[0]] * float(nonempty) @ weight.T
+        assert basis["mode"] == mode
+        torch.testing.assert_close(filled_linear(basis, index[0]), dense, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- one branch per episode
+def test_only_the_branch_an_episode_takes_draws_random_numbers():
+    """An empty support takes the anomaly branch, which draws nothing, in training and evaluation."""
+    support, masks, query = _episode(B=2, S=1, Q=1, empty=(0, 1))
+    head = GMRDHead(image_size=H, n_fg=6, n_bg=6)
+    for training in (True, False):
+        head.train(training)
+        before = torch.get_rng_state()
+        head(support, masks, query)
+        assert torch.equal(torch.get_rng_state(), before)
+    support, masks, query = _episode(B=1, S=1, Q=1)
+    before = torch.get_rng_state()
+    head.eval()(support, masks, query)
+    assert not torch.equal(torch.get_rng_state(), before)               # the descriptor branch draws its fill
+
+
+def _sgd_step(model, optim, support_masks, images):
+    """One training step as the trainer's (query NLL + align, the method's SGD with weight decay);
+    returns the parameters before and after."""
+    from models.engine.trainer import step_loss
+    from models.engine.experiment import LossConfig
+    cfg = method_defaults("gmrd", "SYNTH")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    out = model(images[:, :1], support_masks, images[:, 1:])
+    episode = type("Episode", (), {"query_labels": support_masks.long()})()
+    loss, _ = step_loss(out, episode, LossConfig.from_config(cfg["loss"]))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return before, {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_an_sgd_step_leaves_the_branch_not_taken_unchanged():
+    """As the released code, which builds only the branch it uses: a non-empty support gives the query
+    threshold's layers (encoder layer4, fc, threshold) no gradient, so SGD with weight decay leaves them
+    bit-unchanged (they are not shrunk); an empty support leaves the descriptor MLPs and decoders alone."""
+    from models.engine.experiment import OptimConfig
+    from models.engine.trainer import make_optimizer
+    cfg = method_defaults("gmrd", "SYNTH")
+    cfg["head"].update(image_size=64, resize_grid=False, n_fg=8, n_bg=8)
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig.from_config(cfg["encoder"]), cfg["head"], load_weights=False)
+    optim_cfg = OptimConfig.from_config(cfg["optim"])
+    assert optim_cfg.name == "sgd" and optim_cfg.weight_decay > 0
+    optim = make_optimizer(model, optim_cfg)
+    images = torch.randn(1, 2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[..., 16:40, 20:44] = 1
+    threshold_side = ("encoder.backbone.layer4.", "encoder.backbone.fc.", "encoder.threshold.")
+    descriptor_side = ("head.",)
+
+    def changed(before, after, prefixes):
+        return {n for n in before if n.startswith(prefixes) and not torch.equal(before[n], after[n])}
+
+    before, after = _sgd_step(model, optim, masks, images)
+    assert changed(before, after, threshold_side) == set()
+    assert changed(before, after, descriptor_side) and changed(before, after, ("encoder.backbone.layer3.",))
+    before, after = _sgd_step(model, optim, torch.zeros_like(masks), images)
+    assert changed(before, after, descriptor_side) == set()
+    assert changed(before, after, ("encoder.threshold.",)) == {"encoder.threshold.weight", "encoder.threshold.bias"}
+
+
+def test_bf16_decoders_are_one_option_away_and_close_to_fp32():
+    """head.decoder_bf16 runs the decoders under bf16 autocast (their logits come back in float32);
+    off by default, the reference's fp32."""
+    support, masks, query = _episode(B=1, S=1, Q=2)
+    exact = GMRDHead(image_size=H, n_fg=6, n_bg=6).eval()
+    fast = GMRDHead(image_size=H, n_fg=6, n_bg=6, decoder_bf16=True).eval()
+    fast.load_state_dict(exact.state_dict())
+    outputs = []
+    for head in (exact, fast):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            outputs.append(head(support, masks, query).log_probs)
+    assert outputs[1].dtype == torch.float32 and not torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[1].exp(), outputs[0].exp(), rtol=0, atol=2e-2)
+    assert GMRDHead().decoder_bf16 is False

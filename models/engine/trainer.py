@@ -200,7 +200,11 @@ class Distributed:
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # GMRD builds only the branch an episode uses (descriptors, or the anomaly branch for an empty
+        # support), as its reference: the other branch's parameters get no gradient in that step. DDP
+        # must look for them, or it waits for their gradients forever; a parameter unused on every rank
+        # keeps no gradient, so SGD leaves it as one process would.
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

@@ -23,9 +23,16 @@ code; docs/gmrd.md lists every difference from the released code):
   descriptors (or, empty branch, a query prototype) that segment each support shot; unweighted NLL
   on the support mask, mean over shots; zero when nothing is predicted foreground.
 
+Each episode computes only the branch it takes, as the released code (`episodes_of_branch`): the
+unused branch's parameters get no gradient and draw no random numbers. Evaluation's support work is done
+once per support slice and mask (`prepare_support`; `segment` draws and decodes): the MLP's first layer
+is split into the part the region fixes and the part of the drawn pixels (`fill_basis`), so a draw per
+query slice, as the reference's, costs C x K x min(region, fill) instead of C x K x G*G.
+
 Randomness (the fill draws and both dropouts) comes from the torch CPU generator, which the trainer
 saves in its resume points, so a resumed run draws what the uninterrupted run would have drawn; the
-draws are moved to the inputs' device (no CUDA generator, no host synchronisation).
+draws are moved to the inputs' device (no CUDA generator). Draws go draw by draw (query slice), then
+episode by episode, so they do not depend on how the queries are split into calls.
 """
 from __future__ import annotations
 
@@ -128,10 +135,64 @@ def fill_sources(region: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor
     return index, n_src[:, 0] > 0
 
 
+# ----------------------------------------------------------------------------- the filled map's first layer
+def fill_basis(rows: torch.Tensor, region: torch.Tensor, weight_rows: torch.Tensor) -> dict:
+    """What the MLP's first layer needs of one shot's filled maps, computed once for all draws.
+
+    rows: P x C (the shot's features on the grid, one row per pixel); region: P (1 = a region pixel);
+    weight_rows: P x K (the Linear(P -> K) weight, transposed). The filled map F (C x P) keeps the
+    region pixels and puts at each of the n_fill other pixels the feature of a drawn region pixel, so
+    F @ W^T splits into a part fixed by the region and a part of the drawn columns; only the smaller
+    side of the split is recomputed per draw (`filled_linear`), at the cost C x K x min(n_src, n_fill)
+    instead of C x K x P, and the C x P filled map is never built:
+    - "gather" (n_fill <= n_src, the background): fixed = F_region @ W_region^T, then each draw adds
+      F[:, sources] @ W_fill^T;
+    - "scatter" (n_src < n_fill, the foreground): each draw adds every fill pixel's weight row to the
+      row of its source pixel, then F_region @ (W_region + W_scattered)^T;
+    - "empty" (no region pixel): the reference fills with zeros, F @ W^T = 0.
+    Rows (not columns) are gathered and scattered, so forward and backward move contiguous memory.
+    The sums are the dense product's in another order (equal up to float rounding).
+    """
+    src_mask = region == 1
+    src, fill = src_mask.nonzero()[:, 0], (~src_mask).nonzero()[:, 0]
+    if src.numel() == 0:
+        return {"mode": "empty", "zeros": rows.new_zeros(rows.shape[1], weight_rows.shape[1])}
+    w_fill = weight_rows.index_select(0, fill)                                # n_fill x K
+    if fill.numel() <= src.numel():
+        fixed = rows.T @ weight_rows - rows.index_select(0, fill).T @ w_fill    # the region's columns only
+        return {"mode": "gather", "fill": fill, "rows": rows, "w_fill": w_fill, "fixed": fixed}
+    rank = torch.cumsum(src_mask.long(), 0) - 1                                # a region pixel's row in rows_src
+    return {"mode": "scatter", "fill": fill, "rank": rank, "rows_src": rows.index_select(0, src),
+            "w_src": weight_rows.index_select(0, src), "w_fill": w_fill}
+
+
+def filled_linear(basis: dict, index: torch.Tensor) -> torch.Tensor:
+    """F @ W^T (C x K, no bias) for the filled map whose pixel p holds the feature of pixel index[p]
+    (`fill_sources`, P), with the shot's `fill_basis`."""
+    mode = basis["mode"]
+    if mode == "empty":
+        return basis["zeros"]
+    sources = index.index_select(0, basis["fill"])                             # n_fill region pixels
+    if mode == "gather":
+        return basis["fixed"] + basis["rows"].index_select(0, sources).T @ basis["w_fill"]
+    weights = basis["w_src"].index_add(0, basis["rank"].index_select(0, sources), basis["w_fill"])
+    return basis["rows_src"].T @ weights
+
+
+def pixel_rows(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """... x C x h x w -> ... x C x P features upsampled (bilinear, align_corners=True) to the grid, stored
+    pixel-major (P x C in memory: upsampled in channels_last), so `.transpose(-1, -2)` gives P x C rows."""
+    lead, (C, h, w) = features.shape[:-3], features.shape[-3:]
+    x = features.reshape(-1, C, h, w).contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(x, size=grid, mode="bilinear", align_corners=True)
+    return up.flatten(-2).reshape(*lead, C, grid[0] * grid[1])
+
+
 # ----------------------------------------------------------------------------- modules
 class DescriptorMLP(nn.Module):
     """The reference MLP: Linear(P -> K), Dropout(p), Linear(K -> K), applied to every channel's
-    flattened map. ... x C x P -> ... x K x C (one matmul over all channels)."""
+    flattened map. ... x C x P -> ... x K x C (one matmul over all channels). The head computes the
+    first layer's product through `fill_basis` / `filled_linear` and calls `finish`."""
 
     def __init__(self, n_pixels: int, n_descriptors: int, dropout: float):
         super().__init__()
@@ -140,7 +201,11 @@ class DescriptorMLP(nn.Module):
         self.dropout = float(dropout)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.mix(cpu_dropout(self.spatial(maps), self.dropout, self.training)).transpose(-1, -2)
+        return self.finish(maps @ self.spatial.weight.T)
+
+    def finish(self, product: torch.Tensor) -> torch.Tensor:
+        """The rest of the MLP after the first layer's product: ... x C x K (maps @ W^T, no bias) -> ... x K x C."""
+        return self.mix(cpu_dropout(product + self.spatial.bias, self.dropout, self.training)).transpose(-1, -2)
 
 
 class AffinityDecoder(nn.Module):
@@ -175,6 +240,32 @@ def dual_path_log_probs(fg_logit: torch.Tensor, bg_logit: torch.Tensor, size: tu
     return torch.log(torch.softmax(logits, dim=-3).clamp(EPS_FLOAT32, 1.0 - EPS_FLOAT32))
 
 
+def episodes_of_branch(empty: torch.Tensor) -> tuple[list[int], list[int]]:
+    """B bool (support all empty) -> (the descriptor episodes, the anomaly episodes), as index lists.
+    Reads the flags on the host, as the reference's `if supp_mask.sum() == 0` does: only the branch an
+    episode takes is computed."""
+    flags = empty.tolist()
+    return [b for b, e in enumerate(flags) if not e], [b for b, e in enumerate(flags) if e]
+
+
+def take(x: torch.Tensor, episodes: list[int]) -> torch.Tensor:
+    """x[episodes] along the episode axis, without a copy when `episodes` is every episode in order."""
+    if episodes == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, torch.tensor(episodes, dtype=torch.long, device=x.device))
+
+
+def merge_episodes(B: int, parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """Per-branch results (episode indices, values n x ...) -> B x ... in episode order."""
+    parts = [(i, v) for i, v in parts if i]
+    if len(parts) == 1 and len(parts[0][0]) == B:
+        return parts[0][1]
+    out = parts[0][1].new_zeros(B, *parts[0][1].shape[1:])
+    for episodes, values in parts:
+        out = out.index_copy(0, torch.tensor(episodes, dtype=torch.long, device=values.device), values)
+    return out
+
+
 # ----------------------------------------------------------------------------- the head
 class GMRDHead(nn.Module):
     """Multiple representative descriptors, affinity maps and dual-path decoders (GMRD).
@@ -183,6 +274,13 @@ class GMRDHead(nn.Module):
             query {"layer3": B x Q x C x h x w, "threshold": B x Q x 1})
         -> HeadOutput(log_probs B x Q x 2 x H x W, aux_losses {"align"} in training,
                       extras {"empty_support": B bool (the anomaly branch), "n_descriptors": (fg, bg)})
+    forward = segment(prepare_support(support, support_masks), query), in training and evaluation.
+
+    Each episode computes only its branch, as the released code: the descriptor branch when its support
+    has a foreground pixel, the anomaly branch (which alone reads the query threshold) when all its
+    support masks are empty. The parameters of a branch no episode of the batch took get no gradient
+    (None), so SGD's weight decay leaves them alone, as in the reference; the query threshold (the
+    encoder's layer4, fc and threshold layer) likewise with a non-empty support.
 
     Options:
         image_size: G, the side of the grid the descriptor MLPs read (their input is G * G pixels; 256
@@ -194,16 +292,20 @@ class GMRDHead(nn.Module):
         mlp_dropout, decoder_dropout: the reference's Dropout(0.2) in the MLPs and Dropout2d(0.1) in
             the decoders (training only).
         bg_edge: "reference" = dilate(1 - m) - m as released; "outer" = dilate(m) - m (edge_masks).
-        fast: draw the random fill once per head call; by default (False) each query slice gets its own
-            draw of the support descriptors, as the reference, which calls the model once per slice.
+        fast: draw the random fill once per support (in prepare_support) and reuse the descriptors
+            for every query; by default (False) each query slice gets its own draw of the support
+            descriptors, as the reference, which calls the model once per slice.
         align: add the alignment loss in training.
+        decoder_bf16: run the two decoders (most of the head's work) under bf16 autocast, in training
+            and evaluation; their logits return in float32. Off by default (the reference's fp32); fast
+            only on CUDA and on CPUs with native bf16 (docs/gmrd.md, "Precision").
     """
 
     feature_maps = (FEATURE_MAP, "threshold")
 
     def __init__(self, image_size: int = 256, resize_grid: bool = False, n_fg: int = 100, n_bg: int = 600,
                  scaler: float = 20.0, kappa: float = 0.5, mlp_dropout: float = 0.2, decoder_dropout: float = 0.1,
-                 bg_edge: str = "reference", fast: bool = False, align: bool = True):
+                 bg_edge: str = "reference", fast: bool = False, align: bool = True, decoder_bf16: bool = False):
         super().__init__()
         for key, value in (("image_size", image_size), ("n_fg", n_fg), ("n_bg", n_bg)):
             number_option(key, value, 1, whole=True)
@@ -218,7 +320,7 @@ class GMRDHead(nn.Module):
         self.scaler = number_option("scaler", scaler, 0, low_open=True)
         self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
-        self.fast, self.align = bool(fast), bool(align)
+        self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), bool(decoder_bf16)
         n_pixels = self.image_size ** 2
         self.fg_mlp = DescriptorMLP(n_pixels, int(n_fg), mlp_dropout)
         self.bg_mlp = DescriptorMLP(n_pixels, int(n_bg), mlp_dropout)
@@ -257,38 +359,59 @@ class GMRDHead(nn.Module):
             weights.flatten(-2).sum(-1, keepdim=True) + MAP_EPS)
 
     # ------------------------------------------------------------------ descriptors
-    def descriptors(self, features: torch.Tensor, region: torch.Tensor, edge: torch.Tensor, mlp: DescriptorMLP,
-                    draws: int) -> torch.Tensor:
-        """K + 2 descriptors of one class, averaged over the N shots, for `draws` independent fills.
+    def class_bases(self, features: torch.Tensor, masks: torch.Tensor) -> dict:
+        """Everything of the descriptors that no draw changes, for B episodes of N shots.
 
-        features: B x N x C x P (upsampled to the G x G grid, P = G * G); region, edge: B x N x P (the
-        class's mask and edge weights on the grid) -> B x draws x (K + 2) x C: [K generated, plain
-        prototype, edge prototype]. The MLP reads each filled map as one (C x P) @ (P x K) product.
+        features B x N x C x h x w, masks B x N x G x G (on the grid) -> {"fg"|"bg": {"region" B x N x P,
+        "fixed" B x N x 2 x C (plain and edge prototypes), "bases" [b][n] fill_basis}}. The features are
+        upsampled (bilinear, align_corners=True) to the grid, as the reference.
         """
-        B, N, C, P = features.shape
-        weights = torch.stack([region, edge], dim=2)                            # B x N x 2 x P
-        fixed = torch.einsum("bncp,bnsp->bnsc", features, weights) / (weights.sum(-1, keepdim=True) + MAP_EPS)
-        keys = torch.rand(B, draws, N, P, dtype=torch.float64).to(features.device)   # the CPU generator
-        index, nonempty = fill_sources(region[:, None].expand(B, draws, N, P).reshape(-1, P), keys.view(-1, P))
-        index = index.view(B, draws, N, 1, P).expand(B, draws, N, C, P)
-        filled = torch.gather(features[:, None].expand(B, draws, N, C, P), -1, index)
-        filled = filled * nonempty.view(B, draws, N, 1, 1).to(filled.dtype)   # an empty region: zeros
-        generated = mlp(filled)                                                 # B x draws x N x K x C
-        return torch.cat([generated, fixed[:, None].expand(B, draws, N, 2, C)], dim=-2).mean(dim=2)
+        up = pixel_rows(features, tuple(masks.shape[-2:]))                      # B x N x C x P (pixel-major)
+        rows = up.transpose(-1, -2)                                             # B x N x P x C
+        fg_edge, bg_edge = edge_masks(masks, self.bg_edge)
+        out = {}
+        for name, region, edge, mlp in (("fg", masks, fg_edge, self.fg_mlp), ("bg", 1.0 - masks, bg_edge, self.bg_mlp)):
+            region, edge = region.flatten(-2), edge.flatten(-2)
+            weights = torch.stack([region, edge], dim=2)                        # B x N x 2 x P
+            fixed = torch.einsum("bncp,bnsp->bnsc", up, weights) / (weights.sum(-1, keepdim=True) + MAP_EPS)
+            weight_rows = mlp.spatial.weight.T.contiguous()                     # P x K
+            bases = [[fill_basis(rows[b, n], region[b, n], weight_rows) for n in range(up.shape[1])]
+                     for b in range(up.shape[0])]
+            out[name] = {"region": region, "fixed": fixed, "bases": bases}
+        return out
+
+    def draw_descriptors(self, bases: dict, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`draws` independent random fills of the descriptors of `class_bases`
+        -> (fg B x draws x (n_fg + 2) x C, bg B x draws x (n_bg + 2) x C): [K generated, plain
+        prototype, edge prototype], averaged over the N shots.
+
+        The draws are made draw by draw, then episode by episode, foreground before background (keys of
+        N x P float64 from the torch CPU generator, then the MLP's dropout in training), so a query
+        image's draw does not depend on how the queries are split into calls."""
+        out = {"fg": [], "bg": []}
+        for _ in range(draws):
+            per_episode = {"fg": [], "bg": []}
+            for b in range(bases["fg"]["region"].shape[0]):
+                for name, mlp in (("fg", self.fg_mlp), ("bg", self.bg_mlp)):
+                    cls = bases[name]
+                    region = cls["region"][b]                                    # N x P
+                    keys = torch.rand(region.shape, dtype=torch.float64).to(region.device)   # the CPU generator
+                    index, _ = fill_sources(region, keys)
+                    product = torch.stack([filled_linear(basis, index[n]) for n, basis in enumerate(cls["bases"][b])])
+                    generated = mlp.finish(product)                               # N x K x C
+                    per_episode[name].append(torch.cat([generated, cls["fixed"][b]], dim=-2).mean(dim=0))
+            for name in out:
+                out[name].append(torch.stack(per_episode[name]))                # B x D x C
+        return torch.stack(out["fg"], dim=1), torch.stack(out["bg"], dim=1)
 
     def class_descriptors(self, features: torch.Tensor, masks: torch.Tensor, draws: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """features B x N x C x h x w, masks B x N x G x G (on the grid)
-        -> (fg B x draws x (n_fg + 2) x C, bg B x draws x (n_bg + 2) x C).
-        The features are upsampled (bilinear, align_corners=True) to the grid, as the reference."""
-        up = upsample_bilinear(features, tuple(masks.shape[-2:]), align_corners=True).flatten(-2)
-        fg_edge, bg_edge = edge_masks(masks, self.bg_edge)
-        fg = self.descriptors(up, masks.flatten(-2), fg_edge.flatten(-2), self.fg_mlp, draws)
-        bg = self.descriptors(up, (1.0 - masks).flatten(-2), bg_edge.flatten(-2), self.bg_mlp, draws)
-        return fg, bg
+        -> (fg B x draws x (n_fg + 2) x C, bg B x draws x (n_bg + 2) x C)."""
+        return self.draw_descriptors(self.class_bases(features, masks), draws)
 
-    @staticmethod
-    def affinity_logits(features: torch.Tensor, descriptors: torch.Tensor, decoder: AffinityDecoder) -> torch.Tensor:
+    def affinity_logits(self, features: torch.Tensor, descriptors: torch.Tensor,
+                        decoder: AffinityDecoder) -> torch.Tensor:
         """Cosine of every feature with every descriptor, decoded to one logit map.
 
         features: B x N x C x h x w; descriptors: B x R x D x C with R = N (one set per image) or 1
@@ -299,7 +422,9 @@ class GMRDHead(nn.Module):
         B, N = features.shape[:2]
         d = F.normalize(descriptors, dim=-1).expand(B, N, *descriptors.shape[2:])
         maps = torch.einsum("bnchw,bndc->bndhw", F.normalize(features, dim=2), d)
-        return decoder(maps.flatten(0, 1)).view(B, N, *features.shape[-2:])
+        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.decoder_bf16):
+            logits = decoder(maps.flatten(0, 1))
+        return logits.float().view(B, N, *features.shape[-2:])
 
     def dual_path(self, features: torch.Tensor, fg_desc: torch.Tensor, bg_desc: torch.Tensor,
                   size: tuple[int, int]) -> torch.Tensor:
@@ -307,42 +432,71 @@ class GMRDHead(nn.Module):
         return dual_path_log_probs(self.affinity_logits(features, fg_desc, self.fg_decoder),
                                    self.affinity_logits(features, bg_desc, self.bg_decoder), size)
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
-        fs, fq = support[FEATURE_MAP], query[FEATURE_MAP]
-        B, S = fs.shape[:2]
-        Q = fq.shape[1]
+    # ------------------------------------------------------------------ support state
+    def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
+        """Everything computed from the support alone (models/heads/contract.py, "Support state").
+
+        support {"layer3": B x S x C x h x w, ...}, support_masks B x S x H x W -> {"empty": B bool,
+        "episodes": (descriptor episode indices, anomaly episode indices), "bases": class_bases of the
+        descriptor episodes (upsampled features, fill bases, plain and edge prototypes), "descriptors"
+        (fast only: one draw, fg and bg B_d x 1 x D x C), "prototype": B_a x C (the anomaly episodes'),
+        and the support itself for the training's alignment}. Nothing is drawn unless `fast`.
+        """
+        fs = support[FEATURE_MAP]
         size = tuple(support_masks.shape[-2:])
         grid = self.grid_size(size)
-        threshold = image_thresholds(query, B, Q)                               # B x Q x 1 x 1
         masks_grid = self.to_grid(support_masks, grid)                          # B x S x G x G
         empty = support_masks.flatten(1).sum(1) == 0                            # B: the anomaly branch
+        desc, anomaly = episodes_of_branch(empty)
+        state = {"size": size, "grid": grid, "empty": empty, "episodes": (desc, anomaly),
+                 "support": fs, "support_masks": support_masks}
+        if desc:
+            state["bases"] = self.class_bases(take(fs, desc), take(masks_grid, desc))
+            if self.fast:
+                state["descriptors"] = self.draw_descriptors(state["bases"], 1)
+        if anomaly:
+            state["prototype"] = self.grid_average(take(fs, anomaly), take(masks_grid, anomaly)).mean(dim=1)
+        return state
 
-        # descriptor path: one draw per query slice (the reference's one call per slice) unless fast
-        fg_desc, bg_desc = self.class_descriptors(fs, masks_grid, 1 if self.fast else Q)
-        log_desc = self.dual_path(fq, fg_desc, bg_desc, size)
-        # anomaly path (taken when every support mask of the episode is empty)
-        prototype = self.grid_average(fs, masks_grid).mean(dim=1)              # B x C (zero when empty)
-        p_anomaly = upsample_bilinear(anomaly_fg_probability(fq, prototype, threshold, self.scaler, self.kappa),
-                                      size, align_corners=True)                 # B x Q x H x W
-        log_probs = torch.where(empty.view(B, 1, 1, 1, 1), two_class_log_probs(p_anomaly), log_desc)
-
-        out = HeadOutput(log_probs, extras={"empty_support": empty,
-                                            "n_descriptors": (fg_desc.shape[-2], bg_desc.shape[-2])})
+    def segment(self, state: dict, query: dict) -> HeadOutput:
+        """The query (B x Q) segmented with a `prepare_support` state; in training also the alignment loss."""
+        fq = query[FEATURE_MAP]
+        B, Q = fq.shape[:2]
+        threshold = image_thresholds(query, B, Q)                               # B x Q x 1 x 1
+        desc, anomaly = state["episodes"]
+        size = state["size"]
+        log_desc = p_anomaly = None
+        parts = []
+        if desc:
+            # one draw per query slice (the reference's one call per slice) unless fast
+            fg_desc, bg_desc = state["descriptors"] if self.fast else self.draw_descriptors(state["bases"], Q)
+            log_desc = self.dual_path(take(fq, desc), fg_desc, bg_desc, size)
+            parts.append((desc, log_desc))
+        if anomaly:
+            p_anomaly = upsample_bilinear(
+                anomaly_fg_probability(take(fq, anomaly), state["prototype"], take(threshold, anomaly),
+                                       self.scaler, self.kappa), size, align_corners=True)   # B_a x Q x H x W
+            parts.append((anomaly, two_class_log_probs(p_anomaly)))
+        empty = state["empty"]
+        out = HeadOutput(merge_episodes(B, parts), extras={
+            "empty_support": empty, "n_descriptors": (self.fg_mlp.mix.out_features + 2,
+                                                      self.bg_mlp.mix.out_features + 2)})
         phase = "train" if self.training else "eval"
         self._accumulate(f"{phase}.episodes", B)
         self._accumulate(f"{phase}.empty_support", empty.sum())
         if self.training and self.align:
-            loss, no_fg = self.alignment_loss(fs, support_masks, fq, grid, log_desc, p_anomaly, threshold, empty)
+            loss, no_fg = self.alignment_loss(state, fq, log_desc, p_anomaly, threshold)
             out.aux_losses["align"] = loss
             out.extras["align_no_query_fg"] = no_fg
             self._accumulate(f"{phase}.align.no_query_fg", no_fg.sum())
         return out
 
+    def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
+        return self.segment(self.prepare_support(support, support_masks), query)
+
     # ------------------------------------------------------------------ training
-    def alignment_loss(self, fs: torch.Tensor, support_masks: torch.Tensor, fq: torch.Tensor,
-                       grid: tuple[int, int], log_desc: torch.Tensor, p_anomaly: torch.Tensor,
-                       threshold: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def alignment_loss(self, state: dict, fq: torch.Tensor, log_desc: torch.Tensor | None,
+                       p_anomaly: torch.Tensor | None, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query -> support alignment of each episode's branch, mean over episodes.
 
         Descriptor branch (align_aux_Loss): the argmax of the query prediction (a tie is background)
@@ -352,28 +506,36 @@ class GMRDHead(nn.Module):
         the episode's query pixels, features upsampled with align_corners=True) segments every shot with
         the query threshold (mean over the Q query images). Unweighted NLL against the support mask
         (255 where neither 0 nor 1), mean over shots; an episode without predicted foreground adds 0.
-        Returns (loss, B bool: no query foreground predicted).
+        fq B x Q x C x h x w; log_desc B_d x Q x 2 x H x W and p_anomaly B_a x Q x H x W (each None
+        without episodes of its branch). Returns (loss, B bool: no query foreground predicted).
         """
+        fs, support_masks, grid = state["support"], state["support_masks"], state["grid"]
         B, S = support_masks.shape[:2]
         H, W = support_masks.shape[-2:]
         target = support_target(support_masks)
-
-        pred_desc = (log_desc[:, :, 1] > log_desc[:, :, 0]).to(fq.dtype)      # B x Q x H x W
-        q_fg, q_bg = self.class_descriptors(fq, self.to_grid(pred_desc, grid), S)   # B x S x D x C
-        loss_desc = per_shot_nll(self.dual_path(fs, q_fg, q_bg, (H, W)), target)
-
-        pred_anomaly = predicted_foreground(p_anomaly).to(fq.dtype)
-        weights = self.to_grid(pred_anomaly, grid)                              # B x Q x G x G
-        pooled = upsample_adjoint(weights, fq.shape[-2:], align_corners=True).flatten(-2)   # B x Q x hw
-        q_proto = torch.einsum("bqcl,bql->bc", fq.flatten(-2), pooled) / (weights.sum((1, 2, 3))[:, None] + MAP_EPS)
-        t_align = threshold.mean(dim=1, keepdim=True)                           # B x 1 x 1 x 1
-        p_support = upsample_bilinear(anomaly_fg_probability(fs, q_proto, t_align, self.scaler, self.kappa),
-                                      (H, W), align_corners=True)
-        loss_anomaly = per_shot_nll(two_class_log_probs(p_support), target)
-
-        pred = torch.where(empty.view(B, 1, 1, 1), pred_anomaly, pred_desc)
-        has_fg = pred.flatten(1).sum(1) > 0
-        loss = torch.where(empty, loss_anomaly, loss_desc) * has_fg.to(loss_desc.dtype)
+        desc, anomaly = state["episodes"]
+        losses, has_fg = [], []
+        if desc:
+            pred = (log_desc[:, :, 1] > log_desc[:, :, 0]).to(fq.dtype)         # B_d x Q x H x W
+            q_fg, q_bg = self.class_descriptors(take(fq, desc), self.to_grid(pred, grid), S)   # B_d x S x D x C
+            loss = per_shot_nll(self.dual_path(take(fs, desc), q_fg, q_bg, (H, W)), take(target, desc))
+            losses.append((desc, loss))
+            has_fg.append((desc, pred.flatten(1).sum(1) > 0))
+        if anomaly:
+            fq_a = take(fq, anomaly)
+            pred = predicted_foreground(p_anomaly).to(fq.dtype)
+            weights = self.to_grid(pred, grid)                                  # B_a x Q x G x G
+            pooled = upsample_adjoint(weights, fq.shape[-2:], align_corners=True).flatten(-2)   # B_a x Q x hw
+            q_proto = torch.einsum("bqcl,bql->bc", fq_a.flatten(-2), pooled) / (
+                weights.sum((1, 2, 3))[:, None] + MAP_EPS)
+            t_align = take(threshold, anomaly).mean(dim=1, keepdim=True)        # B_a x 1 x 1 x 1
+            p_support = upsample_bilinear(
+                anomaly_fg_probability(take(fs, anomaly), q_proto, t_align, self.scaler, self.kappa),
+                (H, W), align_corners=True)
+            losses.append((anomaly, per_shot_nll(two_class_log_probs(p_support), take(target, anomaly))))
+            has_fg.append((anomaly, pred.flatten(1).sum(1) > 0))
+        has_fg = merge_episodes(B, has_fg)
+        loss = merge_episodes(B, losses) * has_fg.to(fq.dtype)
         return loss.mean(), ~has_fg
 
     # ------------------------------------------------------------------ branch counters
