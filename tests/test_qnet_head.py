@@ -344,3 +344,41 @@ def test_fast_reference_loss_has_the_full_map_gradient(scale):
     fast = _ReferenceRefinementLoss(f, slope)(proto, fg)
     (g_fast,) = torch.autograd.grad(fast.sum(), proto)
     torch.testing.assert_close(g_fast, g_full, rtol=1e-5, atol=1e-7)
+
+
+def _full_map_loss(f, slope, proto, fg):
+    """-mean(minmax_sigmoid(F') logit(A)) per slice, F' built in full: the reference loss up to a constant."""
+    from models.heads.qnet import minmax_sigmoid
+    return -(minmax_sigmoid(torch.where(fg.unsqueeze(1), proto[:, :, None, None], f)) * slope).mean(dim=(1, 2, 3))
+
+
+def test_fast_reference_loss_over_changing_foregrounds_and_mixed_slices():
+    """The loss object keeps what depends on the foreground between calls: a changed foreground, a
+    foreground covering every pixel (no background share) and a batch where only some slices' prototypes
+    hold the map's extremes all give the full map's gradient, and a repeated call the same gradient as
+    a fresh object (bit for bit)."""
+    from models.heads.qnet import _ReferenceRefinementLoss, minmax_sigmoid
+    torch.manual_seed(3)
+    f = torch.randn(4, 6, 5, 5)
+    f[1] *= 10.0                                        # its extremes stay in its background
+    slope = torch.logit(minmax_sigmoid(f))
+    proto = (torch.randn(4, 6) * 3.0).requires_grad_(True)
+    first = torch.rand(4, 5, 5) > 0.6
+    second = first.clone()
+    second[0] = True                                    # every pixel foreground: no background share
+    second[3, 0] = ~second[3, 0]
+    cached = _ReferenceRefinementLoss(f, slope)
+    for fg in (first, second, second, first):
+        (g_cached,) = torch.autograd.grad(cached(proto, fg).sum(), proto)
+        (g_fresh,) = torch.autograd.grad(_ReferenceRefinementLoss(f, slope)(proto, fg).sum(), proto)
+        (g_full,) = torch.autograd.grad(_full_map_loss(f, slope, proto, fg).sum(), proto)
+        assert torch.equal(g_cached, g_fresh)
+        torch.testing.assert_close(g_cached, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_minmax_sigmoid_from_channel_extremes_is_bit_identical():
+    from models.heads.qnet import channel_extremes, minmax_sigmoid
+    f = torch.randn(3, 8, 7, 5) * torch.tensor([1.0, 4.0, 0.1])[:, None, None, None]
+    assert torch.equal(minmax_sigmoid(f, channel_extremes(f)), minmax_sigmoid(f))
+    lo, hi = channel_extremes(f)
+    assert torch.equal(lo, f.amin(dim=1)) and torch.equal(hi, f.amax(dim=1))
