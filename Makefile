@@ -20,7 +20,7 @@ demo: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-runs:
 	rm -rf runs/demo

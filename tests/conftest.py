@@ -10,6 +10,21 @@ from pathlib import Path
 
 import pytest
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker's torch gets its share of the
+    cores, and so do the commands the tests start (OMP_NUM_THREADS): two workers with all the cores
+    each would fight over them (oneDNN and OpenMP spin), two with one core each keep both busy while
+    one waits for a subprocess, imports or Python."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 CHAOS_DIR = SHARED_DATA / "CHAOST2"

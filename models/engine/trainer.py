@@ -159,15 +159,21 @@ class StepRunner:
 
     def __call__(self, batch: Episode, lr: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         set_lr(self.optimizer, lr)
+        total, parts, episode = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return total, parts, episode.batch_size
+
+    def losses(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor], Episode]:
+        """The step's forward half: the batch on the device, augmented, through the model under the
+        step's autocast -> (total loss, its named parts, the augmented episode)."""
         episode = augment_episode(batch.to(self.device, non_blocking=True), self.augment)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             output = self.trained(episode.support_images, episode.support_masks, episode.query_images,
                                   query_labels=episode.query_labels)
         total, parts = step_loss(output, episode, self.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        return total, parts, episode.batch_size
+        return total, parts, episode
 
 
 def prepare_model(exp: Experiment, device: torch.device) -> torch.nn.Module:
