@@ -20,6 +20,8 @@ from data.core.io import DataError, read_volume, safe_child_path, write_volume
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import tree_state, write_dataset
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 TINY = ["train.batch_episodes=1", "train.print_every=1", "train.checkpoint_every=1", "train.snapshot_every=2", "evaluation.n_overlays=0"]
 
 

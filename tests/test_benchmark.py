@@ -29,6 +29,8 @@ from scripts.benchmark import (
     table,
 )
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 
 # ----------------------------------------------------------------------------- FLOPs and peaks
 def test_count_flops_of_one_convolution_is_2_cin_cout_k2_hw():

@@ -41,6 +41,8 @@ from models.engine.trainer import SNAPSHOT_FORMAT, restore, save_snapshot
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import tree_state
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 REFUSED = "refusing to unpickle"
 
 

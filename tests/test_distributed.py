@@ -3,9 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
 
 # The alignment loss thresholds the query prediction: float noise between runs can flip a pixel of
 # that mask and change the loss discontinuously, so it is off here; what is compared is how the

@@ -11,6 +11,8 @@ from data.core.io import read_volume
 from models.engine.checkpoints import open_trained_model
 from tests.conftest import PROJECT_ROOT
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 
 def _run(script, *updates, log_dir, data_dir):
     args = [sys.executable, script, "-l", "WARNING", "with", "demo", f"data_dir={data_dir}", f"log_dir={log_dir}",

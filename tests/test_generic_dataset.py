@@ -13,6 +13,8 @@ from data.core.specs import load_spec
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import full_config
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 NAME = "MYPHANTOMS"
 
 

@@ -16,6 +16,8 @@ from data.phantoms import ct_contrast, generate_phantoms, make_phantom
 from evaluation.protocol import match_classes, support_scans
 from tests.conftest import PROJECT_ROOT
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
 
 

@@ -36,6 +36,8 @@ from models.engine.trainer import StepRunner, train
 from models.heads import HEADS
 from tests.helpers import full_config
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 EPISODES = 48
 SEED = 1
 SETTINGS = {

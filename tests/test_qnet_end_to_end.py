@@ -12,6 +12,8 @@ from models.engine.evaluation import evaluate
 from models.engine.experiment import Experiment
 from models.engine.trainer import train
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 
 def _config(data_dir, log_dir, dataset="SYNTH", **sections):
     d = method_defaults("qnet", dataset, 1, str(data_dir))

@@ -6,10 +6,14 @@ import sys
 
 import numpy as np
 
+import pytest
+
 from evaluation.protocol import support_slices
 from data.core.specs import load_spec
 from dataloaders.volumes import VolumeStore
 from tests.conftest import PROJECT_ROOT, requires_chaos, requires_cmr, CHAOS_DIR, CMR_DIR
+
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
 
 
 def _classmap(folder):

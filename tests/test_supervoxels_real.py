@@ -16,6 +16,8 @@ from data.core.io import read_volume
 from data.pseudolabels import Job, compute_pseudolabels
 from data.core.specs import DatasetSpec, load_spec
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 CHAOS = load_spec("CHAOST2")
 CMR = load_spec("CMR")
 MIN_ARI = 0.9

@@ -26,6 +26,8 @@ from launch.runners import CellFailed, run_local
 from scripts import sweep
 from tests.conftest import PROJECT_ROOT
 
+pytestmark = pytest.mark.slow     # trains a model, runs commands or reads every real scan: not in `make check`
+
 UPDATES = ["encoder.weights=none", "train.n_steps=2", "train.snapshot_every=2", "train.checkpoint_every=1",
            "train.print_every=1", "evaluation.n_overlays=0", "evaluation.save_predictions=False", "device=cpu"]
 ADNET_FOLD0 = "adnet_SYNTH_setting1_labels1_fold0"
