@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (each installs what it needs first):
 #   make demo   train ADNet on synthetic phantoms and evaluate it (about 8 minutes on 2 CPU cores, measured 7 min 46 s)
-#   make test   run the test suite (about 10 minutes on 2 CPU cores)
+#   make test   run the test suite (about 9 minutes on 2 CPU cores, measured 8 min 56 s with the install)
 #   make check  the fast part of it, for development (under 2 minutes): everything not marked slow
 PYTHON ?= python3
 VENV := .venv
