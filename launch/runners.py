@@ -104,7 +104,7 @@ class CellJob:
         env = dict(os.environ)
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
-        log_path = self.sweep.log_path(plan.exp_name)
+        log_path = self.sweep.log_path(plan.cell)
         for command in todo:
             status = run_command(command, log_path, self.sweep.cwd, env)
             if status != 0:
@@ -185,7 +185,7 @@ def outcome_of(job: CellJob, handle) -> Outcome:
         else:
             last = text.splitlines()[-1:] or [type(err).__name__]
             stderr = getattr(getattr(handle, "paths", None), "stderr", None)
-            cell_log = job.sweep.log_path(job.cell.exp_name)
+            cell_log = job.sweep.log_path(job.cell)
             reason = last_error_line(cell_log)
             message = (f"{job.cell.describe()}: job {getattr(handle, 'job_id', '?')} failed ({last[0]})"
                        + (f"; its log ends with: {reason}" if reason else "")
@@ -313,14 +313,14 @@ def _jobs_file(sweep: Sweep) -> Path:
 
 
 def recorded_jobs(sweep: Sweep) -> dict[str, str]:
-    """exp_name -> the Slurm job id of its last submission by this sweep."""
+    """cell key (Cell.key) -> the Slurm job id of its last submission by this sweep."""
     path = _jobs_file(sweep)
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def record_jobs(sweep: Sweep, plans: list[Plan], submitted: list) -> None:
     known = recorded_jobs(sweep)
-    known.update({p.exp_name: str(sj.job_id) for p, sj in zip(plans, submitted)})
+    known.update({p.cell.key: str(sj.job_id) for p, sj in zip(plans, submitted)})
     write_json(_jobs_file(sweep), dict(sorted(known.items())))
 
 
@@ -330,10 +330,10 @@ def mark_queued(sweep: Sweep, plans: list[Plan]) -> list[Plan]:
     recorded = recorded_jobs(sweep)
     if not recorded or shutil.which("squeue") is None:
         return plans
-    ids = sorted({recorded[p.exp_name] for p in plans if p.exp_name in recorded and p.state != DONE})
+    ids = sorted({recorded[p.cell.key] for p in plans if p.cell.key in recorded and p.state != DONE})
     if not ids:
         return plans
     out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
     active = set(out.stdout.split()) if out.returncode == 0 else set()
-    return [replace(p, state=QUEUED, note=f"Slurm job {recorded[p.exp_name]}")
-            if p.state != DONE and recorded.get(p.exp_name) in active else p for p in plans]
+    return [replace(p, state=QUEUED, note=f"Slurm job {recorded[p.cell.key]}")
+            if p.state != DONE and recorded.get(p.cell.key) in active else p for p in plans]

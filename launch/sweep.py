@@ -93,6 +93,14 @@ class Cell:
         """The exp_name of the cell's runs (as training.py derives it from the same keys)."""
         return experiment_name(self.method, self.dataset, self.setting, self.test_labels, self.fold)
 
+    @property
+    def key(self) -> str:
+        """The cell's own name among the sweep's cells (its log file, its Slurm job record): the exp_name,
+        which the K-shot and cross-domain cells of one training share, plus their K and evaluated dataset."""
+        shots = "" if self.n_shot == 1 else f"_{self.n_shot}shot"
+        domain = "" if self.eval_dataset is None else f"_to_{self.eval_dataset}"
+        return self.exp_name + shots + domain
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -107,8 +115,8 @@ class Sweep:
     def sweep_dir(self) -> Path:
         return Path(self.cwd) / self.log_dir / "sweep"
 
-    def log_path(self, exp_name: str) -> Path:
-        return self.sweep_dir / "logs" / f"{exp_name}.log"
+    def log_path(self, cell: Cell) -> Path:
+        return self.sweep_dir / "logs" / f"{cell.key}.log"
 
 
 @dataclass(frozen=True)

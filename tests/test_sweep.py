@@ -172,6 +172,12 @@ def test_dry_run_plans_k_shot_and_cross_domain_evaluations_of_one_training(tmp_p
     words = eval_command(Sweep("runs", {}), Cell("adnet", "CHAOST2", 1, (1, 2, 3, 4), 0, 3, "SABS"))
     assert words[-3:] == ["evaluation.n_shot=3", "eval_dataset=SABS", "eval_data_dir=./data/SABS"]
     assert not (tmp_path / "runs").exists()
+    # the cells of one training share its exp_name, but each has its own log file and Slurm job record
+    cells = [Cell("adnet", "CHAOST2", 1, (1, 2, 3, 4), 0, k, d) for k in (1, 3) for d in (None, "SABS")]
+    logs = [Sweep("runs", {}).log_path(c).name for c in cells]
+    assert logs == ["adnet_CHAOST2_setting1_labels1-2-3-4_fold0.log", "adnet_CHAOST2_setting1_labels1-2-3-4_fold0_to_SABS.log",
+                    "adnet_CHAOST2_setting1_labels1-2-3-4_fold0_3shot.log",
+                    "adnet_CHAOST2_setting1_labels1-2-3-4_fold0_3shot_to_SABS.log"]
 
 
 @pytest.mark.parametrize("argv, message", [
