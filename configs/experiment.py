@@ -44,7 +44,7 @@ from sacred.utils import NamedConfigNotFoundError
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from configs.runs import ResumableFileStorageObserver
-from data.core.errors import output_error
+from data.core.errors import fixable_error
 from data.core.io import SAFE_NAME_RULE, ConfigError, UserError, check_output_folder, is_safe_name
 from data.core.specs import DatasetSpec, load_spec, read_yaml, read_yaml_file
 from evaluation.protocol import match_classes
@@ -658,10 +658,8 @@ def user_errors():
     a run Sacred still records the run as FAILED with the message as its fail_trace."""
     try:
         yield
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    except OSError as err:
-        fixable = output_error(err)
+    except (UserError, OSError) as err:
+        fixable = fixable_error(err)
         if fixable is None:
             raise
         raise SystemExit(f"error: {fixable}") from None

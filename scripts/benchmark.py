@@ -68,6 +68,7 @@ from pathlib import Path
 from configs.experiment import build_config, method_names
 from data.core.cli import add_logging_arguments, run_cli
 from data.core.errors import ConfigError, UserError
+from data.core.io import check_output_folder
 from data.core.specs import load_spec
 from data.phantoms import generate_phantoms
 from data.pseudolabels import generate_pseudolabels
@@ -203,18 +204,12 @@ def check_devices(devices: Sequence[str] | None) -> list[str]:
 
 
 def check_writable_folder(flag: str, folder: Path) -> None:
-    """`folder` is a directory or can be made one: its nearest existing ancestor is a writable directory."""
-    folder = Path(folder).absolute()
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{flag}: {folder} is a file, not a folder; choose another path")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{flag}: {folder} cannot be created: {existing} is a file; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag}: {existing} is not writable, so {folder} cannot be "
-                          f"{'written' if existing == folder else 'created'}; choose a folder you can write")
+    """`folder` is a directory or can be made one, writable and with free space
+    (data.core.io.check_output_folder), or a ConfigError naming the flag."""
+    try:
+        check_output_folder(folder, "the folder")
+    except UserError as err:
+        raise ConfigError(f"{flag}: {err}") from None
 
 
 def check_arguments(args) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from data.core.errors import UserError, output_error
+from data.core.errors import UserError, fixable_error
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXIT_USER_ERROR = 1
@@ -67,11 +67,8 @@ def run_cli(main_body: Callable[[], int], args: argparse.Namespace | None = None
     configure_logging(getattr(args, "log_level", None) or "INFO")
     try:
         return main_body()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as err:
-        fixable = output_error(err)
+    except (UserError, OSError) as err:
+        fixable = fixable_error(err)
         if fixable is None:
             raise
         print(f"error: {fixable}", file=sys.stderr)

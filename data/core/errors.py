@@ -57,3 +57,12 @@ def output_error(err: OSError, what: str = "") -> OutputError | None:
                            f"on another disk) and run the command again; files are written whole or not at all, "
                            f"so no file there was left half-written")
     return None
+
+
+def fixable_error(err: BaseException) -> UserError | None:
+    """The error as one the user can fix, printed as one `error:` paragraph by every command
+    (data.core.cli.run_cli, configs.experiment.user_errors): a UserError itself, or a write failed on an
+    unwritable folder or a full disk (`output_error`); None for anything else (raised as it is)."""
+    if isinstance(err, UserError):
+        return err
+    return output_error(err) if isinstance(err, OSError) else None

@@ -51,9 +51,10 @@ def slice_batch(image: np.ndarray, zs: Sequence[int], device: torch.device) -> t
     return x[:, None].expand(-1, 3, -1, -1)
 
 
-def mask_digest(mask: torch.Tensor) -> str:
-    """A short digest of a support mask: support states are kept per slice and mask (one per class)."""
-    return hashlib.blake2b(mask.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+def mask_digest(mask: np.ndarray) -> str:
+    """A short digest of a support mask (H x W, on the host: no device sync): support states are kept
+    per slice and mask (one per class)."""
+    return hashlib.blake2b(np.ascontiguousarray(mask).tobytes(), digest_size=16).hexdigest()
 
 
 def foreground_mask(log_probs: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,8 @@ class Predictor:
         support_zs[i][s] of scan supports[s] and their masks support_masks[i] (P x S x H x W,
         foreground nonzero) -> [log-probabilities len(chunks[i]) x 2 x H x W]. The support state is
         kept per chunk's (scan, slice, mask) of every shot."""
-        masks = torch.from_numpy(np.asarray(support_masks).astype(np.float32)).to(self.device)   # P x S x H x W
+        host_masks = np.asarray(support_masks).astype(np.float32)                               # P x S x H x W
+        masks = torch.from_numpy(host_masks).to(self.device)
         if not chunks:
             return []
         if not self.cache_features:
@@ -204,9 +206,9 @@ class Predictor:
             self.warm(scan, [zs_s[s] for zs_s in support_zs])
         self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]))
         out = []
-        for zs_s, shot_masks, zs in zip(support_zs, masks, chunks):
+        for zs_s, shot_masks, host_shot_masks, zs in zip(support_zs, masks, host_masks, chunks):
             shots = [self.features(scan, [z]) for scan, z in zip(supports, zs_s)]          # S x {name: 1 x C x h x w}
             support = {k: torch.cat([shot[k] for shot in shots]) for k in shots[0]}      # {name: S x C x h x w}
-            key = tuple((scan.key, int(z), mask_digest(mask)) for scan, z, mask in zip(supports, zs_s, shot_masks))
+            key = tuple((scan.key, int(z), mask_digest(mask)) for scan, z, mask in zip(supports, zs_s, host_shot_masks))
             out.append(self.segment(support, shot_masks, self.features(query, zs), state_key=key))
         return out
