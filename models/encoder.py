@@ -15,7 +15,9 @@ Layouts (for a 256 x 256 input):
 In a model (models/fewshot.py) the encoder computes only what its head reads (``freeze_unread``):
 RPT and GMRD read ``layer3`` and ``threshold``, so the layer4 reduction is skipped, while layer4
 itself still runs because the threshold branch pools it; a head reading layer3 alone would skip
-layer4 too. The skipped layers keep their weights in the state dict, frozen.
+layer4 too. The skipped layers keep their weights in the state dict, frozen. ``forward(images, maps)``
+computes a subset of the read maps: evaluation encodes GMRD's query slices with ``layer3`` alone, skipping
+layer4, when no support it is segmented with is empty (models/heads/contract.py ``query_maps``).
 
 ``ResNetEncoder.channels`` gives the channels of each map (``{"out": 256}``, ...): heads get their
 channel counts from it (models.engine.builders.build_model), never from their config.
@@ -146,15 +148,25 @@ class ResNetEncoder(nn.Module):
             if name not in body:
                 self.backbone[name].requires_grad_(False)
 
-    def _reads(self, name: str) -> bool:
-        return self.read is None or name in self.read
+    def wanted_maps(self, maps: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """The maps a forward computes: `maps`, or all read maps when None (all maps before
+        freeze_unread). A map outside `read` is a ValueError: its layers may be frozen or skipped."""
+        read = self.output_names if self.read is None else self.read
+        if maps is None:
+            return read
+        unread = [m for m in maps if m not in read]
+        if unread:
+            raise ValueError(f"the '{self.layout_name}' encoder does not compute the maps {unread}: it computes "
+                             f"{read} (the maps its head reads, freeze_unread); ask for a subset of those")
+        return tuple(maps)
 
-    def computed_layers(self) -> tuple[str, ...]:
-        """The trunk layers forward runs, in order: up to the deepest one whose reduction or threshold
-        branch is read (all of _BODY before freeze_unread)."""
+    def computed_layers(self, maps: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """The trunk layers forward(images, maps) runs, in order: up to the deepest one whose reduction or
+        threshold branch is wanted (`wanted_maps`; all of _BODY before freeze_unread with maps None)."""
+        wanted = self.wanted_maps(maps)
         names = _OUTPUT_NAMES[self.layout_name]
-        needed = [layer for layer in self.reduce if self._reads(names[layer])]
-        if self.layout.threshold_branch and self._reads("threshold"):
+        needed = [layer for layer in self.reduce if names[layer] in wanted]
+        if self.layout.threshold_branch and "threshold" in wanted:
             needed.append("layer4")
         last = max((_BODY.index(layer) for layer in needed), default=-1)
         return _BODY[:last + 1]
@@ -167,16 +179,19 @@ class ResNetEncoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The maps in `read` (all before freeze_unread), computing only the layers that feed them."""
+    def forward(self, images: torch.Tensor, maps: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The maps in `read` (all before freeze_unread), or only `maps` (a subset of them; evaluation's
+        query slices, models/engine/predictor.py), computing only the layers that feed them. A map's
+        values do not depend on which other maps are computed."""
+        wanted = self.wanted_maps(maps)
         x = images
         taps = {}
-        for name in self.computed_layers():
+        for name in self.computed_layers(wanted):
             x = self.backbone[name](x)
             taps[name] = x
         names = _OUTPUT_NAMES[self.layout_name]
-        out = {names[layer]: conv(taps[layer]) for layer, conv in self.reduce.items() if self._reads(names[layer])}
-        if self.layout.threshold_branch and self._reads("threshold"):
+        out = {names[layer]: conv(taps[layer]) for layer, conv in self.reduce.items() if names[layer] in wanted}
+        if self.layout.threshold_branch and "threshold" in wanted:
             pooled = F.adaptive_avg_pool2d(taps["layer4"], 1).flatten(1)
             out["threshold"] = self.threshold(self.backbone["fc"](pooled))
         return out

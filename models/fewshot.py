@@ -12,12 +12,13 @@ import torch.nn as nn
 
 from models.encoder import ResNetEncoder
 from models.episode_norm import episodes_of
-from models.heads.common import HeadOutput
+from models.heads.common import HeadOutput, float32_head_region
 from models.heads.contract import (
     QUERY_LABELS_ARGUMENT,
     Head,
     check_head,
     prepare_support,
+    query_maps,
     segment_prepared,
     takes_query_labels,
 )
@@ -26,11 +27,12 @@ from models.heads.contract import (
 def _head_in_fp32(head: Head, support: dict, support_masks: torch.Tensor, query: dict,
                   query_labels: torch.Tensor | None = None) -> HeadOutput:
     """Heads run in float32 even under autocast: cosines, thresholds, soft clustering and Q-Net's
-    refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa.
+    refinement are cheap next to the encoder and sensitive to bf16's 8-bit mantissa (a head may run a
+    heavy part in the caller's autocast, `caller_autocast`: GMRD's decoders).
     `query_labels` reach only heads whose forward takes them (the contract's optional argument)."""
     device_type = support_masks.device.type
     extra = {QUERY_LABELS_ARGUMENT: query_labels} if query_labels is not None and takes_query_labels(head) else {}
-    with torch.autocast(device_type, enabled=False):
+    with float32_head_region(device_type):
         return head({k: v.float() for k, v in support.items()}, support_masks.float(),
                     {k: v.float() for k, v in query.items()}, **extra)
 
@@ -66,12 +68,18 @@ class FewShotSegmenter(nn.Module):
         self.encoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         return self
 
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """N x 3 x H x W -> {name: N x ...}, only the maps the head reads."""
+    def encode(self, images: torch.Tensor, maps: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """N x 3 x H x W -> {name: N x ...}, only the maps the head reads, or only `maps` (a subset of
+        them, e.g. `query_maps`: the encoder then skips the layers that feed only the others)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.encoder(images)
+        features = self.encoder(images, maps)
         return {k: v for k, v in features.items() if k in self.head.feature_maps}
+
+    def query_maps(self, support_masks: torch.Tensor) -> tuple[str, ...]:
+        """The maps the head reads from query slices segmented with these support masks (B x S x H x W;
+        models/heads/contract.py `query_maps`): what `encode` must give for them in evaluation."""
+        return query_maps(self.head, support_masks)
 
     def encode_grouped(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """B x N x 3 x H x W -> {name: B x N x ...}."""
@@ -95,11 +103,11 @@ class FewShotSegmenter(nn.Module):
 
     def prepare_support(self, support: dict, support_masks: torch.Tensor) -> dict:
         """The head's support state (evaluation mode; models/heads/contract.py), in float32."""
-        with torch.autocast(support_masks.device.type, enabled=False):
+        with float32_head_region(support_masks.device.type):
             return prepare_support(self.head, {k: v.float() for k, v in support.items()}, support_masks.float())
 
     def segment_prepared(self, state: dict, query: dict) -> HeadOutput:
         """Query features segmented with a support state from `prepare_support`: equal to
         `segment(support, support_masks, query)`, without redoing the support's work."""
-        with torch.autocast(next(iter(query.values())).device.type, enabled=False):
+        with float32_head_region(next(iter(query.values())).device.type):
             return segment_prepared(self.head, state, {k: v.float() for k, v in query.items()})

@@ -38,7 +38,8 @@ Roofline columns:
   slices (the head's work per slice barely varies), divided by the query slices scored.
 - achieved GFLOP/s = GFLOP per episode (slice) x episodes (slices) per second; % peak against the
   bf16 peak where the mode's encoder runs in bf16 (train.amp / evaluation.amp), the fp32 peak
-  otherwise (the heads always run in fp32, but they are a small share of the FLOPs).
+  otherwise (the heads run in fp32, but for GMRD's decoders, which follow the encoder's autocast,
+  and they are a small share of the FLOPs).
 - evaluation split, ms per scored slice: the model's `encode` calls (encoder), `prepare_support`
   and `segment_prepared` (head), and within them Q-Net's test-time refinement
   (`refine_prototypes`), each timed in the child with torch.cuda.synchronize on CUDA. What is left
@@ -369,15 +370,18 @@ class EvalProbe:
         self.seconds = {"encoder": 0.0, "head": 0.0, "refinement": 0.0}
         self.images_encoded = self.support_states = self.query_slices = 0
         self.first: dict[str, tuple] = {}
+        # encode calls per set of maps asked for (None: all the head reads; GMRD's query slices ask
+        # for layer3 alone, models/heads/contract.py query_maps): images and the first call's image
+        self.encoded: dict[tuple | None, list] = {}
         self.refinement_timed = False
         self._wrapped: list[tuple[object, str]] = []
 
-    def _timed(self, owner, name: str, part: str, record: Callable[[tuple], None] | None = None) -> None:
+    def _timed(self, owner, name: str, part: str, record: Callable[[tuple, dict], None] | None = None) -> None:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
             if record is not None:
-                record(args)
+                record(args, kwargs)
             _sync(self.device)
             start = time.perf_counter()
             out = original(*args, **kwargs)
@@ -388,15 +392,17 @@ class EvalProbe:
         setattr(owner, name, timed)        # an instance attribute shadows the method
         self._wrapped.append((owner, name))
 
-    def _record_encode(self, args) -> None:
-        self.images_encoded += args[0].shape[0]
-        self.first.setdefault("encode", (args[0][:1],))
+    def _record_encode(self, args, kwargs) -> None:
+        images, maps = args[0], kwargs.get("maps", args[1] if len(args) > 1 else None)
+        self.images_encoded += images.shape[0]
+        seen = self.encoded.setdefault(None if maps is None else tuple(maps), [0, images[:1]])
+        seen[0] += images.shape[0]
 
-    def _record_support(self, args) -> None:
+    def _record_support(self, args, kwargs) -> None:
         self.support_states += 1
         self.first.setdefault("prepare_support", args)
 
-    def _record_segment(self, args) -> None:
+    def _record_segment(self, args, kwargs) -> None:
         self.query_slices += next(iter(args[1].values())).shape[1]
         self.first.setdefault("segment_prepared", args)
 
@@ -428,8 +434,9 @@ class EvalProbe:
 
         flops = {"encoder": 0.0, "head": 0.0, "refinement": 0.0}
         with torch.no_grad(), autocast():
-            if "encode" in self.first:
-                flops["encoder"] = count_flops(self.model.encode, *self.first["encode"])[1] * self.images_encoded
+            for maps, (images, first) in self.encoded.items():
+                call = (first,) if maps is None else (first, maps)
+                flops["encoder"] += count_flops(self.model.encode, *call)[1] * images
             if "prepare_support" in self.first:
                 flops["head"] += count_flops(self.model.prepare_support, *self.first["prepare_support"])[1] \
                     * self.support_states

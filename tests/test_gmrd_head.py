@@ -13,8 +13,16 @@ from data.core.errors import CheckpointError
 from models.engine.builders import build_model
 from models.engine.experiment import EncoderConfig
 from models.engine.reference_checkpoints import FORMATS, load_reference_state
-from models.heads.common import EPS_FLOAT32, dilate, erode
-from models.heads.gmrd import AffinityDecoder, GMRDHead, edge_masks, fill_basis, fill_sources, filled_linear
+from models.heads.common import EPS_FLOAT32, dilate, erode, float32_head_region
+from models.heads.gmrd import (
+    AffinityDecoder,
+    GMRDHead,
+    GridUpsampling,
+    edge_masks,
+    fill_basis,
+    fill_sources,
+    filled_linear,
+)
 
 H, h = 32, 8
 
@@ -281,19 +289,37 @@ def test_support_state_gives_forward_for_any_split_of_the_queries(fast):
 
 
 def test_the_fill_basis_gives_the_dense_filled_map_product():
-    """F @ W^T through fill_basis/filled_linear equals the product of the filled map built pixel by pixel,
-    for a small region (scatter), a large one (gather) and an empty one (zeros, as the reference)."""
+    """F @ W^T through fill_basis/filled_linear equals the product of the filled map built pixel by pixel
+    from the features upsampled with F.interpolate (as the reference), for a small region (scatter), a
+    large one (gather) and an empty one (zeros, as the reference); neither side builds the upsampled map."""
     g = torch.Generator().manual_seed(0)
-    C, P, K = 5, 64, 7
-    features, weight = torch.randn(C, P, generator=g), torch.randn(K, P, generator=g)
+    C, h, G, K = 5, 3, 8, 7
+    P = G * G
+    features, weight = torch.randn(C, h, h, generator=g), torch.randn(K, P, generator=g)
+    up = F.interpolate(features[None], size=(G, G), mode="bilinear", align_corners=True)[0].flatten(1)   # C x P
+    upsampling = GridUpsampling((h, h), (G, G), features.device)
     for n_region, mode in ((9, "scatter"), (50, "gather"), (0, "empty")):
         region = torch.zeros(P)
         region[torch.randperm(P, generator=g)[:n_region]] = 1
         index, nonempty = fill_sources(region[None], torch.rand(1, P, dtype=torch.float64, generator=g))
-        basis = fill_basis(features.T, region, weight.T.contiguous())
-        dense = features[:, index[0]] * float(nonempty) @ weight.T
+        basis = fill_basis(features, region, weight, upsampling)
+        dense = up[:, index[0]] * float(nonempty) @ weight.T
         assert basis["mode"] == mode
         torch.testing.assert_close(filled_linear(basis, index[0]), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_the_grid_upsampling_matches_f_interpolate_at_float_rounding():
+    """The features at chosen grid pixels and the product with a weight map over the whole grid equal
+    the same computed on F.interpolate's upsampled map (bilinear, align_corners=True) to ~1e-7: the
+    interpolation weights are F.interpolate's own for float32 maps."""
+    g = torch.Generator().manual_seed(1)
+    C, (h, w), (G_y, G_x), K = 6, (5, 7), (16, 24), 4
+    features, weight = torch.randn(C, h, w, generator=g), torch.randn(K, G_y * G_x, generator=g)
+    up = F.interpolate(features[None], size=(G_y, G_x), mode="bilinear", align_corners=True)[0].flatten(1)
+    upsampling = GridUpsampling((h, w), (G_y, G_x), features.device)
+    pixels = torch.randperm(G_y * G_x, generator=g)[:50]
+    torch.testing.assert_close(upsampling.rows(features, pixels), up[:, pixels].T, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(upsampling.region_product(features, weight), up @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- one branch per episode
@@ -359,18 +385,28 @@ def test_an_sgd_step_leaves_the_branch_not_taken_unchanged():
     assert changed(before, after, ("encoder.threshold.",)) == {"encoder.threshold.weight", "encoder.threshold.bias"}
 
 
-def test_bf16_decoders_are_one_option_away_and_close_to_fp32():
-    """head.decoder_bf16 runs the decoders under bf16 autocast (their logits come back in float32);
-    off by default, the reference's fp32."""
+def test_decoder_precision_follows_the_encoders_autocast_unless_set():
+    """head.decoder_bf16: auto (default) runs the decoders in the autocast the caller runs the encoder
+    in (fp32 without one: the default evaluation and the reference-like mode), true always bf16, false
+    always fp32; the logits come back in float32 and bf16 stays close to fp32."""
     support, masks, query = _episode(B=1, S=1, Q=2)
-    exact = GMRDHead(image_size=H, n_fg=6, n_bg=6).eval()
-    fast = GMRDHead(image_size=H, n_fg=6, n_bg=6, decoder_bf16=True).eval()
-    fast.load_state_dict(exact.state_dict())
-    outputs = []
-    for head in (exact, fast):
+    heads = {value: GMRDHead(image_size=H, n_fg=6, n_bg=6, decoder_bf16=value).eval() for value in ("auto", True, False)}
+    for head in heads.values():
+        head.load_state_dict(heads[False].state_dict())
+
+    def run(head, caller):
         torch.manual_seed(2)
-        with torch.no_grad():
-            outputs.append(head(support, masks, query).log_probs)
-    assert outputs[1].dtype == torch.float32 and not torch.equal(outputs[0], outputs[1])
-    torch.testing.assert_close(outputs[1].exp(), outputs[0].exp(), rtol=0, atol=2e-2)
-    assert GMRDHead().decoder_bf16 is False
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=caller):
+            with float32_head_region("cpu"):
+                return head(support, masks, query).log_probs
+
+    exact = run(heads[False], caller=False)
+    assert torch.equal(run(heads[False], caller=True), exact)          # false: fp32 even under bf16
+    assert torch.equal(run(heads["auto"], caller=False), exact)        # auto without autocast: fp32
+    bf16 = run(heads[True], caller=False)                              # true: bf16 even without
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, exact)
+    assert torch.equal(run(heads["auto"], caller=True), bf16)          # auto under bf16: bf16
+    torch.testing.assert_close(bf16.exp(), exact.exp(), rtol=0, atol=2e-2)
+    assert GMRDHead().decoder_bf16 == "auto"
+    with pytest.raises(ValueError, match=r"head\.decoder_bf16 must be auto .* got 'yes'"):
+        GMRDHead(decoder_bf16="yes")

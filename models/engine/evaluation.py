@@ -118,14 +118,22 @@ class Evaluator:
                                   self.options.chunking)
         return plans
 
+    @staticmethod
+    def _chunk_supports(supports: list[Scan], class_id: int, shot_zs: list[list[int]],
+                        plan: QueryPlan) -> tuple[list[list[int]], np.ndarray]:
+        """The support slices and masks of the plan's chunks: (zs P x S, masks P x S x H x W bool).
+        shot_zs[s][part]: the support slice of each part in support scan s."""
+        zs = [[shot_zs[s][part] for s in range(len(supports))] for part in plan.parts]          # P x S
+        masks = np.stack([np.stack([scan.label[z] == class_id for scan, z in zip(supports, part_zs)])
+                          for part_zs in zs])                                                   # P x S x H x W
+        return zs, masks
+
     def _predict_volume(self, supports: list[Scan], class_id: int, shot_zs: list[list[int]], query: Scan,
                         plan: QueryPlan) -> np.ndarray:
         """The query's prediction of one class: Z x H x W uint8, 1 where a scored slice is predicted
         foreground, 0 elsewhere (slices outside the plan are never predicted). shot_zs[s][part]: the
         support slice of each part in support scan s."""
-        zs = [[shot_zs[s][part] for s in range(len(supports))] for part in plan.parts]          # P x S
-        masks = np.stack([np.stack([scan.label[z] == class_id for scan, z in zip(supports, part_zs)])
-                          for part_zs in zs])                                                   # P x S x H x W
+        zs, masks = self._chunk_supports(supports, class_id, shot_zs, plan)
         log_probs = self.predictor.predict_chunks_shots(_support_images(supports), zs, masks,
                                                         _query_image(query), plan.chunks)
         volume = np.zeros(query.image.shape, dtype=np.uint8)
@@ -154,8 +162,11 @@ class Evaluator:
             plans = self._query_plans(scan, class_ids)
             if not plans:
                 continue
-            # every slice scored for any class, encoded once for all of them
-            self.predictor.warm(_query_image(scan), np.concatenate([p.scored for p in plans.values()]))
+            # every slice scored for any class, encoded once for all of them, with the maps the head
+            # reads for any class's support masks (GMRD: layer3 alone unless a support mask is empty)
+            maps = self.predictor.query_maps(*[self._chunk_supports(supports, c, result.shot_slices[c], plan)[1]
+                                               for c, plan in plans.items()])
+            self.predictor.warm(_query_image(scan), np.concatenate([p.scored for p in plans.values()]), maps)
             for c, plan in plans.items():
                 pred_volume = self._predict_volume(supports, c, result.shot_slices[c], scan, plan)
                 tp, fp, fn = count_overlap(pred_volume[plan.scored], scan.label[plan.scored] == c)

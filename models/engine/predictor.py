@@ -3,7 +3,9 @@ one-shot segmentation of new scans (models/engine/segmentation.py, scripts/segme
 
 A scan is read as a stack of z-scored slices, `image` Z x H x W float32; a slice enters the encoder
 as its grey value repeated into 3 channels (3 x H x W). The model (models/fewshot.py) provides
-    encode(images N x 3 x H x W) -> {name: N x C x h x w}
+    encode(images N x 3 x H x W, maps=None) -> {name: N x C x h x w} (maps: only those; None: all)
+    query_maps(support_masks B x S x H x W) -> the maps the head reads from the query (optional: a
+        model without it gets all maps, and its encode is called without `maps`)
     prepare_support(support {name: 1 x S x C x h x w}, support masks 1 x S x H x W) -> state
     segment_prepared(state, query {name: 1 x Q x C x h x w}) -> HeadOutput, log_probs 1 x Q x 2 x H x W
         ([bg, fg]); equal to segment(support, support masks, query) (models/heads/contract.py).
@@ -18,10 +20,14 @@ and parts, each query slice once for all classes; the slices a caller `warm`s to
 in ascending z, `batch_size` per encoder call. The query slices of a chunk then go through the head
 `batch_size` at a time, and the head's support state (prototypes, regions, descriptors: what it
 computes from the support alone) is computed once per set of support slices and masks (every shot's
-scan, slice and mask digest) and reused for every chunk, batch and query scan. tests/test_protocol.py and tests/test_qnet_end_to_end.py check that batch
-sizes and caching change no prediction. `cache_features=False` runs the references' loop instead:
-for every query slice, its support slice and it are encoded together (a batch of 2) and segmented
-alone; the benchmark's reference mode times it.
+scan, slice and mask digest) and reused for every chunk, batch and query scan. Query slices are
+encoded with only the maps the head reads for the support masks they are segmented with (the model's
+`query_maps`: GMRD's skip layer4 and the threshold unless a support mask is empty); a slice lacking a
+map asked for later is encoded again. tests/test_protocol.py, tests/test_qnet_end_to_end.py and
+tests/test_query_maps.py check that batch sizes, caching and the query maps change no prediction.
+`cache_features=False` runs the references' loop instead: for every query slice, its support slice
+and it are encoded together (a batch of 2, all maps) and segmented alone; the benchmark's reference
+mode times it.
 
 Precision. With `autocast_dtype` (bf16) the encoder runs under torch.autocast and its features are
 cast back to float32; the head always runs in float32 (models/fewshot.py). Without it, autocast is
@@ -89,6 +95,7 @@ class Predictor:
         self.autocast_dtype = autocast_dtype
         self.cache_features = bool(cache_features)
         self._cache: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}   # key -> z -> {name: C x h x w}
+        self._complete: dict[Hashable, set[int]] = {}      # key -> the slices encoded with all maps (maps=None)
         # ((scan key, z, mask digest) per shot) -> the head's support state
         self._states: dict[tuple, dict] = {}
 
@@ -99,35 +106,63 @@ class Predictor:
 
     # ------------------------------------------------------------------ encoder
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One encoder call: N x 3 x H x W -> {name: N x C x h x w} float32."""
+    def encode(self, images: torch.Tensor, maps: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """One encoder call: N x 3 x H x W -> {name: N x C x h x w} float32, only `maps` if given."""
         with self.autocast():
-            features = self.model.encode(images)
+            features = self.model.encode(images) if maps is None else self.model.encode(images, maps)
         return {k: v.float() for k, v in features.items()}
 
-    def warm(self, scan: ScanImage, zs: Sequence[int]) -> None:
-        """Encode the slices zs of `scan` that are not cached yet, in ascending z, `batch_size` per
-        encoder call. Slices warmed together share full batches. Without the cache: nothing."""
+    def query_maps(self, *support_masks: np.ndarray) -> tuple[str, ...] | None:
+        """The maps the model's head reads from query slices segmented with these support masks (each
+        P x S x H x W on the host, foreground nonzero; the union over all), in the order the model
+        names them; None (all maps) for a model without `query_maps`. Host masks: no device sync."""
+        if not hasattr(self.model, "query_maps"):
+            return None
+        wanted = []
+        for masks in support_masks:
+            masks = torch.from_numpy(np.asarray(masks).astype(np.float32))
+            wanted += [m for m in self.model.query_maps(masks) if m not in wanted]
+        return tuple(wanted)
+
+    def _lacks(self, key: Hashable, z: int, maps: tuple[str, ...] | None) -> bool:
+        """Whether slice z of scan `key` must be encoded (again) to have `maps` (None: all)."""
+        row = self._cache.get(key, {}).get(z)
+        if row is None:
+            return True
+        if maps is None:
+            return z not in self._complete.get(key, ())
+        return any(m not in row for m in maps)
+
+    def warm(self, scan: ScanImage, zs: Sequence[int], maps: tuple[str, ...] | None = None) -> None:
+        """Encode the slices zs of `scan` that lack one of `maps` (None: all the model's maps) in the
+        cache, in ascending z, `batch_size` per encoder call, computing only `maps` (a map's values do
+        not depend on the others computed with it). Slices warmed together share full batches.
+        Without the cache: nothing."""
         if not self.cache_features:
             return
         cached = self._cache.setdefault(scan.key, {})
-        missing = [int(z) for z in np.unique(np.asarray(zs, dtype=int)) if int(z) not in cached]
+        missing = [int(z) for z in np.unique(np.asarray(zs, dtype=int)) if self._lacks(scan.key, int(z), maps)]
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start:start + self.batch_size]
-            features = self.encode(slice_batch(scan.image, batch, self.device))
+            features = self.encode(slice_batch(scan.image, batch, self.device), maps)
             for i, z in enumerate(batch):
-                cached[z] = {k: v[i] for k, v in features.items()}
+                cached.setdefault(z, {}).update({k: v[i] for k, v in features.items()})
+        if maps is None:
+            self._complete.setdefault(scan.key, set()).update(missing)
 
-    def features(self, scan: ScanImage, zs: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Features of slices zs (N) of `scan`, from the cache (encoded first if missing):
-        {name: N x C x h x w}."""
-        self.warm(scan, zs)
+    def features(self, scan: ScanImage, zs: Sequence[int], maps: tuple[str, ...] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Features of slices zs (N) of `scan`, from the cache (encoded first if lacking):
+        {name: N x C x h x w} for the names in `maps` (None: all the model's maps)."""
+        self.warm(scan, zs, maps)
         rows = [self._cache[scan.key][int(z)] for z in zs]
-        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+        names = list(rows[0]) if maps is None else maps
+        return {k: torch.stack([row[k] for row in rows]) for k in names}
 
     def forget(self, key: Hashable) -> None:
         """Drop the cached features (and support states) of the scan named `key` (a query that is done)."""
         self._cache.pop(key, None)
+        self._complete.pop(key, None)
         for state_key in [k for k in self._states if any(shot[0] == key for shot in k)]:
             del self._states[state_key]
 
@@ -194,7 +229,8 @@ class Predictor:
         """K-shot chunks: chunk i of the query segmented with the S = len(supports) support slices
         support_zs[i][s] of scan supports[s] and their masks support_masks[i] (P x S x H x W,
         foreground nonzero) -> [log-probabilities len(chunks[i]) x 2 x H x W]. The support state is
-        kept per chunk's (scan, slice, mask) of every shot."""
+        kept per chunk's (scan, slice, mask) of every shot. The query slices are encoded with only
+        the maps the head reads for these support masks (`query_maps`, the union over the chunks)."""
         host_masks = np.asarray(support_masks).astype(np.float32)                               # P x S x H x W
         masks = torch.from_numpy(host_masks).to(self.device)
         if not chunks:
@@ -204,11 +240,12 @@ class Predictor:
                     for zs_s, shot_masks, zs in zip(support_zs, masks, chunks)]
         for s, scan in enumerate(supports):
             self.warm(scan, [zs_s[s] for zs_s in support_zs])
-        self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]))
+        maps = self.query_maps(host_masks)
+        self.warm(query, np.concatenate([np.asarray(zs) for zs in chunks]), maps)
         out = []
         for zs_s, shot_masks, host_shot_masks, zs in zip(support_zs, masks, host_masks, chunks):
             shots = [self.features(scan, [z]) for scan, z in zip(supports, zs_s)]          # S x {name: 1 x C x h x w}
             support = {k: torch.cat([shot[k] for shot in shots]) for k in shots[0]}      # {name: S x C x h x w}
             key = tuple((scan.key, int(z), mask_digest(mask)) for scan, z, mask in zip(supports, zs_s, host_shot_masks))
-            out.append(self.segment(support, shot_masks, self.features(query, zs), state_key=key))
+            out.append(self.segment(support, shot_masks, self.features(query, zs, maps), state_key=key))
         return out

@@ -6,6 +6,9 @@ H x W images.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -58,30 +61,67 @@ class HeadOutput:
     extras: dict = field(default_factory=dict)
 
 
+# ----------------------------------------------------------------------------- precision
+# The autocast dtype the caller ran the encoder under, recorded when a head call enters its float32
+# region (`float32_head_region`). Heads compute in float32; a head may run one heavy part that
+# tolerates bf16 in the caller's precision (GMRD's decoders, `head.decoder_bf16=auto`), so that
+# `train.amp` / `evaluation.amp` decide it as they decide the encoder's.
+_CALLER_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("caller_autocast", default=None)
+
+
+def caller_autocast() -> torch.dtype | None:
+    """Inside a head call: the caller's autocast dtype (e.g. torch.bfloat16), None for float32."""
+    return _CALLER_AUTOCAST.get()
+
+
+@contextmanager
+def float32_head_region(device_type: str) -> Iterator[None]:
+    """Autocast off for a head call, remembering the caller's autocast for `caller_autocast`."""
+    outer = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    token = _CALLER_AUTOCAST.set(outer)
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        _CALLER_AUTOCAST.reset(token)
+
+
 # ----------------------------------------------------------------------------- resizing
 @lru_cache(maxsize=64)
 def _linear_interp_matrix(n_in: int, n_out: int, device_type: str, device_index,
-                          align_corners: bool = False) -> torch.Tensor:
-    """n_out x n_in matrix A with A @ v == 1-D linear interpolation of v (torch's own weights)."""
+                          align_corners: bool = False, float32_weights: bool = False) -> torch.Tensor:
+    """n_out x n_in matrix A with A @ v == 1-D linear interpolation of v (torch's own weights).
+
+    float32_weights: the weights F.interpolate computes for a float32 map (its source coordinates in
+    float32), so that products with A match F.interpolate on float32 maps at float rounding (about
+    1e-7); otherwise the weights of a float64 map (the exact ones, up to 3e-6 relative from float32's)."""
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    eye = torch.eye(n_in, dtype=torch.float64, device=device).unsqueeze(0)       # 1 x n_in(ch) x n_in
+    dtype = torch.float32 if float32_weights else torch.float64
+    eye = torch.eye(n_in, dtype=dtype, device=device).unsqueeze(0)                # 1 x n_in(ch) x n_in
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0].T.float()
 
 
-def upsample_adjoint(masks: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+def interpolation_matrices(size: tuple[int, int], out_size: tuple[int, int], device: torch.device,
+                           align_corners: bool = False, float32_weights: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_y H x h, A_x W x w) float32: bilinear upsampling from h x w to H x W is A_y F A_x^T, one row
+    of each per output row / column with at most two nonzeros (`_linear_interp_matrix`)."""
+    key = (device.type, device.index)
+    return (_linear_interp_matrix(size[0], out_size[0], *key, align_corners, float32_weights),
+            _linear_interp_matrix(size[1], out_size[1], *key, align_corners, float32_weights))
+
+
+def upsample_adjoint(masks: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
+                     float32_weights: bool = False) -> torch.Tensor:
     """Weights w (..., h, w) with sum_x Up(f)(x) * m(x) == sum_p f(p) * w(p) for every map f.
 
     Up is bilinear upsampling from h x w to the mask size (separable, so its adjoint is
     A_y^T M A_x); align_corners=False as the 2-D references, True as GMRD. This pools features
     "upsampled to the mask" without ever materialising the C x H x W upsampled map, which is what
-    the references do.
+    the references do. float32_weights: see `_linear_interp_matrix`.
     """
-    h, w = size
-    H, W = masks.shape[-2:]
-    key = (masks.device.type, masks.device.index)
-    a_y = _linear_interp_matrix(h, H, *key, align_corners).to(masks.dtype)   # H x h
-    a_x = _linear_interp_matrix(w, W, *key, align_corners).to(masks.dtype)   # W x w
-    return a_y.T @ masks @ a_x
+    a_y, a_x = interpolation_matrices(size, tuple(masks.shape[-2:]), masks.device, align_corners, float32_weights)
+    return a_y.T.to(masks.dtype) @ masks @ a_x.to(masks.dtype)
 
 
 def upsample_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:

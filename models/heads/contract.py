@@ -5,9 +5,10 @@ A head is a `torch.nn.Module` that conforms to the `Head` protocol below. It is 
 
 - a head needs no common base class: each head file stays independent (DSPNet subclasses ALPNet's head
   for its code, not for a type), and a head ported from another code base conforms by its shape;
-- half of the contract is optional (`lr_multipliers`, `branch_counts`), which an ABC cannot require
-  either; here each optional member is a protocol of its own with an accessor that gives the default
-  (`lr_multipliers(head)`, `branch_counts(head)`), so no caller reads it with an ad-hoc `getattr`;
+- half of the contract is optional (`lr_multipliers`, `branch_counts`, `query_maps`), which an ABC
+  cannot require either; here each optional member is a protocol of its own with an accessor that gives
+  the default (`lr_multipliers(head)`, `branch_counts(head)`, `query_maps(head, masks)`), so no caller
+  reads it with an ad-hoc `getattr`;
 - type checkers check the call sites against `Head` (FewShotSegmenter.head is a `Head`).
 
 Support state (evaluation): everything a head computes from the support alone (prototypes, regions,
@@ -24,6 +25,12 @@ the query images). The state is the head's own: a dict of tensors (and plain val
 its `segment`, never changed by it. `prepare_support(head, ...)` / `segment_prepared(head, ...)`
 call the pair, and fall back to `forward` for a head without it (its state is then just the
 support features and masks).
+
+Query maps (evaluation): a head may say which of its `feature_maps` it reads from the query for given
+support masks, `query_maps(support_masks B x S x H x W) -> names`, so the encoder computes only those
+for the query slices (GMRD reads Q-Net's threshold only for an episode whose supports are all empty,
+so its queries skip layer4). `query_maps(head, support_masks)` gives it, all of `feature_maps` for a
+head without the method.
 
 `isinstance(x, Head)` only checks that the members exist, so `check_head_class` / `check_head` check
 the rest (an nn.Module, `feature_maps` a tuple of names, the forward signature, constructor options
@@ -118,6 +125,15 @@ class HasSupportState(Protocol):
     def segment(self, state: dict, query: Mapping[str, torch.Tensor]) -> HeadOutput: ...
 
 
+@runtime_checkable
+class HasQueryMaps(Protocol):
+    """Optional (evaluation mode): the maps of `feature_maps` that segment / forward read from the query
+    when segmenting with these support masks (B x S x H x W, on any device); the others may be missing
+    from the query's features."""
+
+    def query_maps(self, support_masks: torch.Tensor) -> tuple[str, ...]: ...
+
+
 _FALLBACK_STATE = "__forward_inputs__"
 
 
@@ -146,6 +162,20 @@ def lr_multipliers(head) -> dict[str, float]:
 def branch_counts(head, reset: bool = False) -> dict[str, int]:
     """The head's branch counters; {} for a head without `branch_counts`."""
     return head.branch_counts(reset=reset) if isinstance(head, HasBranchCounts) else {}
+
+
+def query_maps(head, support_masks: torch.Tensor) -> tuple[str, ...]:
+    """The maps the head reads from the query when segmenting with `support_masks` (B x S x H x W), in
+    `feature_maps` order; all of `feature_maps` for a head without `query_maps`. A name outside
+    `feature_maps` is a TypeError (the encoder would not compute it)."""
+    if not isinstance(head, HasQueryMaps):
+        return tuple(head.feature_maps)
+    wanted = tuple(head.query_maps(support_masks))
+    unknown = [m for m in wanted if m not in head.feature_maps]
+    if unknown:
+        raise TypeError(f"head {type(head).__name__}.query_maps returned {unknown}, which are not in its "
+                        f"feature_maps {tuple(head.feature_maps)}; return a subset of feature_maps")
+    return tuple(m for m in head.feature_maps if m in wanted)
 
 
 def takes_query_labels(head) -> bool:
@@ -185,6 +215,10 @@ def check_head_class(cls) -> None:
             problems.append(f"constructor argument *{key} hides the options from the config check; name them")
         elif p.default is inspect.Parameter.empty and key not in ENCODER_ARGUMENTS:
             problems.append(f"constructor option {key!r} has no default (head_options lists defaults)")
+    maps_method = getattr(cls, "query_maps", None)
+    if maps_method is not None and not (callable(maps_method) and [
+            k for k in inspect.signature(maps_method).parameters if k != "self"] == ["support_masks"]):
+        problems.append("query_maps must be a method query_maps(support_masks) -> tuple of map names")
     if problems:
         raise TypeError(f"head {name} breaks the head contract (models/heads/contract.py): " + "; ".join(problems))
 
@@ -204,5 +238,7 @@ def check_head(head) -> None:
                         "segment(state, query)")
     if hasattr(head, "branch_counts") and not callable(head.branch_counts):
         problems.append("branch_counts must be a method branch_counts(reset=False) -> {name: count}")
+    if hasattr(head, "query_maps") and not callable(head.query_maps):
+        problems.append("query_maps must be a method query_maps(support_masks) -> tuple of map names")
     if problems:
         raise TypeError(f"head {type(head).__name__} breaks the head contract: " + "; ".join(problems))

@@ -27,7 +27,11 @@ Each episode computes only the branch it takes, as the released code (`episodes_
 unused branch's parameters get no gradient and draw no random numbers. Evaluation's support work is done
 once per support slice and mask (`prepare_support`; `segment` draws and decodes): the MLP's first layer
 is split into the part the region fixes and the part of the drawn pixels (`fill_basis`), so a draw per
-query slice, as the reference's, costs C x K x min(region, fill) instead of C x K x G*G.
+query slice, as the reference's, costs C x K x min(region, fill) instead of C x K x G*G. The features
+upsampled to the grid are never built (`GridUpsampling`: the few pixels needed are interpolated, the
+region's product goes through the adjoint of the upsampling), in training as in evaluation. The
+decoders run in the caller's autocast by default (`decoder_bf16="auto"`: bf16 where train.amp /
+evaluation.amp is on), everything else in float32.
 
 Randomness (the fill draws and both dropouts) comes from the torch CPU generator, which the trainer
 saves in its resume points, so a resumed run draws what the uninterrupted run would have drawn; the
@@ -44,6 +48,7 @@ from models.heads.adnet import anomaly_fg_probability
 from models.heads.common import (
     EPS_FLOAT32,
     HeadOutput,
+    caller_autocast,
     cpu_dropout,
     dilate,
     erode,
@@ -51,6 +56,7 @@ from models.heads.common import (
     per_shot_nll,
     support_target,
     two_class_log_probs,
+    interpolation_matrices,
     upsample_adjoint,
     upsample_bilinear,
 )
@@ -62,6 +68,7 @@ MAP_EPS = 1e-5                 # the reference's denominator guard in masked ave
 EDGE_ITERATIONS = 2            # cv2.erode / cv2.dilate iterations with the 3 x 3 kernel
 DECODER_HIDDEN = 100           # channels of the decoder's last 3x3 conv (fixed in the reference)
 BG_EDGES = ("reference", "outer")
+DECODER_PRECISIONS = ("auto", True, False)
 
 # Reference checkpoints (zmcheng9/GMRD, `torch.save(model.state_dict())`, plain keys), loaded by
 # models/engine/reference_checkpoints.py: Q-Net's encoder (reduce2 unused, still saved) plus the MLPs
@@ -135,20 +142,72 @@ def fill_sources(region: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor
     return index, n_src[:, 0] > 0
 
 
+# ----------------------------------------------------------------------------- the features on the grid
+class GridUpsampling:
+    """Bilinear upsampling (align_corners=True, as the reference's F.interpolate) of h x w features to the
+    G x G grid, as the two factors A_y (G x h) and A_x (G x w) of `interpolation_matrices`, built with
+    the weights F.interpolate uses on float32 maps. GMRD's MLPs read C x G*G maps, but each is linear
+    in the features, so the C x G*G upsampled map is never built:
+    - `rows(features, pixels)`: the upsampled features at some grid pixels only (the drawn fill
+      sources, a small region), from the <= 4 feature cells each pixel interpolates;
+    - `region_product(features, weight)`: sum_p Up(f)(p) w(k, p) over every grid pixel, as
+      f @ Up^T(w): the adjoint of the upsampling applied to the K weight maps (K x G x (G h + h w)
+      multiply-adds, then C x h*w x K), instead of C x G*G x K on the upsampled map.
+    """
+
+    def __init__(self, size: tuple[int, int], grid: tuple[int, int], device: torch.device):
+        self.size, self.grid = tuple(size), tuple(grid)
+        self.a_y, self.a_x = interpolation_matrices(self.size, self.grid, device, align_corners=True,
+                                                    float32_weights=True)
+        self.taps_y, self.lambdas_y = self._taps(self.a_y)
+        self.taps_x, self.lambdas_x = self._taps(self.a_x)
+
+    @staticmethod
+    def _taps(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G x n interpolation matrix -> (G x 2 source indices in ascending order, G x 2 weights); a row
+        with one source gets a second of weight 0."""
+        weights, index = a.topk(2, dim=1)
+        order = index.argsort(dim=1)
+        return index.gather(1, order), weights.gather(1, order)
+
+    def rows(self, features: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """features C x h x w, pixels n (raster indices on the grid) -> n x C: Up(features) at those pixels."""
+        C, h, w = features.shape
+        cells = features.reshape(C, h * w).T                                    # h*w x C
+        y, x = pixels // self.grid[1], pixels % self.grid[1]
+        ty, ly = self.taps_y.index_select(0, y), self.lambdas_y.index_select(0, y)   # n x 2
+        tx, lx = self.taps_x.index_select(0, x), self.lambdas_x.index_select(0, x)
+
+        def cell(i: int, j: int) -> torch.Tensor:
+            return cells.index_select(0, ty[:, i] * w + tx[:, j])               # n x C
+
+        return (ly[:, :1] * (lx[:, :1] * cell(0, 0) + lx[:, 1:] * cell(0, 1))
+                + ly[:, 1:] * (lx[:, :1] * cell(1, 0) + lx[:, 1:] * cell(1, 1)))
+
+    def region_product(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """features C x h x w, weight K x G*G (one map per output) -> C x K:
+        sum_p Up(features)[:, p] * weight[:, p], as features @ Up^T(weight)."""
+        C, h, w = features.shape
+        K = weight.shape[0]
+        pooled = self.a_y.T @ weight.view(K, *self.grid) @ self.a_x                     # K x h x w
+        return features.reshape(C, h * w) @ pooled.reshape(K, h * w).T
+
+
 # ----------------------------------------------------------------------------- the filled map's first layer
-def fill_basis(rows: torch.Tensor, region: torch.Tensor, weight_rows: torch.Tensor) -> dict:
+def fill_basis(features: torch.Tensor, region: torch.Tensor, weight: torch.Tensor,
+               upsampling: GridUpsampling) -> dict:
     """What the MLP's first layer needs of one shot's filled maps, computed once for all draws.
 
-    rows: P x C (the shot's features on the grid, one row per pixel); region: P (1 = a region pixel);
-    weight_rows: P x K (the Linear(P -> K) weight, transposed). The filled map F (C x P) keeps the
-    region pixels and puts at each of the n_fill other pixels the feature of a drawn region pixel, so
-    F @ W^T splits into a part fixed by the region and a part of the drawn columns; only the smaller
-    side of the split is recomputed per draw (`filled_linear`), at the cost C x K x min(n_src, n_fill)
-    instead of C x K x P, and the C x P filled map is never built:
-    - "gather" (n_fill <= n_src, the background): fixed = F_region @ W_region^T, then each draw adds
-      F[:, sources] @ W_fill^T;
+    features: C x h x w (the shot's features, before upsampling); region: P = G*G (1 = a region
+    pixel); weight: K x P (the Linear(P -> K) weight). The filled map F (C x P) keeps the upsampled
+    features of the region pixels and puts at each of the n_fill other pixels the feature of a drawn
+    region pixel, so F @ W^T splits into a part fixed by the region and a part of the drawn pixels;
+    only the smaller side of the split is recomputed per draw (`filled_linear`), and neither the
+    filled map nor the C x P upsampled map is built:
+    - "gather" (n_fill <= n_src, the background): fixed = the region's product (`region_product`,
+      through the adjoint of the upsampling), then each draw adds Up(F)[sources]^T @ W_fill^T;
     - "scatter" (n_src < n_fill, the foreground): each draw adds every fill pixel's weight row to the
-      row of its source pixel, then F_region @ (W_region + W_scattered)^T;
+      row of its source pixel, then Up(F)[region]^T @ (W_region + W_scattered)^T;
     - "empty" (no region pixel): the reference fills with zeros, F @ W^T = 0.
     Rows (not columns) are gathered and scattered, so forward and backward move contiguous memory.
     The sums are the dense product's in another order (equal up to float rounding).
@@ -156,14 +215,15 @@ def fill_basis(rows: torch.Tensor, region: torch.Tensor, weight_rows: torch.Tens
     src_mask = region == 1
     src, fill = src_mask.nonzero()[:, 0], (~src_mask).nonzero()[:, 0]
     if src.numel() == 0:
-        return {"mode": "empty", "zeros": rows.new_zeros(rows.shape[1], weight_rows.shape[1])}
-    w_fill = weight_rows.index_select(0, fill)                                # n_fill x K
+        return {"mode": "empty", "zeros": features.new_zeros(features.shape[0], weight.shape[0])}
     if fill.numel() <= src.numel():
-        fixed = rows.T @ weight_rows - rows.index_select(0, fill).T @ w_fill    # the region's columns only
-        return {"mode": "gather", "fill": fill, "rows": rows, "w_fill": w_fill, "fixed": fixed}
+        return {"mode": "gather", "fill": fill, "features": features, "upsampling": upsampling,
+                "w_fill": weight.index_select(1, fill).T,                             # n_fill x K
+                "fixed": upsampling.region_product(features, weight * region)}
     rank = torch.cumsum(src_mask.long(), 0) - 1                                # a region pixel's row in rows_src
-    return {"mode": "scatter", "fill": fill, "rank": rank, "rows_src": rows.index_select(0, src),
-            "w_src": weight_rows.index_select(0, src), "w_fill": w_fill}
+    return {"mode": "scatter", "fill": fill, "rank": rank, "rows_src": upsampling.rows(features, src),
+            "w_src": weight.index_select(1, src).T.contiguous(),                    # n_src x K
+            "w_fill": weight.index_select(1, fill).T.contiguous()}                  # n_fill x K
 
 
 def filled_linear(basis: dict, index: torch.Tensor) -> torch.Tensor:
@@ -174,18 +234,9 @@ def filled_linear(basis: dict, index: torch.Tensor) -> torch.Tensor:
         return basis["zeros"]
     sources = index.index_select(0, basis["fill"])                             # n_fill region pixels
     if mode == "gather":
-        return basis["fixed"] + basis["rows"].index_select(0, sources).T @ basis["w_fill"]
+        return basis["fixed"] + basis["upsampling"].rows(basis["features"], sources).T @ basis["w_fill"]
     weights = basis["w_src"].index_add(0, basis["rank"].index_select(0, sources), basis["w_fill"])
     return basis["rows_src"].T @ weights
-
-
-def pixel_rows(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """... x C x h x w -> ... x C x P features upsampled (bilinear, align_corners=True) to the grid, stored
-    pixel-major (P x C in memory: upsampled in channels_last), so `.transpose(-1, -2)` gives P x C rows."""
-    lead, (C, h, w) = features.shape[:-3], features.shape[-3:]
-    x = features.reshape(-1, C, h, w).contiguous(memory_format=torch.channels_last)
-    up = F.interpolate(x, size=grid, mode="bilinear", align_corners=True)
-    return up.flatten(-2).reshape(*lead, C, grid[0] * grid[1])
 
 
 # ----------------------------------------------------------------------------- modules
@@ -296,16 +347,18 @@ class GMRDHead(nn.Module):
             for every query; by default (False) each query slice gets its own draw of the support
             descriptors, as the reference, which calls the model once per slice.
         align: add the alignment loss in training.
-        decoder_bf16: run the two decoders (most of the head's work) under bf16 autocast, in training
-            and evaluation; their logits return in float32. Off by default (the reference's fp32); fast
-            only on CUDA and on CPUs with native bf16 (docs/gmrd.md, "Precision").
+        decoder_bf16: the precision of the two decoders (most of the head's work): "auto" (default)
+            runs them in the autocast the caller runs the encoder in (`caller_autocast`: bf16 where
+            train.amp / evaluation.amp is on, so fp32 in the default evaluation and in the benchmark's
+            reference-like mode), True always under bf16 autocast, False always in fp32 (the
+            reference's). Their logits return in float32 (docs/gmrd.md, "Speed and precision").
     """
 
     feature_maps = (FEATURE_MAP, "threshold")
 
     def __init__(self, image_size: int = 256, resize_grid: bool = False, n_fg: int = 100, n_bg: int = 600,
                  scaler: float = 20.0, kappa: float = 0.5, mlp_dropout: float = 0.2, decoder_dropout: float = 0.1,
-                 bg_edge: str = "reference", fast: bool = False, align: bool = True, decoder_bf16: bool = False):
+                 bg_edge: str = "reference", fast: bool = False, align: bool = True, decoder_bf16: bool | str = "auto"):
         super().__init__()
         for key, value in (("image_size", image_size), ("n_fg", n_fg), ("n_bg", n_bg)):
             number_option(key, value, 1, whole=True)
@@ -320,7 +373,10 @@ class GMRDHead(nn.Module):
         self.scaler = number_option("scaler", scaler, 0, low_open=True)
         self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
-        self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), bool(decoder_bf16)
+        if decoder_bf16 not in DECODER_PRECISIONS:
+            raise ValueError(f"head.decoder_bf16 must be auto (the decoders in the encoder's autocast: train.amp, "
+                             f"evaluation.amp), true (always bf16) or false (always fp32), got {decoder_bf16!r}")
+        self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), decoder_bf16
         n_pixels = self.image_size ** 2
         self.fg_mlp = DescriptorMLP(n_pixels, int(n_fg), mlp_dropout)
         self.bg_mlp = DescriptorMLP(n_pixels, int(n_bg), mlp_dropout)
@@ -354,7 +410,7 @@ class GMRDHead(nn.Module):
         """The reference's masked average of the features upsampled (bilinear, align_corners=True) to the
         grid: ... x C x h x w, ... x G x G -> ... x C (eps 1e-5; an empty mask gives zeros). Computed
         through the adjoint (whose rows sum to 1, so the pooled weights keep the mask's total)."""
-        pooled = upsample_adjoint(weights, features.shape[-2:], align_corners=True).flatten(-2)
+        pooled = upsample_adjoint(weights, features.shape[-2:], align_corners=True, float32_weights=True).flatten(-2)
         return torch.einsum("...cl,...l->...c", features.flatten(-2), pooled) / (
             weights.flatten(-2).sum(-1, keepdim=True) + MAP_EPS)
 
@@ -363,20 +419,19 @@ class GMRDHead(nn.Module):
         """Everything of the descriptors that no draw changes, for B episodes of N shots.
 
         features B x N x C x h x w, masks B x N x G x G (on the grid) -> {"fg"|"bg": {"region" B x N x P,
-        "fixed" B x N x 2 x C (plain and edge prototypes), "bases" [b][n] fill_basis}}. The features are
-        upsampled (bilinear, align_corners=True) to the grid, as the reference.
+        "fixed" B x N x 2 x C (plain and edge prototypes), "bases" [b][n] fill_basis}}. The features
+        are read as upsampled (bilinear, align_corners=True) to the grid, as the reference, without
+        building the upsampled maps (`GridUpsampling`).
         """
-        up = pixel_rows(features, tuple(masks.shape[-2:]))                      # B x N x C x P (pixel-major)
-        rows = up.transpose(-1, -2)                                             # B x N x P x C
+        B, N = features.shape[:2]
+        upsampling = GridUpsampling(features.shape[-2:], masks.shape[-2:], features.device)
         fg_edge, bg_edge = edge_masks(masks, self.bg_edge)
         out = {}
         for name, region, edge, mlp in (("fg", masks, fg_edge, self.fg_mlp), ("bg", 1.0 - masks, bg_edge, self.bg_mlp)):
-            region, edge = region.flatten(-2), edge.flatten(-2)
-            weights = torch.stack([region, edge], dim=2)                        # B x N x 2 x P
-            fixed = torch.einsum("bncp,bnsp->bnsc", up, weights) / (weights.sum(-1, keepdim=True) + MAP_EPS)
-            weight_rows = mlp.spatial.weight.T.contiguous()                     # P x K
-            bases = [[fill_basis(rows[b, n], region[b, n], weight_rows) for n in range(up.shape[1])]
-                     for b in range(up.shape[0])]
+            fixed = self.grid_average(features[:, :, None], torch.stack([region, edge], dim=2))   # B x N x 2 x C
+            region = region.flatten(-2)
+            bases = [[fill_basis(features[b, n], region[b, n], mlp.spatial.weight, upsampling) for n in range(N)]
+                     for b in range(B)]
             out[name] = {"region": region, "fixed": fixed, "bases": bases}
         return out
 
@@ -422,9 +477,16 @@ class GMRDHead(nn.Module):
         B, N = features.shape[:2]
         d = F.normalize(descriptors, dim=-1).expand(B, N, *descriptors.shape[2:])
         maps = torch.einsum("bnchw,bndc->bndhw", F.normalize(features, dim=2), d)
-        with torch.autocast(maps.device.type, dtype=torch.bfloat16, enabled=self.decoder_bf16):
+        dtype = self.decoder_dtype()
+        with torch.autocast(maps.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = decoder(maps.flatten(0, 1))
         return logits.float().view(B, N, *features.shape[-2:])
+
+    def decoder_dtype(self) -> torch.dtype | None:
+        """The decoders' autocast dtype for this call (None: float32), from `decoder_bf16`."""
+        if self.decoder_bf16 == "auto":
+            return caller_autocast()
+        return torch.bfloat16 if self.decoder_bf16 else None
 
     def dual_path(self, features: torch.Tensor, fg_desc: torch.Tensor, bg_desc: torch.Tensor,
                   size: tuple[int, int]) -> torch.Tensor:
@@ -462,8 +524,9 @@ class GMRDHead(nn.Module):
         """The query (B x Q) segmented with a `prepare_support` state; in training also the alignment loss."""
         fq = query[FEATURE_MAP]
         B, Q = fq.shape[:2]
-        threshold = image_thresholds(query, B, Q)                               # B x Q x 1 x 1
         desc, anomaly = state["episodes"]
+        # read only where used (anomaly branch, alignment): evaluation's queries may lack it (query_maps)
+        threshold = image_thresholds(query, B, Q) if anomaly or self.training else None   # B x Q x 1 x 1
         size = state["size"]
         log_desc = p_anomaly = None
         parts = []
@@ -493,6 +556,13 @@ class GMRDHead(nn.Module):
 
     def forward(self, support: dict, support_masks: torch.Tensor, query: dict) -> HeadOutput:
         return self.segment(self.prepare_support(support, support_masks), query)
+
+    def query_maps(self, support_masks: torch.Tensor) -> tuple[str, ...]:
+        """The query maps `segment` reads with these support masks (B x S x H x W; models/heads/contract.py):
+        the threshold only for the anomaly branch (an episode whose support masks are all empty, as in
+        `prepare_support`) and the training's alignment, so evaluation's queries mostly skip layer4."""
+        empty = support_masks.flatten(1).sum(1) == 0
+        return tuple(self.feature_maps) if self.training or bool(empty.any()) else (FEATURE_MAP,)
 
     # ------------------------------------------------------------------ training
     def alignment_loss(self, state: dict, fq: torch.Tensor, log_desc: torch.Tensor | None,
