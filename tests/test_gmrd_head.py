@@ -408,5 +408,5 @@ def test_decoder_precision_follows_the_encoders_autocast_unless_set():
     assert torch.equal(run(heads["auto"], caller=True), bf16)          # auto under bf16: bf16
     torch.testing.assert_close(bf16.exp(), exact.exp(), rtol=0, atol=2e-2)
     assert GMRDHead().decoder_bf16 == "auto"
-    with pytest.raises(ValueError, match=r"head\.decoder_bf16 must be auto .* got 'yes'"):
-        GMRDHead(decoder_bf16="yes")
+    with pytest.raises(ValueError, match=r"head\.decoder_bf16 must be 'auto' .* got 'false'"):
+        GMRDHead(decoder_bf16="false")

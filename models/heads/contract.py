@@ -32,6 +32,11 @@ for the query slices (GMRD reads Q-Net's threshold only for an episode whose sup
 so its queries skip layer4). `query_maps(head, support_masks)` gives it, all of `feature_maps` for a
 head without the method.
 
+Precision: heads compute in float32; the segmenter turns autocast off around every head call
+(`float32_head_region`, models/heads/common.py), recording the caller's autocast. A head may run one
+heavy part that tolerates bf16 in that autocast, read with `caller_autocast()` (GMRD's decoders with
+`head.decoder_bf16=auto`), so that train.amp / evaluation.amp decide it as they decide the encoder's.
+
 `isinstance(x, Head)` only checks that the members exist, so `check_head_class` / `check_head` check
 the rest (an nn.Module, `feature_maps` a tuple of names, the forward signature, constructor options
 with defaults, the optional members' types). FewShotSegmenter calls `check_head` when it is built and

@@ -374,8 +374,9 @@ class GMRDHead(nn.Module):
         self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
         if decoder_bf16 not in DECODER_PRECISIONS:
-            raise ValueError(f"head.decoder_bf16 must be auto (the decoders in the encoder's autocast: train.amp, "
-                             f"evaluation.amp), true (always bf16) or false (always fp32), got {decoder_bf16!r}")
+            raise ValueError(f"head.decoder_bf16 must be 'auto' (the decoders in the encoder's autocast: train.amp, "
+                             f"evaluation.amp), True (always bf16) or False (always fp32; Python literals on the "
+                             f"command line, head.decoder_bf16=False), got {decoder_bf16!r}")
         self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), decoder_bf16
         n_pixels = self.image_size ** 2
         self.fg_mlp = DescriptorMLP(n_pixels, int(n_fg), mlp_dropout)
