@@ -30,8 +30,8 @@ is split into the part the region fixes and the part of the drawn pixels (`fill_
 query slice, as the reference's, costs C x K x min(region, fill) instead of C x K x G*G. The features
 upsampled to the grid are never built (`GridUpsampling`: the few pixels needed are interpolated, the
 region's product goes through the adjoint of the upsampling), in training as in evaluation. The
-decoders run in the caller's autocast by default (`decoder_bf16="auto"`: bf16 where train.amp /
-evaluation.amp is on), everything else in float32.
+decoders run in evaluation in the caller's autocast by default (`decoder_bf16="auto"`: bf16 where
+evaluation.amp is on; fp32 in training unless True), everything else in float32.
 
 Randomness (the fill draws and both dropouts) comes from the torch CPU generator, which the trainer
 saves in its resume points, so a resumed run draws what the uninterrupted run would have drawn; the
@@ -348,10 +348,11 @@ class GMRDHead(nn.Module):
             descriptors, as the reference, which calls the model once per slice.
         align: add the alignment loss in training.
         decoder_bf16: the precision of the two decoders (most of the head's work): "auto" (default)
-            runs them in the autocast the caller runs the encoder in (`caller_autocast`: bf16 where
-            train.amp / evaluation.amp is on, so fp32 in the default evaluation and in the benchmark's
-            reference-like mode), True always under bf16 autocast, False always in fp32 (the
-            reference's). Their logits return in float32 (docs/gmrd.md, "Speed and precision").
+            runs them in evaluation in the autocast the caller runs the encoder in (`caller_autocast`:
+            bf16 where evaluation.amp is on, fp32 by default) and in fp32 in training (bf16 decoders
+            measured a lower Dice after short trainings); True always under bf16 autocast (training
+            too), False always in fp32 (the reference's). Their logits return in float32 (docs/gmrd.md,
+            "Speed and precision").
     """
 
     feature_maps = (FEATURE_MAP, "threshold")
@@ -374,9 +375,9 @@ class GMRDHead(nn.Module):
         self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
         if decoder_bf16 not in DECODER_PRECISIONS:
-            raise ValueError(f"head.decoder_bf16 must be 'auto' (the decoders in the encoder's autocast: train.amp, "
-                             f"evaluation.amp), True (always bf16) or False (always fp32; Python literals on the "
-                             f"command line, head.decoder_bf16=False), got {decoder_bf16!r}")
+            raise ValueError(f"head.decoder_bf16 must be 'auto' (evaluation: the decoders in the encoder's autocast, "
+                             f"evaluation.amp; training: fp32), True (always bf16) or False (always fp32; Python "
+                             f"literals on the command line, head.decoder_bf16=True), got {decoder_bf16!r}")
         self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), decoder_bf16
         n_pixels = self.image_size ** 2
         self.fg_mlp = DescriptorMLP(n_pixels, int(n_fg), mlp_dropout)
@@ -484,9 +485,10 @@ class GMRDHead(nn.Module):
         return logits.float().view(B, N, *features.shape[-2:])
 
     def decoder_dtype(self) -> torch.dtype | None:
-        """The decoders' autocast dtype for this call (None: float32), from `decoder_bf16`."""
+        """The decoders' autocast dtype for this call (None: float32), from `decoder_bf16`: "auto" is the
+        caller's autocast in evaluation and float32 in training (docs/gmrd.md, "Speed and precision")."""
         if self.decoder_bf16 == "auto":
-            return caller_autocast()
+            return None if self.training else caller_autocast()
         return torch.bfloat16 if self.decoder_bf16 else None
 
     def dual_path(self, features: torch.Tensor, fg_desc: torch.Tensor, bg_desc: torch.Tensor,
