@@ -385,10 +385,11 @@ def test_an_sgd_step_leaves_the_branch_not_taken_unchanged():
     assert changed(before, after, ("encoder.threshold.",)) == {"encoder.threshold.weight", "encoder.threshold.bias"}
 
 
-def test_decoder_precision_follows_the_encoders_autocast_in_evaluation_unless_set():
-    """head.decoder_bf16: auto (default) runs the decoders in evaluation in the autocast the caller runs
-    the encoder in (fp32 without one: the default evaluation) and in fp32 in training; True always bf16,
-    False always fp32; the logits come back in float32 and bf16 stays close to fp32."""
+def test_decoder_precision_follows_the_encoders_autocast_unless_set():
+    """head.decoder_bf16: auto (default) runs the decoders' 3 x 3 convolutions in the autocast the caller
+    runs the encoder in (fp32 without one: the default evaluation), in evaluation and training; True
+    always bf16, False always fp32; the 1x1 convolutions on the cosine maps stay fp32, the logits come
+    back in float32 and bf16 stays close to fp32."""
     support, masks, query = _episode(B=1, S=1, Q=2)
     heads = {value: GMRDHead(image_size=H, n_fg=6, n_bg=6, decoder_bf16=value).eval() for value in ("auto", True, False)}
     for head in heads.values():
@@ -407,11 +408,16 @@ def test_decoder_precision_follows_the_encoders_autocast_in_evaluation_unless_se
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, exact)
     assert torch.equal(run(heads["auto"], caller=True), bf16)          # auto under bf16: bf16
     torch.testing.assert_close(bf16.exp(), exact.exp(), rtol=0, atol=2e-2)
-    # training (dropout on, the same draws): auto stays fp32 under the caller's bf16, True does not
+    # training (dropout on, the same draws): the same choices
     for head in heads.values():
         head.train()
     trained = {value: run(head, caller=True) for value, head in heads.items()}
-    assert torch.equal(trained["auto"], trained[False]) and not torch.equal(trained[True], trained[False])
+    assert torch.equal(trained["auto"], trained[True]) and not torch.equal(trained[True], trained[False])
+    # the first 1x1 convolution reads the fp32 cosine maps: bf16 never reaches it
+    seen = []
+    heads[True].bg_decoder.reduce.register_forward_hook(lambda module, args, out: seen.append(args[0].dtype))
+    run(heads[True], caller=True)
+    assert seen and set(seen) == {torch.float32}
     assert GMRDHead().decoder_bf16 == "auto"
     with pytest.raises(ValueError, match=r"head\.decoder_bf16 must be 'auto' .* got 'false'"):
         GMRDHead(decoder_bf16="false")

@@ -30,8 +30,8 @@ is split into the part the region fixes and the part of the drawn pixels (`fill_
 query slice, as the reference's, costs C x K x min(region, fill) instead of C x K x G*G. The features
 upsampled to the grid are never built (`GridUpsampling`: the few pixels needed are interpolated, the
 region's product goes through the adjoint of the upsampling), in training as in evaluation. The
-decoders run in evaluation in the caller's autocast by default (`decoder_bf16="auto"`: bf16 where
-evaluation.amp is on; fp32 in training unless True), everything else in float32.
+decoders' 3 x 3 convolutions run in the caller's autocast by default (`decoder_bf16="auto"`: bf16 where
+train.amp / evaluation.amp is on), everything else in float32.
 
 Randomness (the fill draws and both dropouts) comes from the torch CPU generator, which the trainer
 saves in its resume points, so a resumed run draws what the uninterrupted run would have drawn; the
@@ -262,7 +262,12 @@ class DescriptorMLP(nn.Module):
 class AffinityDecoder(nn.Module):
     """The reference Decoder (no biases): 1x1 conv (K+2 -> K) + ReLU; residual block of two 3x3 convs
     (K -> K, ReLU each) added to its input; 3x3 conv K -> 100 + ReLU + Dropout2d(p) + 1x1 conv 100 -> 1.
-    N x (K+2) x h x w -> N x h x w logits."""
+    N x (K+2) x h x w -> N x h x w logits (float32).
+
+    `forward(maps, conv_dtype)` runs the three 3 x 3 convolutions (nearly all of the work) under autocast
+    to `conv_dtype` (None: float32); the 1x1 convolutions stay in float32: the first reads the cosine maps,
+    whose differences between descriptors bf16's 8-bit mantissa would round away, the last gives the logits.
+    """
 
     def __init__(self, n_descriptors: int, dropout: float):
         super().__init__()
@@ -274,11 +279,12 @@ class AffinityDecoder(nn.Module):
         self.logit = nn.Conv2d(DECODER_HIDDEN, 1, kernel_size=1, bias=False)
         self.dropout = float(dropout)
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor, conv_dtype: torch.dtype | None = None) -> torch.Tensor:
         x = F.relu(self.reduce(maps))
-        x = F.relu(self.res2(F.relu(self.res1(x)))) + x
-        x = F.relu(self.hidden(x))
-        x = cpu_dropout(x, self.dropout, self.training, shape=(*x.shape[:2], 1, 1))
+        with torch.autocast(maps.device.type, dtype=conv_dtype or torch.float32, enabled=conv_dtype is not None):
+            x = F.relu(self.res2(F.relu(self.res1(x)))) + x
+            x = F.relu(self.hidden(x))
+        x = cpu_dropout(x.float(), self.dropout, self.training, shape=(*x.shape[:2], 1, 1))
         return self.logit(x)[:, 0]
 
 
@@ -347,12 +353,11 @@ class GMRDHead(nn.Module):
             for every query; by default (False) each query slice gets its own draw of the support
             descriptors, as the reference, which calls the model once per slice.
         align: add the alignment loss in training.
-        decoder_bf16: the precision of the two decoders (most of the head's work): "auto" (default)
-            runs them in evaluation in the autocast the caller runs the encoder in (`caller_autocast`:
-            bf16 where evaluation.amp is on, fp32 by default) and in fp32 in training (bf16 decoders
-            measured a lower Dice after short trainings); True always under bf16 autocast (training
-            too), False always in fp32 (the reference's). Their logits return in float32 (docs/gmrd.md,
-            "Speed and precision").
+        decoder_bf16: the precision of the decoders' 3 x 3 convolutions (most of the head's work; the
+            1x1 convolutions on the cosine maps and to the logits stay float32): "auto" (default) the
+            autocast the caller runs the encoder in (`caller_autocast`: bf16 where train.amp /
+            evaluation.amp is on, so fp32 in the default evaluation), True always bf16, False always
+            fp32 (the reference's). The logits are float32 (docs/gmrd.md, "Speed and precision").
     """
 
     feature_maps = (FEATURE_MAP, "threshold")
@@ -375,9 +380,9 @@ class GMRDHead(nn.Module):
         self.kappa = number_option("kappa", kappa, 0, low_open=True)
         self.bg_edge = bg_edge
         if decoder_bf16 not in DECODER_PRECISIONS:
-            raise ValueError(f"head.decoder_bf16 must be 'auto' (evaluation: the decoders in the encoder's autocast, "
-                             f"evaluation.amp; training: fp32), True (always bf16) or False (always fp32; Python "
-                             f"literals on the command line, head.decoder_bf16=True), got {decoder_bf16!r}")
+            raise ValueError(f"head.decoder_bf16 must be 'auto' (the decoders' 3 x 3 convolutions in the encoder's "
+                             f"autocast: train.amp, evaluation.amp), True (always bf16) or False (always fp32; Python "
+                             f"literals on the command line, head.decoder_bf16=False), got {decoder_bf16!r}")
         self.fast, self.align, self.decoder_bf16 = bool(fast), bool(align), decoder_bf16
         n_pixels = self.image_size ** 2
         self.fg_mlp = DescriptorMLP(n_pixels, int(n_fg), mlp_dropout)
@@ -479,16 +484,14 @@ class GMRDHead(nn.Module):
         B, N = features.shape[:2]
         d = F.normalize(descriptors, dim=-1).expand(B, N, *descriptors.shape[2:])
         maps = torch.einsum("bnchw,bndc->bndhw", F.normalize(features, dim=2), d)
-        dtype = self.decoder_dtype()
-        with torch.autocast(maps.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = decoder(maps.flatten(0, 1))
+        logits = decoder(maps.flatten(0, 1), self.decoder_dtype())
         return logits.float().view(B, N, *features.shape[-2:])
 
     def decoder_dtype(self) -> torch.dtype | None:
-        """The decoders' autocast dtype for this call (None: float32), from `decoder_bf16`: "auto" is the
-        caller's autocast in evaluation and float32 in training (docs/gmrd.md, "Speed and precision")."""
+        """The autocast dtype of the decoders' 3 x 3 convolutions for this call (None: float32), from
+        `decoder_bf16`: "auto" is the caller's (docs/gmrd.md, "Speed and precision")."""
         if self.decoder_bf16 == "auto":
-            return None if self.training else caller_autocast()
+            return caller_autocast()
         return torch.bfloat16 if self.decoder_bf16 else None
 
     def dual_path(self, features: torch.Tensor, fg_desc: torch.Tensor, bg_desc: torch.Tensor,
