@@ -204,8 +204,9 @@ def fill_basis(features: torch.Tensor, region: torch.Tensor, weight: torch.Tenso
     region pixel, so F @ W^T splits into a part fixed by the region and a part of the drawn pixels;
     only the smaller side of the split is recomputed per draw (`filled_linear`), and neither the
     filled map nor the C x P upsampled map is built:
-    - "gather" (n_fill <= n_src, the background): fixed = the region's product (`region_product`,
-      through the adjoint of the upsampling), then each draw adds Up(F)[sources]^T @ W_fill^T;
+    - "gather" (n_fill <= n_src, the background): fixed = the region's product (the whole grid's,
+      `region_product` through the adjoint of the upsampling, minus the fill pixels'), then each draw
+      adds Up(F)[sources]^T @ W_fill^T;
     - "scatter" (n_src < n_fill, the foreground): each draw adds every fill pixel's weight row to the
       row of its source pixel, then Up(F)[region]^T @ (W_region + W_scattered)^T;
     - "empty" (no region pixel): the reference fills with zeros, F @ W^T = 0.
@@ -217,9 +218,12 @@ def fill_basis(features: torch.Tensor, region: torch.Tensor, weight: torch.Tenso
     if src.numel() == 0:
         return {"mode": "empty", "zeros": features.new_zeros(features.shape[0], weight.shape[0])}
     if fill.numel() <= src.numel():
+        # the region's product: the whole grid's minus the fill pixels' (masking the K x P weight by the
+        # region instead costs two passes over it, forward and backward, and more than the subtraction)
+        w_fill = weight.index_select(1, fill).T                                   # n_fill x K
+        fixed = upsampling.region_product(features, weight) - upsampling.rows(features, fill).T @ w_fill
         return {"mode": "gather", "fill": fill, "features": features, "upsampling": upsampling,
-                "w_fill": weight.index_select(1, fill).T,                             # n_fill x K
-                "fixed": upsampling.region_product(features, weight * region)}
+                "w_fill": w_fill, "fixed": fixed}
     rank = torch.cumsum(src_mask.long(), 0) - 1                                # a region pixel's row in rows_src
     return {"mode": "scatter", "fill": fill, "rank": rank, "rows_src": upsampling.rows(features, src),
             "w_src": weight.index_select(1, src).T.contiguous(),                    # n_src x K
