@@ -38,8 +38,8 @@ Roofline columns:
   slices (the head's work per slice barely varies), divided by the query slices scored.
 - achieved GFLOP/s = GFLOP per episode (slice) x episodes (slices) per second; % peak against the
   bf16 peak where the mode's encoder runs in bf16 (train.amp / evaluation.amp), the fp32 peak
-  otherwise (the heads run in fp32, except GMRD's decoders in evaluation under evaluation.amp; apart
-  from those decoders the heads are a small share of the FLOPs).
+  otherwise (the heads run in fp32, except the 3 x 3 convolutions of GMRD's decoders, which follow the
+  encoder's autocast; apart from those the heads are a small share of the FLOPs).
 - evaluation split, ms per scored slice: the model's `encode` calls (encoder), `prepare_support`
   and `segment_prepared` (head), and within them Q-Net's test-time refinement
   (`refine_prototypes`), each timed in the child with torch.cuda.synchronize on CUDA. What is left
