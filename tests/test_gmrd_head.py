@@ -308,6 +308,29 @@ def test_the_fill_basis_gives_the_dense_filled_map_product():
         torch.testing.assert_close(filled_linear(basis, index[0]), dense, rtol=1e-5, atol=1e-5)
 
 
+def test_the_fill_basis_gives_the_dense_products_gradients():
+    """Backward through fill_basis/filled_linear (the weight's gradient written once, _WeightParts) gives
+    the gradients of the dense filled-map product, for the features and the MLP weight, in every mode."""
+    g = torch.Generator().manual_seed(2)
+    C, h, G, K = 4, 3, 8, 5
+    P = G * G
+    for n_region in (9, 50):
+        features = torch.randn(C, h, h, generator=g, requires_grad=True)
+        weight = torch.randn(K, P, generator=g, requires_grad=True)
+        probe = torch.randn(C, K, generator=g)
+        region = torch.zeros(P)
+        region[torch.randperm(P, generator=g)[:n_region]] = 1
+        index, _ = fill_sources(region[None], torch.rand(1, P, dtype=torch.float64, generator=g))
+        basis = fill_basis(features, region, weight, GridUpsampling((h, h), (G, G), features.device))
+        (filled_linear(basis, index[0]) * probe).sum().backward()
+        ours = features.grad.clone(), weight.grad.clone()
+        features.grad = weight.grad = None
+        up = F.interpolate(features[None], size=(G, G), mode="bilinear", align_corners=True)[0].flatten(1)
+        ((up[:, index[0]] @ weight.T) * probe).sum().backward()
+        torch.testing.assert_close(ours[0], features.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[1], weight.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_the_grid_upsampling_matches_f_interpolate_at_float_rounding():
     """The features at chosen grid pixels and the product with a weight map over the whole grid equal
     the same computed on F.interpolate's upsampled map (bilinear, align_corners=True) to ~1e-7: the

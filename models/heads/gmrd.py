@@ -187,10 +187,44 @@ class GridUpsampling:
     def region_product(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """features C x h x w, weight K x G*G (one map per output) -> C x K:
         sum_p Up(features)[:, p] * weight[:, p], as features @ Up^T(weight)."""
+        pooled, _ = self.weight_parts(weight, weight.new_zeros(0, dtype=torch.long))
+        return self.pooled_product(features, pooled)
+
+    @staticmethod
+    def pooled_product(features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """features C x h x w, pooled K x h x w (`weight_parts`) -> C x K."""
         C, h, w = features.shape
-        K = weight.shape[0]
-        pooled = self.a_y.T @ weight.view(K, *self.grid) @ self.a_x                     # K x h x w
-        return features.reshape(C, h * w) @ pooled.reshape(K, h * w).T
+        return features.reshape(C, h * w) @ pooled.reshape(pooled.shape[0], h * w).T
+
+    def weight_parts(self, weight: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight K x G*G, columns n (pixel indices) -> (Up^T(weight) K x h x w, weight[:, columns]^T n x K),
+        in one autograd node (`_WeightParts`)."""
+        return _WeightParts.apply(weight, columns, self.a_y, self.a_x, self.grid)
+
+
+class _WeightParts(torch.autograd.Function):
+    """(A_y^T W A_x, W[:, columns]^T) of the K x G*G MLP weight. Separately, the columns' backward would
+    zero-fill a K x G*G gradient for the few columns and autograd would add it to the adjoint's dense
+    one (two passes over 157 MB for the background at 256, each step and shot); here the adjoint's
+    gradient is made once and the columns' gradients are added into it in place."""
+
+    @staticmethod
+    def forward(ctx, weight, columns, a_y, a_x, grid):
+        ctx.save_for_backward(columns, a_y, a_x)
+        ctx.grid = grid
+        pooled = a_y.T @ weight.view(weight.shape[0], *grid) @ a_x                     # K x h x w
+        return pooled, weight.index_select(1, columns).T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled, grad_columns):
+        columns, a_y, a_x = ctx.saved_tensors
+        if grad_pooled is None:
+            grad_pooled = a_y.new_zeros(grad_columns.shape[1], a_y.shape[1], a_x.shape[1])
+        grad = (a_y @ grad_pooled @ a_x.T).reshape(grad_pooled.shape[0], -1)        # K x G*G, fresh
+        if grad_columns is not None and columns.numel():
+            grad.index_add_(1, columns, grad_columns.T)
+        return grad, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the filled map's first layer
@@ -220,8 +254,8 @@ def fill_basis(features: torch.Tensor, region: torch.Tensor, weight: torch.Tenso
     if fill.numel() <= src.numel():
         # the region's product: the whole grid's minus the fill pixels' (masking the K x P weight by the
         # region instead costs two passes over it, forward and backward, and more than the subtraction)
-        w_fill = weight.index_select(1, fill).T                                   # n_fill x K
-        fixed = upsampling.region_product(features, weight) - upsampling.rows(features, fill).T @ w_fill
+        pooled, w_fill = upsampling.weight_parts(weight, fill)                    # K x h x w, n_fill x K
+        fixed = upsampling.pooled_product(features, pooled) - upsampling.rows(features, fill).T @ w_fill
         return {"mode": "gather", "fill": fill, "features": features, "upsampling": upsampling,
                 "w_fill": w_fill, "fixed": fixed}
     rank = torch.cumsum(src_mask.long(), 0) - 1                                # a region pixel's row in rows_src
