@@ -342,7 +342,8 @@ def test_the_grid_upsampling_matches_f_interpolate_at_float_rounding():
     upsampling = GridUpsampling((h, w), (G_y, G_x), features.device)
     pixels = torch.randperm(G_y * G_x, generator=g)[:50]
     torch.testing.assert_close(upsampling.rows(features, pixels), up[:, pixels].T, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(upsampling.region_product(features, weight), up @ weight.T, rtol=1e-5, atol=1e-5)
+    pooled, _ = upsampling.weight_parts(weight, torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(upsampling.pooled_product(features, pooled), up @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- one branch per episode

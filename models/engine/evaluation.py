@@ -128,12 +128,12 @@ class Evaluator:
                           for part_zs in zs])                                                   # P x S x H x W
         return zs, masks
 
-    def _predict_volume(self, supports: list[Scan], class_id: int, shot_zs: list[list[int]], query: Scan,
-                        plan: QueryPlan) -> np.ndarray:
+    def _predict_volume(self, supports: list[Scan], chunk_supports: tuple[list[list[int]], np.ndarray],
+                        query: Scan, plan: QueryPlan) -> np.ndarray:
         """The query's prediction of one class: Z x H x W uint8, 1 where a scored slice is predicted
-        foreground, 0 elsewhere (slices outside the plan are never predicted). shot_zs[s][part]: the
-        support slice of each part in support scan s."""
-        zs, masks = self._chunk_supports(supports, class_id, shot_zs, plan)
+        foreground, 0 elsewhere (slices outside the plan are never predicted). chunk_supports: the
+        plan's support slices and masks (`_chunk_supports`)."""
+        zs, masks = chunk_supports
         log_probs = self.predictor.predict_chunks_shots(_support_images(supports), zs, masks,
                                                         _query_image(query), plan.chunks)
         volume = np.zeros(query.image.shape, dtype=np.uint8)
@@ -164,11 +164,12 @@ class Evaluator:
                 continue
             # every slice scored for any class, encoded once for all of them, with the maps the head
             # reads for any class's support masks (GMRD: layer3 alone unless a support mask is empty)
-            maps = self.predictor.query_maps(*[self._chunk_supports(supports, c, result.shot_slices[c], plan)[1]
-                                               for c, plan in plans.items()])
+            chunk_supports = {c: self._chunk_supports(supports, c, result.shot_slices[c], plan)
+                              for c, plan in plans.items()}
+            maps = self.predictor.query_maps(*[masks for _, masks in chunk_supports.values()])
             self.predictor.warm(_query_image(scan), np.concatenate([p.scored for p in plans.values()]), maps)
             for c, plan in plans.items():
-                pred_volume = self._predict_volume(supports, c, result.shot_slices[c], scan, plan)
+                pred_volume = self._predict_volume(supports, chunk_supports[c], scan, plan)
                 tp, fp, fn = count_overlap(pred_volume[plan.scored], scan.label[plan.scored] == c)
                 result.scores.append(ScanScore(c, self.spec.label_name(c), scan_id, tp, fp, fn, len(plan.scored)))
                 result.predictions[(scan_id, c)] = pred_volume

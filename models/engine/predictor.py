@@ -95,7 +95,7 @@ class Predictor:
         self.autocast_dtype = autocast_dtype
         self.cache_features = bool(cache_features)
         self._cache: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}   # key -> z -> {name: C x h x w}
-        self._complete: dict[Hashable, set[int]] = {}      # key -> the slices encoded with all maps (maps=None)
+        self._all_maps: tuple[str, ...] | None = None      # the maps an encode without `maps` gives (once seen)
         # ((scan key, z, mask digest) per shot) -> the head's support state
         self._states: dict[tuple, dict] = {}
 
@@ -110,6 +110,8 @@ class Predictor:
         """One encoder call: N x 3 x H x W -> {name: N x C x h x w} float32, only `maps` if given."""
         with self.autocast():
             features = self.model.encode(images) if maps is None else self.model.encode(images, maps)
+        if maps is None:
+            self._all_maps = tuple(features)
         return {k: v.float() for k, v in features.items()}
 
     def query_maps(self, *support_masks: np.ndarray) -> tuple[str, ...] | None:
@@ -125,13 +127,11 @@ class Predictor:
         return tuple(wanted)
 
     def _lacks(self, key: Hashable, z: int, maps: tuple[str, ...] | None) -> bool:
-        """Whether slice z of scan `key` must be encoded (again) to have `maps` (None: all)."""
+        """Whether slice z of scan `key` must be encoded (again) to have `maps` (None: all; before any
+        encode without `maps` the predictor does not know them, so a cached slice is encoded again)."""
         row = self._cache.get(key, {}).get(z)
-        if row is None:
-            return True
-        if maps is None:
-            return z not in self._complete.get(key, ())
-        return any(m not in row for m in maps)
+        wanted = self._all_maps if maps is None else maps
+        return row is None or wanted is None or any(m not in row for m in wanted)
 
     def warm(self, scan: ScanImage, zs: Sequence[int], maps: tuple[str, ...] | None = None) -> None:
         """Encode the slices zs of `scan` that lack one of `maps` (None: all the model's maps) in the
@@ -147,8 +147,6 @@ class Predictor:
             features = self.encode(slice_batch(scan.image, batch, self.device), maps)
             for i, z in enumerate(batch):
                 cached.setdefault(z, {}).update({k: v[i] for k, v in features.items()})
-        if maps is None:
-            self._complete.setdefault(scan.key, set()).update(missing)
 
     def features(self, scan: ScanImage, zs: Sequence[int], maps: tuple[str, ...] | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -162,7 +160,6 @@ class Predictor:
     def forget(self, key: Hashable) -> None:
         """Drop the cached features (and support states) of the scan named `key` (a query that is done)."""
         self._cache.pop(key, None)
-        self._complete.pop(key, None)
         for state_key in [k for k in self._states if any(shot[0] == key for shot in k)]:
             del self._states[state_key]
 

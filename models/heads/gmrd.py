@@ -150,7 +150,7 @@ class GridUpsampling:
     in the features, so the C x G*G upsampled map is never built:
     - `rows(features, pixels)`: the upsampled features at some grid pixels only (the drawn fill
       sources, a small region), from the <= 4 feature cells each pixel interpolates;
-    - `region_product(features, weight)`: sum_p Up(f)(p) w(k, p) over every grid pixel, as
+    - `weight_parts` + `pooled_product`: sum_p Up(f)(p) w(k, p) over every grid pixel, as
       f @ Up^T(w): the adjoint of the upsampling applied to the K weight maps (K x G x (G h + h w)
       multiply-adds, then C x h*w x K), instead of C x G*G x K on the upsampled map.
     """
@@ -184,15 +184,10 @@ class GridUpsampling:
         return (ly[:, :1] * (lx[:, :1] * cell(0, 0) + lx[:, 1:] * cell(0, 1))
                 + ly[:, 1:] * (lx[:, :1] * cell(1, 0) + lx[:, 1:] * cell(1, 1)))
 
-    def region_product(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """features C x h x w, weight K x G*G (one map per output) -> C x K:
-        sum_p Up(features)[:, p] * weight[:, p], as features @ Up^T(weight)."""
-        pooled, _ = self.weight_parts(weight, weight.new_zeros(0, dtype=torch.long))
-        return self.pooled_product(features, pooled)
-
     @staticmethod
     def pooled_product(features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """features C x h x w, pooled K x h x w (`weight_parts`) -> C x K."""
+        """features C x h x w, pooled = Up^T(weight) K x h x w (`weight_parts`) -> C x K:
+        sum_p Up(features)[:, p] * weight[:, p] over every grid pixel."""
         C, h, w = features.shape
         return features.reshape(C, h * w) @ pooled.reshape(pooled.shape[0], h * w).T
 
@@ -239,7 +234,7 @@ def fill_basis(features: torch.Tensor, region: torch.Tensor, weight: torch.Tenso
     only the smaller side of the split is recomputed per draw (`filled_linear`), and neither the
     filled map nor the C x P upsampled map is built:
     - "gather" (n_fill <= n_src, the background): fixed = the region's product (the whole grid's,
-      `region_product` through the adjoint of the upsampling, minus the fill pixels'), then each draw
+      through the adjoint of the upsampling, `pooled_product`, minus the fill pixels'), then each draw
       adds Up(F)[sources]^T @ W_fill^T;
     - "scatter" (n_src < n_fill, the foreground): each draw adds every fill pixel's weight row to the
       row of its source pixel, then Up(F)[region]^T @ (W_region + W_scattered)^T;
